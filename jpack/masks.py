@@ -1,0 +1,166 @@
+"""Mask rules and the tile plan.
+
+The mask: query i may attend to key j iff
+
+    seg_q[i] == seg_kv[j] != 0
+    and (not causal or pos_kv[j] <= pos_q[i])
+    and (sliding_window is None or pos_q[i] - pos_kv[j] < sliding_window)
+
+The tile plan says, for each tile of queries, which tiles of keys can contain an
+allowed pair, and which of those contain only allowed pairs (so the kernel may
+skip the mask arithmetic there). It is computed from per-tile min/max of segment
+ids and positions, which is always correct whatever the ids are, and tight when
+documents are contiguous runs, as packing makes them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+_INT_MAX = jnp.iinfo(jnp.int32).max
+_INT_MIN = jnp.iinfo(jnp.int32).min
+
+
+def allowed_mask(q_segment_ids, kv_segment_ids, q_positions, kv_positions, *,
+                 causal: bool, sliding_window: int | None):
+  """Dense boolean mask of allowed (query, key) pairs.
+
+  Args:
+    q_segment_ids, q_positions: int32 [B, Tq].
+    kv_segment_ids, kv_positions: int32 [B, Tk].
+
+  Returns:
+    bool [B, Tq, Tk].
+  """
+  qs, ks = q_segment_ids[:, :, None], kv_segment_ids[:, None, :]
+  mask = (qs == ks) & (qs != 0)
+  qp, kp = q_positions[:, :, None], kv_positions[:, None, :]
+  if causal:
+    mask &= kp <= qp
+  if sliding_window is not None:
+    mask &= qp - kp < sliding_window
+  return mask
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class TileStats:
+  """Per-tile summary of segment ids and positions; all int32 [B, num_tiles].
+
+  Padding (id 0) is left out of every statistic; a tile of padding only has
+  seg_min > seg_max. `uniform` is true when every token of the tile belongs to
+  the same (non-padding) document.
+  """
+  seg_min: jax.Array
+  seg_max: jax.Array
+  pos_min: jax.Array
+  pos_max: jax.Array
+  uniform: jax.Array
+
+
+def tile_stats(segment_ids, positions, block: int) -> TileStats:
+  """Summarise [B, T] ids and positions per tile of `block` tokens (T % block == 0)."""
+  b, t = segment_ids.shape
+  seg = segment_ids.reshape(b, t // block, block)
+  pos = positions.reshape(b, t // block, block)
+  valid = seg != 0
+  seg_min = jnp.min(jnp.where(valid, seg, _INT_MAX), axis=-1)
+  seg_max = jnp.max(jnp.where(valid, seg, _INT_MIN), axis=-1)
+  return TileStats(
+      seg_min=seg_min,
+      seg_max=seg_max,
+      pos_min=jnp.min(jnp.where(valid, pos, _INT_MAX), axis=-1),
+      pos_max=jnp.max(jnp.where(valid, pos, _INT_MIN), axis=-1),
+      uniform=jnp.all(valid, axis=-1) & (seg_min == seg_max),
+  )
+
+
+def tile_occupancy(q: TileStats, kv: TileStats, *, causal: bool,
+                   sliding_window: int | None):
+  """Which (q tile, kv tile) pairs can attend, and which are fully allowed.
+
+  Returns:
+    (visit, full): bool [B, nq, nk] each; full implies visit. `visit` is false
+    only where no pair of the two tiles can be allowed; `full` is true only
+    where every pair is allowed.
+  """
+  qd = {f.name: getattr(q, f.name)[:, :, None] for f in dataclasses.fields(q)}
+  kd = {f.name: getattr(kv, f.name)[:, None, :] for f in dataclasses.fields(kv)}
+  visit = (qd["seg_min"] <= kd["seg_max"]) & (kd["seg_min"] <= qd["seg_max"])
+  full = qd["uniform"] & kd["uniform"] & (qd["seg_min"] == kd["seg_min"])
+  if causal:
+    visit &= kd["pos_min"] <= qd["pos_max"]
+    full &= kd["pos_max"] <= qd["pos_min"]
+  if sliding_window is not None:
+    visit &= qd["pos_min"] - kd["pos_max"] < sliding_window
+    full &= qd["pos_max"] - kd["pos_min"] < sliding_window
+  return visit, full & visit
+
+
+def visit_ranges(visit, full):
+  """Compress per-pair flags into loop bounds, one row per major tile.
+
+  Args:
+    visit, full: bool [B, n_major, n_minor].
+
+  Returns:
+    int32 [B, n_major, 4]: (lo, full_lo, full_hi, hi). The kernel visits minor
+    tiles [lo, hi), with the mask in [lo, full_lo) and [full_hi, hi) and
+    without it in [full_lo, full_hi), where every pair is allowed. Full tiles
+    outside that first run are visited with the mask: correct, only slower.
+  """
+  n = visit.shape[-1]
+  idx = jnp.arange(n, dtype=jnp.int32)
+  any_visit = jnp.any(visit, axis=-1)
+  lo = jnp.where(any_visit, jnp.min(jnp.where(visit, idx, n), axis=-1), 0)
+  hi = jnp.where(any_visit, jnp.max(jnp.where(visit, idx + 1, 0), axis=-1), 0)
+  any_full = jnp.any(full, axis=-1)
+  full_lo = jnp.min(jnp.where(full, idx, n), axis=-1)
+  after_run = (~full) & (idx > full_lo[..., None])
+  full_hi = jnp.min(jnp.where(after_run, idx, hi[..., None]), axis=-1)
+  full_lo = jnp.where(any_full, full_lo, hi)
+  full_hi = jnp.where(any_full, full_hi, hi)
+  return jnp.stack([lo, full_lo, full_hi, hi], axis=-1).astype(jnp.int32)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class TilePlan:
+  """Loop bounds for one tiling (block_q x block_k) of one attention call.
+
+  Attributes:
+    q_ranges: int32 [B, nq, 4], per q tile the kv tiles to visit (forward, dQ).
+    kv_ranges: int32 [B, nk, 4], per kv tile the q tiles to visit (dK/dV).
+  Both use the (lo, full_lo, full_hi, hi) layout of `visit_ranges`.
+  """
+  q_ranges: jax.Array
+  kv_ranges: jax.Array
+  block_q: int = dataclasses.field(metadata=dict(static=True))
+  block_k: int = dataclasses.field(metadata=dict(static=True))
+
+
+def make_tile_plan(q_segment_ids, kv_segment_ids, q_positions, kv_positions, *,
+                   block_q: int, block_k: int, causal: bool,
+                   sliding_window: int | None) -> TilePlan:
+  """Tile plan for [B, Tq] / [B, Tk] ids and positions (Tq % block_q == 0, Tk % block_k == 0).
+
+  Costs O(B * Tq/block_q * Tk/block_k) elementwise work, far below attention.
+  """
+  q = tile_stats(q_segment_ids, q_positions, block_q)
+  kv = tile_stats(kv_segment_ids, kv_positions, block_k)
+  visit, full = tile_occupancy(q, kv, causal=causal,
+                               sliding_window=sliding_window)
+  return TilePlan(
+      q_ranges=visit_ranges(visit, full),
+      kv_ranges=visit_ranges(visit.transpose(0, 2, 1), full.transpose(0, 2, 1)),
+      block_q=block_q,
+      block_k=block_k,
+  )
+
+
+def visited_tiles(ranges):
+  """Number of tiles a plan visits: int, summed over batch and major tiles."""
+  return jnp.sum(ranges[..., 3] - ranges[..., 0])

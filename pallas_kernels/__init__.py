@@ -1,0 +1,1 @@
+"""Pallas kernels used by jpack. Kernels know nothing of Flax or packing."""
