@@ -40,7 +40,7 @@ class KernelConfig:
                  dq=TileConfig(64, 64, num_warps=4, num_stages=2),
                  dkdv=TileConfig(64, 64, num_warps=4, num_stages=2))
     if head_dim <= 128:
-      return cls(forward=TileConfig(128, 64, num_warps=8, num_stages=2),
+      return cls(forward=TileConfig(64, 64, num_warps=4, num_stages=3),
                  dq=TileConfig(64, 64, num_warps=4, num_stages=2),
                  dkdv=TileConfig(64, 64, num_warps=4, num_stages=2))
     return cls(forward=TileConfig(64, 32, num_warps=4, num_stages=1),

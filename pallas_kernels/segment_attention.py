@@ -2,8 +2,7 @@
 
 Three kernels: forward (out, lse), dQ, and dK/dV. Each program owns one tile
 and loops only over the tiles its plan row names (see `jpack.masks`): the
-ranges (lo, full_lo, full_hi, hi) split the loop into a masked head, an
-unmasked middle where every pair is allowed, and a masked tail.
+range [lo, hi), inside which [full_lo, full_hi) needs no mask arithmetic.
 
 Shapes (all already padded by the caller):
   q, do: [B, Tq, H, D]; k, v: [B, Tk, Hkv, D], H % Hkv == 0, D a power of two;
@@ -57,15 +56,23 @@ def _tile_mask(q_seg, q_pos, kv_seg, kv_pos, *, causal, sliding_window,
   return mask
 
 
-def _three_loops(ranges_ref, visit, carry):
-  """Runs visit(j, carry, masked) over the masked/unmasked/masked sub-ranges."""
+def _masked_logits(s, masked, tile_mask):
+  """s with disallowed pairs set to MASKED_LOGIT, where the traced bool `masked` says so."""
+  return lax.cond(masked, lambda s: jnp.where(tile_mask(), s, MASKED_LOGIT),
+                  lambda s: s, s)
+
+
+def _loop(ranges_ref, visit, carry):
+  """Runs visit(j, carry, masked) over the tiles [lo, hi) of one plan row.
+
+  One loop, with the mask arithmetic behind a branch that the unmasked run
+  [full_lo, full_hi) skips. (Three separate loops measured slower: each has its
+  own pipeline prologue, and most programs visit only a handful of tiles.)
+  """
   lo, full_lo, full_hi, hi = (ranges_ref[n] for n in range(4))
-  carry = lax.fori_loop(lo, full_lo, functools.partial(visit, masked=True),
-                        carry)
-  carry = lax.fori_loop(full_lo, full_hi,
-                        functools.partial(visit, masked=False), carry)
-  return lax.fori_loop(full_hi, hi, functools.partial(visit, masked=True),
-                       carry)
+  return lax.fori_loop(
+      lo, hi, lambda j, c: visit(j, c, masked=(j < full_lo) | (j >= full_hi)),
+      carry)
 
 
 # ----------------------------------------------------------------------------
@@ -83,16 +90,16 @@ def _forward_kernel(ranges_ref, q_ref, k_ref, v_ref, q_seg_ref, q_pos_ref,
   def visit(j, carry, masked):
     acc, m, l = carry
     cols = pl.ds(pl.multiple_of(j * block_k, block_k), block_k)
-    s = _dot(q, k_ref[cols, :], transpose_b=True) * logit_scale
-    if masked:
-      mask = _tile_mask(q_seg, q_pos, kv_seg_ref[cols], kv_pos_ref[cols],
-                        causal=causal, sliding_window=sliding_window)
-      s = jnp.where(mask, s, MASKED_LOGIT)
+    s = _masked_logits(
+        _dot(q, k_ref[cols, :], transpose_b=True) * logit_scale, masked,
+        lambda: _tile_mask(q_seg, q_pos, kv_seg_ref[cols], kv_pos_ref[cols],
+                           causal=causal, sliding_window=sliding_window))
     m_new = jnp.maximum(m, jnp.max(s, axis=1))
-    alpha = jnp.exp2(m - m_new)
-    p = jnp.exp2(s - m_new[:, None])
-    if masked:
-      p = jnp.where(mask, p, 0.0)
+    # A row that has seen nothing keeps m_new == MASKED_LOGIT; shifting it by
+    # 0 instead makes its masked p exactly 0 without a per-element select.
+    shift = jnp.where(m_new == MASKED_LOGIT, 0.0, m_new)
+    alpha = jnp.exp2(m - shift)
+    p = jnp.exp2(s - shift[:, None])
     v = v_ref[cols, :]
     acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v)
     return acc, m_new, l * alpha + jnp.sum(p, axis=1)
@@ -100,7 +107,7 @@ def _forward_kernel(ranges_ref, q_ref, k_ref, v_ref, q_seg_ref, q_pos_ref,
   carry = (jnp.zeros((block_q, head_dim), jnp.float32),
            jnp.full((block_q,), MASKED_LOGIT, jnp.float32),
            jnp.zeros((block_q,), jnp.float32))
-  acc, m, l = _three_loops(ranges_ref, visit, carry)
+  acc, m, l = _loop(ranges_ref, visit, carry)
   seen = l > 0.0
   l = jnp.where(seen, l, 1.0)
   o_ref[...] = (acc / l[:, None]).astype(o_ref.dtype)
@@ -143,11 +150,16 @@ def forward(q, k, v, q_seg, kv_seg, q_pos, kv_pos, q_ranges, *, tile: TileConfig
 # Backward: dQ
 
 
+def _bwd_shift(lse):
+  """Base-2 lse for the backward; rows that saw nothing get +1e30 so p = 0."""
+  return jnp.where(lse == EMPTY_LSE, -MASKED_LOGIT, lse * LOG2E)
+
+
 def _dq_kernel(ranges_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
                q_seg_ref, q_pos_ref, kv_seg_ref, kv_pos_ref, dq_ref, *, scale,
                causal, sliding_window, block_k):
   q, do = q_ref[...], do_ref[...]
-  lse2 = lse_ref[...] * LOG2E
+  lse2 = _bwd_shift(lse_ref[...])
   delta = delta_ref[...]
   q_seg, q_pos = q_seg_ref[...], q_pos_ref[...]
   logit_scale = scale * LOG2E
@@ -155,15 +167,15 @@ def _dq_kernel(ranges_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
   def visit(j, dq, masked):
     cols = pl.ds(pl.multiple_of(j * block_k, block_k), block_k)
     k, v = k_ref[cols, :], v_ref[cols, :]
-    p = jnp.exp2(_dot(q, k, transpose_b=True) * logit_scale - lse2[:, None])
-    if masked:
-      mask = _tile_mask(q_seg, q_pos, kv_seg_ref[cols], kv_pos_ref[cols],
-                        causal=causal, sliding_window=sliding_window)
-      p = jnp.where(mask, p, 0.0)
+    s = _masked_logits(
+        _dot(q, k, transpose_b=True) * logit_scale, masked,
+        lambda: _tile_mask(q_seg, q_pos, kv_seg_ref[cols], kv_pos_ref[cols],
+                           causal=causal, sliding_window=sliding_window))
+    p = jnp.exp2(s - lse2[:, None])
     ds = p * (_dot(do, v, transpose_b=True) - delta[:, None])
     return dq + _dot(ds.astype(k.dtype), k)
 
-  dq = _three_loops(ranges_ref, visit, jnp.zeros(q.shape, jnp.float32))
+  dq = _loop(ranges_ref, visit, jnp.zeros(q.shape, jnp.float32))
   dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
 
 
@@ -217,20 +229,20 @@ def _dkdv_kernel(ranges_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
       dk, dv = carry
       rows = pl.ds(pl.multiple_of(i * block_q, block_q), block_q)
       q, do = q_ref[rows, r, :], do_ref[rows, r, :]
-      lse2 = lse_ref[r, rows] * LOG2E
+      lse2 = _bwd_shift(lse_ref[r, rows])
       # Transposed scores [bk, bq]: keys on rows, so no transposes of dk/dv.
-      p_t = jnp.exp2(_dot(k, q, transpose_b=True) * logit_scale - lse2[None, :])
-      if masked:
-        mask = _tile_mask(q_seg_ref[rows], q_pos_ref[rows], kv_seg, kv_pos,
-                          causal=causal, sliding_window=sliding_window,
-                          kv_major=True)
-        p_t = jnp.where(mask, p_t, 0.0)
+      s_t = _masked_logits(
+          _dot(k, q, transpose_b=True) * logit_scale, masked,
+          lambda: _tile_mask(q_seg_ref[rows], q_pos_ref[rows], kv_seg, kv_pos,
+                             causal=causal, sliding_window=sliding_window,
+                             kv_major=True))
+      p_t = jnp.exp2(s_t - lse2[None, :])
       dv = dv + _dot(p_t.astype(do.dtype), do)
       dp_t = _dot(v, do, transpose_b=True)
       ds_t = p_t * (dp_t - delta_ref[r, rows][None, :])
       return dk + _dot(ds_t.astype(q.dtype), q), dv
 
-    return _three_loops(ranges_ref, visit, carry)
+    return _loop(ranges_ref, visit, carry)
 
   zeros = jnp.zeros(k.shape, jnp.float32)
   dk, dv = lax.fori_loop(0, group, one_head, (zeros, zeros))
