@@ -2,7 +2,8 @@
 import sys
 import jax, jax.numpy as jnp, numpy as np
 from experiments.layouts import packed_segment_ids, causal_doc_flops
-from experiments.tune_kernels import median_ms, inputs, check, functions
+from experiments.timing import median_ms
+from experiments.tune_kernels import inputs, check, functions
 from jpack.attention import KernelConfig, TileConfig
 import pallas_kernels.segment_attention as K
 

@@ -13,32 +13,14 @@ import argparse
 import dataclasses
 import itertools
 import json
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from experiments.layouts import causal_doc_flops, packed_segment_ids
+from experiments.timing import median_ms
 from jpack.attention import KernelConfig, TileConfig, flash_attention, reference_attention
-
-
-def median_ms(fn, *args, warmup=3, reps=20, calls=10):
-  """Median device time of fn(*args) in ms.
-
-  Each sample dispatches `calls` calls back to back and waits for the last,
-  so host dispatch overlaps device work, as in a training loop.
-  """
-  for _ in range(warmup):
-    jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(reps):
-    t = time.perf_counter()
-    for _ in range(calls):
-      out = fn(*args)
-    jax.block_until_ready(out)
-    times.append((time.perf_counter() - t) * 1e3 / calls)
-  return float(np.median(times))
 
 
 def inputs(key, batch, seq, heads, kv_heads, head_dim, dtype):
