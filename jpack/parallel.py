@@ -399,21 +399,24 @@ def context_parallel_attention(
 # Load balancing
 
 
-def zigzag_order(seq_len: int, num_shards: int) -> np.ndarray:
+def zigzag_order(seq_len: int, num_shards: int, rounds: int = 1) -> np.ndarray:
   """Token order that balances causal work: int64 [seq_len], a permutation.
 
-  The row is cut into 2n chunks; shard d gets chunks d and 2n-1-d, so every
-  shard holds one early (cheap) and one late (expensive) chunk. Balanced
-  position t holds original token order[t].
+  The row is cut into `rounds` rounds of 2n chunks; in every round shard d
+  gets chunks d and 2n-1-d, one early (cheap under a causal mask) and one late
+  (expensive). One round balances one long document exactly; more rounds
+  (finer chunks) balance rows of many documents of mixed lengths better.
+  Balanced position t holds original token order[t].
   """
-  if num_shards < 1:
-    raise ValueError(f"num_shards must be positive, got {num_shards}")
-  if seq_len % (2 * num_shards):
-    raise ValueError(f"sequence length {seq_len} must be divisible by "
-                     f"2 * num_shards = {2 * num_shards} for zigzag load balancing")
-  chunks = np.arange(seq_len).reshape(2 * num_shards, -1)
-  return np.concatenate([np.concatenate([chunks[d], chunks[2 * num_shards - 1 - d]])
-                         for d in range(num_shards)])
+  if num_shards < 1 or rounds < 1:
+    raise ValueError(f"num_shards and rounds must be positive, got {num_shards} and {rounds}")
+  if seq_len % (2 * num_shards * rounds):
+    raise ValueError(
+        f"sequence length {seq_len} must be divisible by 2 * num_shards * rounds = "
+        f"{2 * num_shards * rounds} for zigzag load balancing")
+  chunks = np.arange(seq_len).reshape(rounds, 2 * num_shards, -1)
+  pairs = np.stack([chunks[:, :num_shards], chunks[:, ::-1][:, :num_shards]], axis=2)
+  return pairs.transpose(1, 0, 2, 3).reshape(-1)  # [shard, round, pair, token]
 
 
 def _take(x, index, axis):
@@ -429,19 +432,19 @@ def _seq_len(x, axis):
   return x.shape[axis]
 
 
-def load_balance(x, num_shards: int, *, axis: int = 1):
+def load_balance(x, num_shards: int, *, axis: int = 1, rounds: int = 1):
   """x with its sequence axis in zigzag order (numpy in, numpy out).
 
   Apply to tokens, targets, segment ids, loss masks, RoPE positions and the
   masking positions arange(T) alike, before sharding over the context axis.
-  x: [..., T, ...] with T on `axis`, T % (2 * num_shards) == 0.
+  x: [..., T, ...] with T on `axis`, T % (2 * num_shards * rounds) == 0.
   """
-  return _take(x, zigzag_order(_seq_len(x, axis), num_shards), axis)
+  return _take(x, zigzag_order(_seq_len(x, axis), num_shards, rounds), axis)
 
 
-def restore_order(x, num_shards: int, *, axis: int = 1):
+def restore_order(x, num_shards: int, *, axis: int = 1, rounds: int = 1):
   """Inverse of `load_balance`: x in the original token order."""
-  order = zigzag_order(_seq_len(x, axis), num_shards)
+  order = zigzag_order(_seq_len(x, axis), num_shards, rounds)
   return _take(x, np.argsort(order), axis)
 
 
@@ -559,21 +562,26 @@ class ContextParallel:
   """Everything a training loop needs to split its rows over a context axis.
 
       cp = ContextParallel.create(context=4)          # mesh ("data", "context")
-      batch = cp.shard_batch(batch)                   # {name: [B, T, ...]} numpy
       params = cp.replicate(params)
-      positions = cp.positions(batch_size, seq_len)   # masking positions
-      out = cp.attention(q, k, v, segment_ids=batch["segment_ids"],
-                         positions=positions)
+      batch = cp.shard_batch(batch)   # {name: [B, T, ...]} numpy, targets included
+      ...inside the jitted model, in place of flash_attention:
+      out = cp.attention(q, k, v, segment_ids=batch["segment_ids"])
 
-  Per-token work (embeddings, MLPs, RoPE with its own positions, a masked
-  loss mean) does not care about the token order, so the load-balanced order
-  is kept from input to loss; parameters stay replicated.
+  With load_balance, `shard_batch` puts every per-token array in zigzag order
+  and `attention` masks with the matching positions (the zigzag of arange(T),
+  a constant). Per-token work (embeddings, MLPs, RoPE with its own positions,
+  a masked loss sum) does not care about the order, so it is kept from input
+  to loss; only work that looks at neighbours along the sequence, such as
+  shifting tokens into next-token targets, must happen before `shard_batch`.
+  batch_axis: the mesh axis that splits the batch (None: not split);
+  zigzag_rounds: see `zigzag_order`.
   """
   mesh: Mesh
   axis_name: str = "context"
   batch_axis: str | None = "data"
   strategy: Strategy = "ring"
   load_balance: bool = True
+  zigzag_rounds: int = 1
   implementation: str = "auto"
 
   @classmethod
@@ -598,7 +606,7 @@ class ContextParallel:
   def shard(self, x):
     """x [B, T, ...] (numpy), load-balanced if enabled, placed on the mesh."""
     if self.load_balance:
-      x = load_balance(np.asarray(x), self.num_shards)
+      x = load_balance(np.asarray(x), self.num_shards, rounds=self.zigzag_rounds)
     return jax.device_put(x, self.token_sharding)
 
   def shard_batch(self, batch):
@@ -609,18 +617,25 @@ class ContextParallel:
     """A pytree (parameters, optimiser state) placed whole on every device."""
     return jax.device_put(tree, NamedSharding(self.mesh, P()))
 
-  def positions(self, batch_size: int, seq_len: int):
-    """Masking positions int32 [B, T] matching `shard`: arange(T), reordered."""
-    row = np.arange(seq_len, dtype=np.int32)
-    return self.shard(np.broadcast_to(row, (batch_size, seq_len)))
-
   def unshard(self, x):
     """Per-token x [B, T, ...] from the mesh back in the original order (numpy)."""
     x = np.asarray(x)
-    return restore_order(x, self.num_shards) if self.load_balance else x
+    if self.load_balance:
+      return restore_order(x, self.num_shards, rounds=self.zigzag_rounds)
+    return x
 
   def attention(self, q, k, v, *, segment_ids=None, positions=None, **kwargs):
-    """`context_parallel_attention` on this mesh; kwargs as flash_attention's."""
+    """`context_parallel_attention` on this mesh, for tokens placed by `shard`.
+
+    q: [B, T, H, D]; k, v: [B, T, Hkv, D]; segment_ids: int [B, T].
+    positions default to the token order `shard` made (arange(T), reordered).
+    kwargs: causal, sliding_window, scale, implementation, config, interpret,
+    return_residuals, as for `flash_attention`.
+    """
+    if positions is None and self.load_balance:
+      order = zigzag_order(q.shape[1], self.num_shards, self.zigzag_rounds)
+      order = jnp.asarray(order, jnp.int32)
+      positions = jnp.broadcast_to(order, q.shape[:2])
     return context_parallel_attention(
         q, k, v, mesh=self.mesh, segment_ids=segment_ids, positions=positions,
         axis_name=self.axis_name, batch_axis=self.batch_axis,

@@ -242,19 +242,25 @@ def test_ring_skips_every_chunk_pair_of_contiguous_documents_that_cannot_meet(se
 # Load balancing
 
 
+@pytest.mark.parametrize("rounds", [1, 4])
 @pytest.mark.parametrize("as_jax", [False, True], ids=["numpy", "jax"])
-def test_restore_order_inverts_load_balance(as_jax):
+def test_restore_order_inverts_load_balance(as_jax, rounds):
   x = np.arange(3 * T * 2).reshape(3, T, 2)
   if as_jax:
     x = jnp.asarray(x)
-  balanced = parallel.load_balance(x, N)
+  balanced = parallel.load_balance(x, N, rounds=rounds)
   assert sorted(np.asarray(balanced)[0, :, 0]) == sorted(np.asarray(x)[0, :, 0])
-  np.testing.assert_array_equal(parallel.restore_order(balanced, N), x)
+  np.testing.assert_array_equal(parallel.restore_order(balanced, N, rounds=rounds), x)
 
 
 def test_zigzag_gives_shard_d_chunks_d_and_2n_minus_1_minus_d():
   order = parallel.zigzag_order(16, 4).reshape(4, 2, 2)  # [shard, half, token]
   np.testing.assert_array_equal(order[:, :, 0] // 2, [[0, 7], [1, 6], [2, 5], [3, 4]])
+
+
+def test_zigzag_rounds_repeat_the_pattern_on_finer_chunks():
+  order = parallel.zigzag_order(16, 2, rounds=2).reshape(2, 4, 2)  # [shard, chunk, token]
+  np.testing.assert_array_equal(order[:, :, 0] // 2, [[0, 3, 4, 7], [1, 2, 5, 6]])
 
 
 @given(seg=segment_ids(B, T, ALL_KINDS), pos=custom_positions(B, T),
@@ -327,48 +333,50 @@ def _tiny_lm_losses(context_parallel, steps=3):
   seg = np.stack([ids_from_runs([(23, False), (30, False), (11, True)], seq),
                   ids_from_runs([(64, False)], seq)])
   tokens = rng.integers(0, vocab, (2, seq + 1)).astype(np.int32)
+  starts = np.maximum.accumulate(
+      np.where(np.diff(seg, axis=1, prepend=-1) != 0, np.arange(seq), 0), axis=1)
   batch = dict(
+      # Next-token targets are made before the batch is reordered.
       inputs=tokens[:, :-1], targets=tokens[:, 1:], segment_ids=seg,
+      doc_positions=np.arange(seq) - starts,  # restart at 0 in every document
       # Targets that cross a document boundary or sit in padding are ignored.
       loss_mask=((seg != 0) & (seg == np.roll(seg, -1, axis=1))).astype(np.float32))
   normal = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32)
-  params = dict(embed=normal(vocab, dim), qkv=normal(dim, 3, heads, head_dim) / 4,
+  params = dict(embed=normal(vocab, dim), pos_embed=normal(seq, dim) / 4,
+                qkv=normal(dim, 3, heads, head_dim) / 4,
                 proj=normal(heads, head_dim, dim) / 4)
 
   if context_parallel is None:
-    attend = lambda q, k, v, seg, pos: flash_attention(
-        q, k, v, segment_ids=seg, implementation="xla")
-    positions = None
+    attend = functools.partial(flash_attention, implementation="xla")
   else:
     batch = context_parallel.shard_batch(batch)
     params = context_parallel.replicate(params)
-    attend = lambda q, k, v, seg, pos: context_parallel.attention(
-        q, k, v, segment_ids=seg, positions=pos, implementation="xla")
-    positions = context_parallel.positions(2, seq)
+    attend = functools.partial(context_parallel.attention, implementation="xla")
 
-  def loss_fn(params, batch, positions):
-    x = params["embed"][batch["inputs"]]
+  def loss_fn(params, batch):
+    x = params["embed"][batch["inputs"]] + params["pos_embed"][batch["doc_positions"]]
     q, k, v = jnp.einsum("btd,dshe->sbthe", x, params["qkv"])
     x = x + jnp.einsum("bthe,hed->btd",
-                       attend(q, k, v, batch["segment_ids"], positions), params["proj"])
+                       attend(q, k, v, segment_ids=batch["segment_ids"]), params["proj"])
     logits = x @ params["embed"].T
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
     return jnp.sum(ce * batch["loss_mask"]) / jnp.sum(batch["loss_mask"])
 
   @jax.jit
-  def step(params, batch, positions):
-    loss, grads = jax.value_and_grad(loss_fn)(params, batch, positions)
-    return jax.tree.map(lambda p, g: p - 0.5 * g, params, grads), loss
+  def step(params, batch):
+    loss, grads = jax.value_and_grad(loss_fn)(params, batch)
+    return jax.tree.map(lambda p, g: p - 0.2 * g, params, grads), loss
 
   losses = []
   for _ in range(steps):
-    params, loss = step(params, batch, positions)
+    params, loss = step(params, batch)
     losses.append(float(loss))
   return np.array(losses)
 
 
 def test_context_parallel_lm_trains_like_one_device():
-  cp = parallel.ContextParallel.create(context=4, data=2, strategy="ring")
+  cp = parallel.ContextParallel.create(context=4, data=2, strategy="ring",
+                                       zigzag_rounds=2)
   want = _tiny_lm_losses(None)
   got = _tiny_lm_losses(cp)
   assert np.all(np.diff(want) < 0)  # it does learn
@@ -429,5 +437,5 @@ def test_unknown_strategy_is_rejected():
 
 
 def test_load_balance_needs_two_chunks_per_device():
-  with pytest.raises(ValueError, match=r"divisible by 2 \* num_shards = 16"):
+  with pytest.raises(ValueError, match=r"divisible by 2 \* num_shards \* rounds = 16"):
     parallel.load_balance(np.zeros((B, 120)), N)
