@@ -106,8 +106,8 @@ def _can_meet(q_stats, kv_stats, opts: _Options):
 def _empty_result(q):
   """(zeros like q, EMPTY_LSE [B, H, Tq]): the partial result of a skipped chunk.
 
-  Built from q (zeros_like/full_like) so that it varies over the mesh axes
-  like q does, as lax.cond inside shard_map requires of both branches.
+  Built from q (zeros_like/full_like), so it varies over the mesh axes like
+  the other lax.cond branch even where shard_map checks that.
   """
   lse = jnp.full_like(jnp.swapaxes(q[..., 0], 1, 2), EMPTY_LSE, jnp.float32)
   return jnp.zeros_like(q), lse
@@ -134,29 +134,14 @@ def merge_partials(outs, lses):
   return out.astype(outs.dtype), lse
 
 
-def ring_attention_shard(q, k, v, q_segment_ids, kv_segment_ids, q_positions,
-                         kv_positions, *, axis_name, num_shards, causal=True,
-                         sliding_window=None, scale=None, implementation="auto",
-                         config=None, interpret=False):
-  """Ring attention for the local shard; call inside shard_map over axis_name.
-
-  Args:
-    q: [B, Tl, H, D]; k, v: [B, Tl, Hkv, D], this device's tokens.
-    q_segment_ids, q_positions, kv_segment_ids, kv_positions: int32 [B, Tl];
-      positions are indices in the whole row (after any load balancing).
-    num_shards: size of axis_name (static).
-
-  Returns:
-    (out [B, Tl, H, D], lse float32 [B, H, Tl]) of the local queries against
-    the whole row.
-  """
-  opts = _Options(bool(causal), sliding_window, scale, implementation, config,
-                  bool(interpret))
-  q_stats = _chunk_stats(q_segment_ids, q_positions)
+def _ring(q, k, v, q_seg, kv_seg, q_pos, kv_pos, *, axis_name, num_shards,
+          opts: _Options):
+  """`ring_attention_shard` with its options gathered in `opts`."""
+  q_stats = _chunk_stats(q_seg, q_pos)
   send_right = [(j, (j + 1) % num_shards) for j in range(num_shards)]
 
   def attend(q, kv):
-    return opts.attend(q, kv[0], kv[1], q_segment_ids, kv[2], q_positions, kv[3])
+    return opts.attend(q, kv[0], kv[1], q_seg, kv[2], q_pos, kv[3])
 
   def step(kv, _):
     # The next rotation and this step's attention are independent, so the
@@ -167,33 +152,53 @@ def ring_attention_shard(q, k, v, q_segment_ids, kv_segment_ids, q_positions,
     partial = lax.cond(meets, attend, lambda q, kv: _empty_result(q), q, kv)
     return next_kv, partial
 
-  kv = (k, v, kv_segment_ids, kv_positions)
-  _, (outs, lses) = lax.scan(step, kv, length=num_shards)
+  _, (outs, lses) = lax.scan(step, (k, v, kv_seg, kv_pos), length=num_shards)
   return merge_partials(outs, lses)
 
 
+def _all_gather(q, k, v, q_seg, kv_seg, q_pos, kv_pos, *, axis_name, num_shards,
+                opts: _Options):
+  """`all_gather_attention_shard` with its options gathered in `opts`."""
+  del num_shards
+  gather = functools.partial(lax.all_gather, axis_name=axis_name, axis=1, tiled=True)
+  return opts.attend(q, gather(k), gather(v), q_seg, gather(kv_seg), q_pos,
+                     gather(kv_pos))
+
+
+_SHARD_FUNCTIONS = dict(ring=_ring, all_gather=_all_gather)
+
+
+def ring_attention_shard(q, k, v, q_segment_ids, kv_segment_ids, q_positions,
+                         kv_positions, *, axis_name, num_shards, **options):
+  """Ring attention for the local shard; call inside shard_map over axis_name.
+
+  Args:
+    q: [B, Tl, H, D]; k, v: [B, Tl, Hkv, D], this device's tokens.
+    q_segment_ids, q_positions, kv_segment_ids, kv_positions: int32 [B, Tl];
+      positions are indices in the whole row (after any load balancing).
+    num_shards: size of axis_name (static).
+    options: causal, sliding_window, scale, implementation, config, interpret,
+      as for `flash_attention`.
+
+  Returns:
+    (out [B, Tl, H, D], lse float32 [B, H, Tl]) of the local queries against
+    the whole row.
+  """
+  return _ring(q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_positions,
+               axis_name=axis_name, num_shards=num_shards, opts=_Options(**options))
+
+
 def all_gather_attention_shard(q, k, v, q_segment_ids, kv_segment_ids,
-                               q_positions, kv_positions, *, axis_name,
-                               num_shards=None, causal=True, sliding_window=None,
-                               scale=None, implementation="auto", config=None,
-                               interpret=False):
+                               q_positions, kv_positions, *, axis_name, **options):
   """All-gather attention for the local shard; call inside shard_map.
 
-  Same arguments and results as `ring_attention_shard` (num_shards unused).
+  Same arguments and results as `ring_attention_shard`, without num_shards.
   K/V, ids and positions of the whole row are gathered; the kernel's tile plan
   skips the tiles that cannot meet.
   """
-  del num_shards
-  opts = _Options(bool(causal), sliding_window, scale, implementation, config,
-                  bool(interpret))
-  gather = functools.partial(lax.all_gather, axis_name=axis_name, axis=1,
-                             tiled=True)
-  return opts.attend(q, gather(k), gather(v), q_segment_ids,
-                     gather(kv_segment_ids), q_positions, gather(kv_positions))
-
-
-_SHARD_FUNCTIONS = dict(ring=ring_attention_shard,
-                        all_gather=all_gather_attention_shard)
+  return _all_gather(q, k, v, q_segment_ids, kv_segment_ids, q_positions,
+                     kv_positions, axis_name=axis_name, num_shards=None,
+                     opts=_Options(**options))
 
 
 # ----------------------------------------------------------------------------
@@ -316,9 +321,12 @@ def _sharded_attention(mesh, axis_name, batch_axis, head_axis, strategy,
   lse = P(batch_axis, head_axis, axis_name)
   local = functools.partial(
       _SHARD_FUNCTIONS[strategy], axis_name=axis_name,
-      num_shards=mesh.shape[axis_name], **dataclasses.asdict(opts))
+      num_shards=mesh.shape[axis_name], opts=opts)
+  # check_vma=False: pallas_call's outputs carry no varying-axes type, which
+  # the check would demand. Every output here is sharded, none replicated, so
+  # the check has nothing to protect.
   fn = jax.shard_map(local, mesh=mesh, in_specs=(tokens,) * 3 + (ids,) * 4,
-                     out_specs=(tokens, lse))
+                     out_specs=(tokens, lse), check_vma=False)
 
   def place_and_run(q, k, v, seg, pos):
     q, k, v = (_place(x, mesh, tokens) for x in (q, k, v))

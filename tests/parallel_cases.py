@@ -31,7 +31,8 @@ from helpers import (ALL_KINDS, CONTIGUOUS_KINDS, Layout, allowed_np,
                      assert_close, assert_finite, custom_positions,
                      ids_from_runs, random_inputs, segment_ids)
 from jpack import parallel
-from jpack.attention import EMPTY_LSE, flash_attention, reference_attention
+from jpack.attention import (EMPTY_LSE, KernelConfig, flash_attention,
+                             reference_attention)
 
 N = 8
 if len(jax.devices()) < N:
@@ -174,6 +175,28 @@ def test_queries_that_see_nothing_get_zero_output_and_zero_gradients(strategy):
   np.testing.assert_array_equal(got["dv"][padding], 0.0)
   np.testing.assert_array_equal(got["lse"].transpose(0, 2, 1)[padding], EMPTY)
   check_equal(got, want)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_pallas_kernels_inside_the_shards_match_reference(strategy):
+  # The GPU path, in the Pallas interpreter: the kernels' custom VJP under
+  # shard_map, lax.scan and lax.cond.
+  q, k, v, do, dlse = random_inputs(9, batch=B, q_len=T, kv_len=T, heads=H,
+                                    kv_heads=HKV, head_dim=D)
+  seg = jnp.asarray(NAMED_LAYOUTS["padding_runs"])
+
+  def grads(attend):
+    res, vjp = jax.vjp(attend, q, k, v)
+    return res + vjp((do, dlse))
+
+  got = grads(jax.jit(lambda q, k, v: parallel.context_parallel_attention(
+      q, k, v, mesh=MESH, segment_ids=seg, strategy=strategy,
+      implementation="pallas", interpret=True, config=KernelConfig.uniform(16),
+      return_residuals=True)))
+  want = grads(lambda q, k, v: reference_attention(q, k, v, segment_ids=seg,
+                                                   return_residuals=True))
+  names = ("out", "lse", "dq", "dk", "dv")
+  check_equal(*({n: np.asarray(x) for n, x in zip(names, r)} for r in (got, want)))
 
 
 def test_bfloat16_ring_matches_float32_reference():
