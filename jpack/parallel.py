@@ -248,8 +248,9 @@ def _check_shapes(q, k, v, mesh, axis_name, batch_axis, head_axis):
 
 
 def _ids_or_default(name, x, batch, seq, default):
+  """x as int32 [batch, seq] (default() when None), or a clear error."""
   if x is None:
-    return default
+    return default()
   if not hasattr(x, "shape"):
     x = jnp.asarray(x)
   if x.shape != (batch, seq):
@@ -390,9 +391,10 @@ def context_parallel_attention(
                                  ("positions", positions)))
   batch, seq = q.shape[:2]
   seg = _ids_or_default("segment_ids", segment_ids, batch, seq,
-                        jnp.ones((batch, seq), jnp.int32))
-  pos = _ids_or_default("positions", positions, batch, seq,
-                        jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq)))
+                        lambda: jnp.ones((batch, seq), jnp.int32))
+  pos = _ids_or_default(
+      "positions", positions, batch, seq,
+      lambda: jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq)))
   if not isinstance(causal, (bool, np.bool_)):
     raise TypeError(f"causal must be a bool, got {causal!r}")
   opts = _Options(bool(causal), sliding_window,
@@ -467,23 +469,20 @@ def _row_pair_counts(seg, pos, num_shards, causal, sliding_window):
   pos = pos.astype(np.int64) - int(pos.min())
   span = int(pos.max()) + 2
   # One sortable key per token: documents apart, positions ordered inside.
+  # Per query, the allowed keys of a shard are one interval of its sorted keys.
   key = seg.astype(np.int64) * span + pos
+  valid = seg != 0
+  q_key, q_shard = key[valid], shard[valid]
+  doc_start = seg[valid].astype(np.int64) * span
   counts = np.zeros((num_shards, num_shards), np.int64)
-  queries = seg != 0
   for kv_shard in range(num_shards):
-    keys = np.sort(key[(shard == kv_shard) & queries])
-    doc_start = seg[queries].astype(np.int64) * span
-    if causal:
-      hi = np.searchsorted(keys, key[queries], side="right")
-    else:
-      hi = np.searchsorted(keys, doc_start + span, side="left")
+    keys = np.sort(key[(shard == kv_shard) & valid])
     lo = np.searchsorted(keys, doc_start, side="left")
+    hi = np.searchsorted(keys, q_key if causal else doc_start + span - 1, side="right")
     if sliding_window is not None:
-      lo = np.maximum(lo, np.searchsorted(
-          keys, key[queries] - sliding_window + 1, side="left"))
-    n_pairs = np.maximum(hi - lo, 0)
-    counts[:, kv_shard] = np.bincount(shard[queries], weights=n_pairs,
-                                      minlength=num_shards).astype(np.int64)
+      lo = np.maximum(lo, np.searchsorted(keys, q_key - sliding_window + 1, side="left"))
+    pairs = np.maximum(hi - lo, 0)
+    counts[:, kv_shard] = np.bincount(q_shard, weights=pairs, minlength=num_shards)
   return counts
 
 
