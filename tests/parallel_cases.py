@@ -57,6 +57,17 @@ def arange_positions(batch=B, seq=T):
 # Running one example
 
 
+def vjp_results(attend, q, k, v, do, dlse):
+  """dict(out, lse, dq, dk, dv) of attend(q, k, v) -> (out, lse) and its VJP."""
+  (out, lse), vjp = jax.vjp(attend, q, k, v)
+  dq, dk, dv = vjp((do, dlse))
+  return dict(out=out, lse=lse, dq=dq, dk=dk, dv=dv)
+
+
+def as_numpy(results):
+  return {name: np.asarray(x) for name, x in results.items()}
+
+
 @functools.lru_cache(maxsize=None)
 def attention_fn(strategy, causal, balanced, window=None):
   """Jitted (q, k, v, do, dlse, seg, pos) -> dict(out, lse, dq, dk, dv).
@@ -84,9 +95,7 @@ def attention_fn(strategy, causal, balanced, window=None):
     return out, lse
 
   def run(q, k, v, do, dlse, seg, pos):
-    (out, lse), vjp = jax.vjp(lambda q, k, v: attend(q, k, v, seg, pos), q, k, v)
-    dq, dk, dv = vjp((do, dlse))
-    return dict(out=out, lse=lse, dq=dq, dk=dk, dv=dv)
+    return vjp_results(lambda q, k, v: attend(q, k, v, seg, pos), q, k, v, do, dlse)
 
   return jax.jit(run)
 
@@ -99,8 +108,7 @@ def run_both(strategy, causal, balanced, seg, seed, pos=None, window=None):
          jnp.asarray(arange_positions() if pos is None else pos, jnp.int32))
   got = attention_fn(strategy, causal, balanced, window)(*inputs, *ids)
   want = attention_fn(None, causal, False, window)(*inputs, *ids)
-  as_np = lambda d: {n: np.asarray(x) for n, x in d.items()}
-  return as_np(got), as_np(want)
+  return as_numpy(got), as_numpy(want)
 
 
 def check_equal(got, want):
@@ -184,19 +192,13 @@ def test_pallas_kernels_inside_the_shards_match_reference(strategy):
   q, k, v, do, dlse = random_inputs(9, batch=B, q_len=T, kv_len=T, heads=H,
                                     kv_heads=HKV, head_dim=D)
   seg = jnp.asarray(NAMED_LAYOUTS["padding_runs"])
-
-  def grads(attend):
-    res, vjp = jax.vjp(attend, q, k, v)
-    return res + vjp((do, dlse))
-
-  got = grads(jax.jit(lambda q, k, v: parallel.context_parallel_attention(
+  got = vjp_results(jax.jit(lambda q, k, v: parallel.context_parallel_attention(
       q, k, v, mesh=MESH, segment_ids=seg, strategy=strategy,
       implementation="pallas", interpret=True, config=KernelConfig.uniform(16),
-      return_residuals=True)))
-  want = grads(lambda q, k, v: reference_attention(q, k, v, segment_ids=seg,
-                                                   return_residuals=True))
-  names = ("out", "lse", "dq", "dk", "dv")
-  check_equal(*({n: np.asarray(x) for n, x in zip(names, r)} for r in (got, want)))
+      return_residuals=True)), q, k, v, do, dlse)
+  want = vjp_results(lambda q, k, v: reference_attention(
+      q, k, v, segment_ids=seg, return_residuals=True), q, k, v, do, dlse)
+  check_equal(as_numpy(got), as_numpy(want))
 
 
 def test_bfloat16_ring_matches_float32_reference():
@@ -343,6 +345,19 @@ def test_jit_with_named_sharding_over_data_and_context(axis_type, strategy):
   got = attend(*(jax.device_put(x, tokens) for x in (q, k, v, seg)))
   assert got.sharding.spec[:2] == ("data", "context")
   assert_close("out", got, want, F32_TOL)
+
+
+def test_heads_split_over_a_model_axis():
+  mesh = jax.make_mesh((4, 2), ("context", "model"), axis_types=(AxisType.Auto,) * 2)
+  q, k, v, do, dlse = random_inputs(12, batch=B, q_len=T, kv_len=T, heads=4,
+                                    kv_heads=2, head_dim=D)
+  seg = jnp.asarray(NAMED_LAYOUTS["many_tiny_documents"])
+  got = vjp_results(jax.jit(lambda q, k, v: parallel.context_parallel_attention(
+      q, k, v, mesh=mesh, segment_ids=seg, head_axis="model", implementation="xla",
+      return_residuals=True)), q, k, v, do, dlse)
+  want = vjp_results(lambda q, k, v: reference_attention(
+      q, k, v, segment_ids=seg, return_residuals=True), q, k, v, do, dlse)
+  check_equal(as_numpy(got), as_numpy(want))
 
 
 def _tiny_lm_losses(context_parallel, steps=3):
