@@ -280,7 +280,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seq-lens", type=int_list, default=[131072, 262144, 524288],
                    help="comma list of row lengths T (default 131072,262144,524288)")
     p.add_argument("--devices", type=int_list, default=[1, 2, 4],
-                   help="comma list of GPU counts n; 1 is the baseline (default 1,2,4)")
+                   help="comma list of GPU counts n, run in this order; 1 is the baseline "
+                        "and must come first for speed-ups (default 1,2,4)")
     p.add_argument("--layouts", default="long,packed8k",
                    help=f"comma list of {', '.join(LAYOUTS)} (default long,packed8k)")
     p.add_argument("--doc-len", type=int, default=8192, help="document length of packed8k")
