@@ -4,8 +4,12 @@ continues exactly, and bad input is refused."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import importlib.util
 import json
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -13,12 +17,15 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from experiments import lm_data, lm_model, train_lm
-from jpack import packing
+# experiments/ is not an installed package; make it importable under bare `pytest` too.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from experiments import lm_data, lm_model, train_lm  # noqa: E402
+from jpack import packing  # noqa: E402
 
 TINY = lm_model.LMConfig(d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=64,
                          max_seq_len=64, attention="xla")
-TINY_ARGS = ["--d-model", "32", "--layers", "2", "--heads", "4", "--kv-heads", "2",
+TINY_ARGS = ["--d-model", "32", "--layers", "1", "--heads", "4", "--kv-heads", "2",
              "--mlp-dim", "64", "--seq-len", "64", "--batch-size", "8", "--attention",
              "xla", "--no-progress", "--lr", "1e-2", "--warmup", "5", "--eval-fraction", "0.2"]
 
@@ -78,6 +85,16 @@ class TestExactness:
                                   jax.tree.leaves(grads_alone)):
       assert rel_err(g, g_alone) <= 1e-5, jax.tree_util.keystr(path)
 
+  def test_remat_changes_nothing(self, setup):
+    graphdef, state, rows, _, _ = setup
+    loss, grads = loss_and_grads(graphdef, state, rows)
+    remat_graphdef, remat_state = nnx.split(lm_model.LM(
+        dataclasses.replace(TINY, remat=True), rngs=nnx.Rngs(0)))
+    loss_r, grads_r = loss_and_grads(remat_graphdef, remat_state, rows)
+    assert abs(loss_r - loss) / loss <= 1e-6
+    for g, g_r in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_r)):
+      assert rel_err(g_r, g) <= 1e-6
+
   def test_concat_fails_the_same_check(self, setup):
     graphdef, state, rows, loss_alone, grads_alone = setup
     concat = lm_data.erase_boundaries(rows)
@@ -135,8 +152,9 @@ def test_short_training_run_lowers_the_loss(data_dir, tmp_path, capsys):
   assert train[-1] < 0.6 * train[0]
   assert evals[-1] < evals[0] < np.log(lm_data.VOCAB_SIZE)
   assert summary["eval_loss"] == evals[-1] and summary["useful_tokens_per_s"] > 0
-  assert (out / "loss_curve.png").stat().st_size > 0
-  assert (out / "doc_lengths.png").stat().st_size > 0
+  if importlib.util.find_spec("matplotlib") is not None:  # optional ([examples])
+    assert (out / "loss_curve.png").stat().st_size > 0
+    assert (out / "doc_lengths.png").stat().st_size > 0
 
 
 @pytest.mark.parametrize("mode", ["padded", "concat"])
@@ -165,17 +183,11 @@ def test_resume_continues_exactly(data_dir, tmp_path):
   for a, b in zip(full, cut):
     for name in ("loss", "grad_norm", "eval_loss", "tokens", "useful_tokens"):
       assert a.get(name) == b.get(name), (a["step"], name)
-
-
-def test_resume_refuses_a_different_run(data_dir, tmp_path):
-  pytest.importorskip("orbax.checkpoint")
-  common = ["--data", str(data_dir), "--out", str(tmp_path / "run"), "--steps", "2",
-            "--log-every", "1", "--eval-every", "2", "--eval-batches", "1", *TINY_ARGS]
-  train_lm.main(common)
+  # A different run, or no checkpoint at all, is refused before training.
   with pytest.raises(SystemExit, match="seed"):
-    train_lm.main([*common, "--resume", "--seed", "1"])
+    train_lm.main([*common, "--out", str(tmp_path / "cut"), "--resume", "--seed", "1"])
   with pytest.raises(SystemExit, match="no checkpoint"):
-    train_lm.main([*common[:3], str(tmp_path / "nothing"), *common[4:], "--resume"])
+    train_lm.main([*common, "--out", str(tmp_path / "nothing"), "--resume"])
 
 
 # ----------------------------------------------------------------------------
@@ -214,10 +226,16 @@ def test_heldout_split_is_by_source_and_stable():
   assert 5 <= len(corpus.eval) <= 40 and len(corpus.train) + len(corpus.eval) == 200
 
 
-def test_stdlib_docstrings_are_many_short_documents():
-  docs = lm_data.stdlib_documents("docstrings")
-  lengths = np.array([len(d) for _, d in docs])
-  assert len(docs) > 1000 and np.median(lengths) < 300
+def test_stdlib_docstrings_are_short_documents():
+  root, files = lm_data._stdlib_files()
+  assert len(files) > 100 and not any("site-packages" in f.parts for f in files)
+  some = [f for f in files
+          if f.relative_to(root).as_posix() in ("argparse.py", "textwrap.py", "json/__init__.py")]
+  assert len(some) == 3
+  docs = [d for f in some for d in lm_data._docstrings(f.read_bytes())]
+  lengths = np.array([len(d) for d in docs])
+  assert len(docs) > 20 and np.median(lengths) < 1000
+  assert lm_data._docstrings(b"def f(:\n") == []  # unparsable source: no documents
   assert "\n" in lm_data.length_histogram(lengths + 2)
 
 
