@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shutil
 import sys
 import time
 import zlib
@@ -308,9 +309,13 @@ def main(argv=None) -> dict:
   train_step, eval_step = make_steps(graphdef)
 
   signature = _run_signature(args, data_hash, loader.name)
+  ckpt_dir = out / "ckpt"
+  if not args.resume and ckpt_dir.exists():
+    log(f"a fresh run (no --resume): removing the old checkpoints in {ckpt_dir}")
+    shutil.rmtree(ckpt_dir)
   ckpt = None
   try:
-    ckpt = Checkpoints(out / "ckpt")
+    ckpt = Checkpoints(ckpt_dir)
   except ImportError:
     if args.resume:
       raise SystemExit("--resume needs orbax-checkpoint (pip install -e '.[examples]')")
@@ -321,7 +326,7 @@ def main(argv=None) -> dict:
   if args.resume:
     last = ckpt.latest_step()
     if last is None:
-      raise SystemExit(f"--resume: no checkpoint in {out / 'ckpt'}")
+      raise SystemExit(f"--resume: no checkpoint in {ckpt_dir}")
     state, meta = ckpt.restore(last, state)
     diff = {k: (meta["signature"].get(k), v) for k, v in signature.items()
             if meta["signature"].get(k) != v}
@@ -348,47 +353,58 @@ def main(argv=None) -> dict:
   progress = Progress(args.steps, step, enabled=not args.no_progress)
   start = time.perf_counter()
   # Throughput counts training steps only: not the first (compiling) step of
-  # this process, not eval, not checkpointing.
+  # this process, not eval, not checkpointing. `since` is when the clock last
+  # started; `bank` waits for the queued steps and adds their time.
   clock = dict(train_s=0.0, useful=0, tokens=0, since=None)
+
+  def bank():
+    jax.block_until_ready(state)
+    now = time.perf_counter()
+    if clock["since"] is not None:
+      clock["train_s"] += now - clock["since"]
+    clock["since"] = now
+
   window = []
   stop = min(args.steps, args.stop_after or args.steps)
   last_logged = step
   while step < stop:
     batch = loader.batch(step)
     useful = int((batch["segment_ids"] != 0).sum())
+    first = clock["since"] is None
     state, metrics = train_step(state, batch)
     step += 1
     tokens_seen += batch["tokens"].size
     useful_seen += useful
     window.append(metrics)
-    if clock["since"] is None:  # first step: wait for it, start the clock after
-      jax.block_until_ready(metrics)
-      clock["since"] = time.perf_counter()
+    if first:  # compiling step: start the clock once it is done
+      bank()
     else:
       clock["useful"] += useful
       clock["tokens"] += batch["tokens"].size
     out_of_time = (args.max_minutes is not None
                    and time.perf_counter() - start >= 60 * args.max_minutes)
     if step % args.log_every == 0 or step == stop or out_of_time:
-      losses = [float(m["loss"]) for m in window]  # waits for the steps
-      now = time.perf_counter()
-      clock["train_s"] += now - clock["since"]
-      clock["since"] = now
+      losses = [float(m["loss"]) for m in window]
+      bank()
       timed = clock["train_s"] > 0 and clock["tokens"] > 0
       rate = clock["useful"] / clock["train_s"] if timed else None
       record(dict(step=step, loss=losses[-1], loss_mean=float(np.mean(losses)),
                   grad_norm=float(window[-1]["grad_norm"]), tokens=tokens_seen,
                   useful_tokens=useful_seen, useful_tokens_per_s=rate,
                   tokens_per_s=clock["tokens"] / clock["train_s"] if timed else None,
-                  elapsed_s=now - start))
+                  elapsed_s=time.perf_counter() - start))
       progress.update(step, step - last_logged, losses[-1], rate)
       last_logged, window = step, []
-    if step % args.eval_every == 0 or step == args.steps or out_of_time:
-      record(dict(step=step, eval_loss=evaluate(eval_step, state, evals),
-                  tokens=tokens_seen, useful_tokens=useful_seen))
-    if (args.ckpt_every and step % args.ckpt_every == 0) or step == stop or out_of_time:
-      save()
-    clock["since"] = time.perf_counter()
+    do_eval = step % args.eval_every == 0 or step == args.steps or out_of_time
+    do_save = (args.ckpt_every and step % args.ckpt_every == 0) or step == stop or out_of_time
+    if do_eval or do_save:
+      bank()
+      if do_eval:
+        record(dict(step=step, eval_loss=evaluate(eval_step, state, evals),
+                    tokens=tokens_seen, useful_tokens=useful_seen))
+      if do_save:
+        save()
+      clock["since"] = time.perf_counter()
     if out_of_time:
       log(f"--max-minutes {args.max_minutes} reached at step {step}")
       break
