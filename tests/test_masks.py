@@ -1,0 +1,337 @@
+"""The mask rule and the tile plan (jpack.masks), against numpy brute force.
+
+The oracle is the dense mask: a tile pair must be visited iff some pair of
+tokens in it may attend. The plan may visit more (it is built from per-tile
+min/max), never less; for contiguous packed layouts it is exact. Tiles the plan
+runs without the mask (the (full_lo, full_hi) run) must be entirely allowed.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import numpy as np
+import pytest
+from hypothesis import given, strategies as st
+
+from helpers import (CONTIGUOUS_KINDS, Layout, aligned_documents, allowed_np,
+                     arange_positions, chunk_layouts, ids_from_runs,
+                     self_layouts)
+from jpack import masks
+
+B, T = 2, 64            # self-attention layouts
+TQ, TK = 48, 80         # q chunk vs kv chunk (context-parallel style)
+
+BLOCKS_SELF = [(16, 16), (16, 8), (8, 16), (32, 16)]
+BLOCKS_CHUNK = [(16, 16), (16, 8), (8, 16)]
+# (causal, sliding_window)
+OPTIONS = [(True, None), (False, None), (True, 8), (False, 24), (True, 1)]
+
+
+def _opt_id(opt):
+  causal, window = opt
+  return ("causal" if causal else "bidir") + ("" if window is None else f"-w{window}")
+
+
+def _blk_id(blocks):
+  return f"bq{blocks[0]}-bk{blocks[1]}"
+
+
+@functools.lru_cache(maxsize=None)
+def _plan_fn(block_q, block_k, causal, sliding_window):
+  return jax.jit(functools.partial(
+      masks.make_tile_plan, block_q=block_q, block_k=block_k, causal=causal,
+      sliding_window=sliding_window))
+
+
+def plan_np(layout: Layout, block_q, block_k, causal, sliding_window):
+  """(q_ranges [B, nq, 4], kv_ranges [B, nk, 4]) as numpy."""
+  plan = _plan_fn(block_q, block_k, causal, sliding_window)(*layout.arrays())
+  return np.asarray(plan.q_ranges), np.asarray(plan.kv_ranges)
+
+
+def brute_force_tiles(layout, block_q, block_k, causal, sliding_window):
+  """(any_allowed, all_allowed): bool [B, nq, nk] from the dense mask."""
+  ok = allowed_np(layout, causal=causal, sliding_window=sliding_window)
+  b, tq, tk = ok.shape
+  tiles = ok.reshape(b, tq // block_q, block_q, tk // block_k, block_k)
+  return tiles.any(axis=(2, 4)), tiles.all(axis=(2, 4))
+
+
+def range_sets(ranges, n_minor):
+  """(visited, unmasked): bool [B, n_major, n_minor] named by the ranges."""
+  idx = np.arange(n_minor)
+  lo, full_lo, full_hi, hi = (ranges[..., i:i + 1] for i in range(4))
+  return (idx >= lo) & (idx < hi), (idx >= full_lo) & (idx < full_hi)
+
+
+def plan_sets(layout, block_q, block_k, causal, sliding_window):
+  """Visited/unmasked tile sets of both views, all as [B, nq, nk]."""
+  q_ranges, kv_ranges = plan_np(layout, block_q, block_k, causal, sliding_window)
+  nq, nk = q_ranges.shape[1], kv_ranges.shape[1]
+  q_visit, q_full = range_sets(q_ranges, nk)
+  kv_visit, kv_full = range_sets(kv_ranges, nq)
+  return dict(q_visit=q_visit, q_full=q_full,
+              kv_visit=kv_visit.transpose(0, 2, 1),
+              kv_full=kv_full.transpose(0, 2, 1))
+
+
+def _layouts(kind, blocks):
+  """Strategy for the layout families the plan is checked on."""
+  if kind == "self":
+    return self_layouts(B, T)
+  if kind == "self-custom-positions":
+    return self_layouts(B, T, positions="custom")
+  assert kind == "chunk"
+  return chunk_layouts(B, TQ, TK)
+
+
+LAYOUT_CASES = ([("self", b) for b in BLOCKS_SELF]
+                + [("self-custom-positions", (16, 16)),
+                   ("self-custom-positions", (8, 16))]
+                + [("chunk", b) for b in BLOCKS_CHUNK])
+LAYOUT_IDS = [f"{k}-{_blk_id(b)}" for k, b in LAYOUT_CASES]
+
+
+# ----------------------------------------------------------------------------
+# The mask rule
+
+
+def test_allowed_mask_on_a_small_example():
+  # Row: doc 1 (2 tokens), doc 2 (2 tokens), padding.
+  seg = np.array([[1, 1, 2, 2, 0]], np.int32)
+  pos = arange_positions(1, 5)
+  got = np.asarray(masks.allowed_mask(seg, seg, pos, pos, causal=True,
+                                      sliding_window=None))[0]
+  want = np.array([[1, 0, 0, 0, 0],
+                   [1, 1, 0, 0, 0],
+                   [0, 0, 1, 0, 0],
+                   [0, 0, 1, 1, 0],
+                   [0, 0, 0, 0, 0]], bool)
+  np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("opt", OPTIONS, ids=_opt_id)
+@given(layout=st.one_of(self_layouts(B, T), self_layouts(B, T, positions="custom"),
+                        chunk_layouts(B, TQ, TK)))
+def test_allowed_mask_follows_the_rule(opt, layout):
+  causal, window = opt
+  got = masks.allowed_mask(*layout.arrays(), causal=causal, sliding_window=window)
+  np.testing.assert_array_equal(
+      np.asarray(got), allowed_np(layout, causal=causal, sliding_window=window))
+
+
+# ----------------------------------------------------------------------------
+# Soundness: the plan never skips work and never drops the mask wrongly
+
+
+@pytest.mark.parametrize("kind,blocks", LAYOUT_CASES, ids=LAYOUT_IDS)
+@given(opt=st.sampled_from(OPTIONS), data=st.data())
+def test_plan_visits_every_tile_with_an_allowed_pair(kind, blocks, opt, data):
+  layout = data.draw(_layouts(kind, blocks))
+  any_allowed, _ = brute_force_tiles(layout, *blocks, *opt)
+  sets = plan_sets(layout, *blocks, *opt)
+  for view in ("q_visit", "kv_visit"):
+    missed = any_allowed & ~sets[view]
+    assert not missed.any(), f"{view} skips tiles {np.argwhere(missed).tolist()}"
+
+
+@pytest.mark.parametrize("kind,blocks", LAYOUT_CASES, ids=LAYOUT_IDS)
+@given(opt=st.sampled_from(OPTIONS), data=st.data())
+def test_unmasked_tiles_are_fully_allowed(kind, blocks, opt, data):
+  layout = data.draw(_layouts(kind, blocks))
+  _, all_allowed = brute_force_tiles(layout, *blocks, *opt)
+  sets = plan_sets(layout, *blocks, *opt)
+  for view in ("q_full", "kv_full"):
+    wrong = sets[view] & ~all_allowed
+    assert not wrong.any(), f"{view} unmasks tiles {np.argwhere(wrong).tolist()}"
+
+
+@pytest.mark.parametrize("kind,blocks", LAYOUT_CASES, ids=LAYOUT_IDS)
+@given(opt=st.sampled_from(OPTIONS), data=st.data())
+def test_ranges_are_ordered(kind, blocks, opt, data):
+  """0 <= lo <= full_lo <= full_hi <= hi <= n_minor in both views."""
+  layout = data.draw(_layouts(kind, blocks))
+  q_ranges, kv_ranges = plan_np(layout, *blocks, *opt)
+  for ranges, n_minor in ((q_ranges, kv_ranges.shape[1]),
+                          (kv_ranges, q_ranges.shape[1])):
+    lo, full_lo, full_hi, hi = np.moveaxis(ranges, -1, 0)
+    assert (0 <= lo).all() and (lo <= full_lo).all()
+    assert (full_lo <= full_hi).all() and (full_hi <= hi).all()
+    assert (hi <= n_minor).all()
+
+
+# ----------------------------------------------------------------------------
+# The two views agree
+
+
+@pytest.mark.parametrize("kind,blocks", LAYOUT_CASES, ids=LAYOUT_IDS)
+@given(opt=st.sampled_from(OPTIONS), data=st.data())
+def test_range_endpoints_are_visited_by_the_transposed_view(kind, blocks, opt, data):
+  """The first and last tile of each row of one view are in the other view."""
+  layout = data.draw(_layouts(kind, blocks))
+  q_ranges, kv_ranges = plan_np(layout, *blocks, *opt)
+  sets = plan_sets(layout, *blocks, *opt)
+  for ranges, other, transpose in ((q_ranges, sets["kv_visit"], False),
+                                   (kv_ranges, sets["q_visit"], True)):
+    other = other.transpose(0, 2, 1) if transpose else other
+    for b, i in zip(*np.nonzero(ranges[..., 3] > ranges[..., 0])):
+      lo, hi = ranges[b, i, 0], ranges[b, i, 3]
+      assert other[b, i, lo] and other[b, i, hi - 1], (b, i, lo, hi)
+
+
+@pytest.mark.parametrize("kind,blocks", LAYOUT_CASES, ids=LAYOUT_IDS)
+@given(opt=st.sampled_from(OPTIONS), data=st.data())
+def test_unmasked_tiles_of_one_view_are_visited_by_the_other(kind, blocks, opt, data):
+  layout = data.draw(_layouts(kind, blocks))
+  sets = plan_sets(layout, *blocks, *opt)
+  assert not (sets["q_full"] & ~sets["kv_visit"]).any()
+  assert not (sets["kv_full"] & ~sets["q_visit"]).any()
+
+
+@pytest.mark.parametrize("opt", OPTIONS, ids=_opt_id)
+@given(data=st.data())
+def test_views_are_transposes_for_contiguous_layouts(opt, data):
+  layout = data.draw(self_layouts(B, T, kinds=CONTIGUOUS_KINDS))
+  sets = plan_sets(layout, 16, 16, *opt)
+  np.testing.assert_array_equal(sets["q_visit"], sets["kv_visit"])
+
+
+# ----------------------------------------------------------------------------
+# Tightness: for packed (contiguous) layouts the plan visits exactly the tiles
+# that hold an allowed pair.
+
+def _exact_layouts(kind):
+  if kind == "self":
+    return self_layouts(B, T, kinds=CONTIGUOUS_KINDS)
+  return chunk_layouts(B, TQ, TK, kinds=CONTIGUOUS_KINDS)
+
+
+EXACT_CASES = ([("self", b) for b in BLOCKS_SELF]
+               + [("chunk", b) for b in BLOCKS_CHUNK])
+
+
+@pytest.mark.parametrize("kind,blocks", EXACT_CASES,
+                         ids=[f"{k}-{_blk_id(b)}" for k, b in EXACT_CASES])
+@given(opt=st.sampled_from(OPTIONS), data=st.data())
+def test_plan_is_exact_for_contiguous_layouts(kind, blocks, opt, data):
+  """Visited tiles == tiles with an allowed pair.
+
+  Exact for the view whose minor tile is at least as large as its major tile
+  (a smaller minor tile can sit wholly inside padding between two documents
+  of one major tile; the [lo, hi) range then includes it).
+  """
+  layout = data.draw(_exact_layouts(kind))
+  any_allowed, _ = brute_force_tiles(layout, *blocks, *opt)
+  sets = plan_sets(layout, *blocks, *opt)
+  block_q, block_k = blocks
+  if block_q <= block_k:
+    np.testing.assert_array_equal(sets["q_visit"], any_allowed)
+  if block_k <= block_q:
+    np.testing.assert_array_equal(sets["kv_visit"], any_allowed)
+
+
+# ----------------------------------------------------------------------------
+# Padding
+
+
+@pytest.mark.parametrize("kind,blocks", LAYOUT_CASES, ids=LAYOUT_IDS)
+@given(opt=st.sampled_from(OPTIONS), data=st.data())
+def test_padding_tiles_visit_nothing(kind, blocks, opt, data):
+  """A q tile (kv tile) of padding only has an empty range."""
+  layout = data.draw(_layouts(kind, blocks))
+  q_ranges, kv_ranges = plan_np(layout, *blocks, *opt)
+  block_q, block_k = blocks
+  b_, tq = layout.q_segment_ids.shape
+  q_pad = (layout.q_segment_ids.reshape(b_, tq // block_q, block_q) == 0).all(-1)
+  tk = layout.kv_segment_ids.shape[1]
+  kv_pad = (layout.kv_segment_ids.reshape(b_, tk // block_k, block_k) == 0).all(-1)
+  np.testing.assert_array_equal(q_ranges[q_pad][:, 3] - q_ranges[q_pad][:, 0], 0)
+  np.testing.assert_array_equal(kv_ranges[kv_pad][:, 3] - kv_ranges[kv_pad][:, 0], 0)
+
+
+@pytest.mark.parametrize("opt", OPTIONS, ids=_opt_id)
+def test_all_padding_row_visits_nothing(opt):
+  seg = np.zeros((B, T), np.int32)
+  seg[1] = 1  # the other row is one document, so the batch is not trivial
+  pos = arange_positions(B, T)
+  q_ranges, kv_ranges = plan_np(Layout(seg, seg, pos, pos), 16, 16, *opt)
+  assert int(masks.visited_tiles(q_ranges[:1])) == 0
+  assert int(masks.visited_tiles(kv_ranges[:1])) == 0
+  assert int(masks.visited_tiles(q_ranges[1:])) > 0
+
+
+# ----------------------------------------------------------------------------
+# Work: with documents aligned to tiles, the visited-tile count follows from
+# the document lengths alone, far below the dense count.
+
+BLOCK = 16
+N_TILES = 16  # T = 256
+DOC_TILES = [  # document lengths in tiles, each list sums to N_TILES
+    [16], [8, 8], [4, 4, 4, 4], [1] * 16, [2] * 8, [8, 4, 2, 1, 1], [3, 5, 7, 1],
+]
+
+
+def _aligned_layout(doc_tiles, pad_tiles=0):
+  t = (sum(doc_tiles) + pad_tiles) * BLOCK
+  ids = ids_from_runs([(n * BLOCK, False) for n in doc_tiles], t)[None]
+  pos = arange_positions(1, t)
+  return Layout(ids, ids, pos, pos)
+
+
+def _counts(layout, causal, window):
+  q_ranges, kv_ranges = plan_np(layout, BLOCK, BLOCK, causal, window)
+  visited = int(masks.visited_tiles(q_ranges))
+  unmasked = int(np.sum(q_ranges[..., 2] - q_ranges[..., 1]))
+  return visited, unmasked, int(masks.visited_tiles(kv_ranges))
+
+
+@pytest.mark.parametrize("doc_tiles", DOC_TILES, ids=str)
+def test_causal_visited_tiles_follow_document_lengths(doc_tiles):
+  visited, unmasked, visited_kv = _counts(_aligned_layout(doc_tiles), True, None)
+  assert visited == sum(n * (n + 1) // 2 for n in doc_tiles)
+  assert visited_kv == visited
+  # strictly-below-diagonal tiles of each document need no mask
+  assert unmasked == sum(n * (n - 1) // 2 for n in doc_tiles)
+
+
+@pytest.mark.parametrize("doc_tiles", DOC_TILES, ids=str)
+def test_bidirectional_visited_tiles_follow_document_lengths(doc_tiles):
+  visited, unmasked, visited_kv = _counts(_aligned_layout(doc_tiles), False, None)
+  assert visited == visited_kv == sum(n * n for n in doc_tiles)
+  assert unmasked == visited
+
+
+@pytest.mark.parametrize("window_tiles", [1, 2, 5])
+@pytest.mark.parametrize("doc_tiles", DOC_TILES, ids=str)
+def test_windowed_visited_tiles_follow_document_lengths(doc_tiles, window_tiles):
+  # q tile i of a document sees kv tiles i - window_tiles .. i of it.
+  window = window_tiles * BLOCK
+  visited, _, visited_kv = _counts(_aligned_layout(doc_tiles), True, window)
+  want = sum(min(i, window_tiles) + 1 for n in doc_tiles for i in range(n))
+  assert visited == visited_kv == want
+
+
+@given(ids=aligned_documents(N_TILES * BLOCK, BLOCK))
+def test_causal_visited_tiles_for_random_aligned_documents(ids):
+  lengths = np.bincount(ids)[1:] // BLOCK
+  pos = arange_positions(1, ids.size)
+  layout = Layout(ids[None], ids[None], pos, pos)
+  visited, _, _ = _counts(layout, True, None)
+  assert visited == sum(int(n) * (int(n) + 1) // 2 for n in lengths)
+
+
+def test_padding_tiles_add_no_work():
+  doc_tiles = [4, 2]
+  visited, _, visited_kv = _counts(_aligned_layout(doc_tiles, pad_tiles=10), True, None)
+  assert visited == visited_kv == 10 + 3
+
+
+def test_tile_skipping_cuts_work_far_below_dense():
+  """64 documents of 2 tiles in a row of 128 tiles: 192 tiles, not 8256."""
+  n_tiles, doc = 128, 2
+  visited, _, visited_kv = _counts(_aligned_layout([doc] * (n_tiles // doc)), True, None)
+  dense_causal = n_tiles * (n_tiles + 1) // 2
+  assert visited == visited_kv == (n_tiles // doc) * doc * (doc + 1) // 2
+  assert visited * 40 < dense_causal
