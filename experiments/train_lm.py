@@ -228,7 +228,7 @@ def write_plots(out: Path, records: list[dict], doc_lengths: np.ndarray, title: 
   ax.plot([r["useful_tokens"] for r in train], [r["loss"] for r in train], label="train")
   ax.plot([r["useful_tokens"] for r in evals], [r["eval_loss"] for r in evals], "o-",
           label="eval (held out, per document)")
-  ax.set(xlabel="useful tokens seen", ylabel="loss (nats/byte)", title=title)
+  ax.set(xlabel="useful tokens seen", ylabel="loss (nats/token)", title=title)
   ax.legend()
   fig.tight_layout()
   fig.savefig(out / "loss_curve.png", dpi=120)
