@@ -199,7 +199,7 @@ class _KernelOptions:
   config: KernelConfig
   interpret: bool
 
-  def mask_kwargs(self):
+  def kernel_kwargs(self):
     return dict(scale=self.scale, causal=self.causal,
                 sliding_window=self.sliding_window, interpret=self.interpret)
 
@@ -235,7 +235,7 @@ def _make_plans(ids: _MaskInputs, opts: _KernelOptions) -> _Plans:
 def _kernel_forward(opts, q, k, v, ids, plans):
   return kernels.forward(q, k, v, ids.q_segment_ids, ids.kv_segment_ids,
                          ids.q_positions, ids.kv_positions, plans.forward.q_ranges,
-                         tile=opts.config.forward, **opts.mask_kwargs())
+                         tile=opts.config.forward, **opts.kernel_kwargs())
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -257,9 +257,9 @@ def _kernel_attention_bwd(opts, residuals, cotangents):
   args = (q, k, v, do.astype(q.dtype), lse, delta, ids.q_segment_ids,
           ids.kv_segment_ids, ids.q_positions, ids.kv_positions)
   dq = kernels.backward_dq(*args, plans.dq.q_ranges, tile=opts.config.dq,
-                           **opts.mask_kwargs())
+                           **opts.kernel_kwargs())
   dk, dv = kernels.backward_dkdv(*args, plans.dkdv.kv_ranges,
-                                 tile=opts.config.dkdv, **opts.mask_kwargs())
+                                 tile=opts.config.dkdv, **opts.kernel_kwargs())
   return dq, dk, dv, None, None
 
 
