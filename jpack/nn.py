@@ -82,7 +82,17 @@ class Attention(nnx.Module):
     rope_theta: RoPE base; None turns RoPE off.
     causal: causal attention inside each document.
     implementation, config, interpret: passed to `flash_attention`
-      ("auto": the Pallas kernel on GPU, the XLA reference elsewhere).
+      ("auto": the Pallas kernel on GPU, the XLA reference elsewhere), or to
+      `attention_fn`.
+    attention_fn: what computes attention; None: `jpack.attention.flash_attention`.
+      Called as `attention_fn(q, k, v, segment_ids=..., causal=...,
+      implementation=..., config=..., interpret=...)` with q [B, T, H, D],
+      k, v [B, T, Hkv, D] (after RoPE, all in the computation dtype) and
+      segment_ids int [B, T] or None; must return [B, T, H, D]. E.g.
+      `jpack.parallel.ContextParallel.attention` for context parallelism. If it
+      reorders tokens (zigzag load balancing), pass RoPE `positions` at call
+      time: the default derives them from runs of segment_ids, which assumes
+      row order.
     dtype: computation dtype of q/k/v and the attention (e.g. bfloat16);
       default: the input's dtype after promotion with the params.
     param_dtype: dtype of the weights.
@@ -93,7 +103,8 @@ class Attention(nnx.Module):
                head_dim: int | None = None, out_features: int | None = None,
                rope_theta: float | None = 10_000.0, causal: bool = True,
                implementation: str = "auto", config: KernelConfig | None = None,
-               interpret: bool = False, dtype: Any = None, param_dtype: Any = jnp.float32,
+               interpret: bool = False, attention_fn: Callable[..., jax.Array] | None = None,
+               dtype: Any = None, param_dtype: Any = jnp.float32,
                use_bias: bool = False,
                kernel_init: Callable = nnx.initializers.lecun_normal(),
                rngs: nnx.Rngs):
@@ -117,7 +128,10 @@ class Attention(nnx.Module):
                        f"{implementation!r}")
     self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
     self.rope_theta, self.causal = rope_theta, bool(causal)
+    if attention_fn is not None and not callable(attention_fn):
+      raise ValueError(f"attention_fn must be callable or None, got {attention_fn!r}")
     self.implementation, self.config, self.interpret = implementation, config, interpret
+    self.attention_fn = attention_fn
     self.dtype = dtype
     linear = dict(use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
                   kernel_init=kernel_init, rngs=rngs)
@@ -149,7 +163,7 @@ class Attention(nnx.Module):
       k = apply_rope(k, positions, self.rope_theta)
     # flash_attention wants one float dtype for q, k, v.
     dtype = self.dtype or jnp.result_type(q.dtype, k.dtype, v.dtype)
-    out = flash_attention(
+    out = (self.attention_fn or flash_attention)(
         q.astype(dtype), k.astype(dtype), v.astype(dtype), segment_ids=segment_ids,
         causal=self.causal, implementation=self.implementation, config=self.config,
         interpret=self.interpret)
