@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -75,6 +76,31 @@ def _loop(ranges_ref, visit, carry):
       carry)
 
 
+class _QMajorSpecs(NamedTuple):
+  """Block specs for a grid (q tile i, batch b, q head h) over [B, Tq, H, D] queries."""
+  ranges: pl.BlockSpec  # this q tile's plan row
+  q_tile: pl.BlockSpec  # [bq, D] of q, do, out, dq
+  kv_all: pl.BlockSpec  # [Tk, D] of this head's kv head
+  row_stat: pl.BlockSpec  # [bq] of lse, delta
+  q_ids: pl.BlockSpec  # [bq] of q ids, positions
+  kv_ids: pl.BlockSpec  # [Tk] of kv ids, positions
+
+
+def _q_major_specs(q, k, block_q) -> _QMajorSpecs:
+  head_dim, tk = q.shape[3], k.shape[1]
+  group = q.shape[2] // k.shape[2]
+  return _QMajorSpecs(
+      ranges=pl.BlockSpec((None, None, 4), lambda i, b, h: (b, i, 0)),
+      q_tile=pl.BlockSpec((None, block_q, None, head_dim),
+                          lambda i, b, h: (b, i, h, 0)),
+      kv_all=pl.BlockSpec((None, tk, None, head_dim),
+                          lambda i, b, h: (b, 0, h // group, 0)),
+      row_stat=pl.BlockSpec((None, None, block_q), lambda i, b, h: (b, h, i)),
+      q_ids=pl.BlockSpec((None, block_q), lambda i, b, h: (b, i)),
+      kv_ids=pl.BlockSpec((None, tk), lambda i, b, h: (b, 0)),
+  )
+
+
 # ----------------------------------------------------------------------------
 # Forward
 
@@ -117,26 +143,17 @@ def _forward_kernel(ranges_ref, q_ref, k_ref, v_ref, q_seg_ref, q_pos_ref,
 def forward(q, k, v, q_seg, kv_seg, q_pos, kv_pos, q_ranges, *, tile: TileConfig,
             scale, causal, sliding_window, interpret=False):
   """Returns (out [B, Tq, H, D] in q.dtype, lse float32 [B, H, Tq])."""
-  batch, tq, heads, head_dim = q.shape
-  tk, kv_heads = k.shape[1], k.shape[2]
-  group = heads // kv_heads
+  batch, tq, heads, _ = q.shape
   bq, bk = tile.block_major, tile.block_minor
   kernel = functools.partial(_forward_kernel, scale=scale, causal=causal,
                              sliding_window=sliding_window, block_k=bk)
-  q_tile = pl.BlockSpec((None, bq, None, head_dim), lambda i, b, h: (b, i, h, 0))
-  kv_all = pl.BlockSpec((None, tk, None, head_dim),
-                        lambda i, b, h: (b, 0, h // group, 0))
-  q_ids = pl.BlockSpec((None, bq), lambda i, b, h: (b, i))
-  kv_ids = pl.BlockSpec((None, tk), lambda i, b, h: (b, 0))
+  spec = _q_major_specs(q, k, bq)
   return pl.pallas_call(
       kernel,
       grid=(tq // bq, batch, heads),
-      in_specs=[
-          pl.BlockSpec((None, None, 4), lambda i, b, h: (b, i, 0)),
-          q_tile, kv_all, kv_all, q_ids, q_ids, kv_ids, kv_ids,
-      ],
-      out_specs=[q_tile,
-                 pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, i))],
+      in_specs=[spec.ranges, spec.q_tile, spec.kv_all, spec.kv_all,
+                spec.q_ids, spec.q_ids, spec.kv_ids, spec.kv_ids],
+      out_specs=[spec.q_tile, spec.row_stat],
       out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
                  jax.ShapeDtypeStruct((batch, heads, tq), jnp.float32)],
       compiler_params=plgpu.CompilerParams(num_warps=tile.num_warps,
@@ -183,27 +200,18 @@ def backward_dq(q, k, v, do, lse, delta, q_seg, kv_seg, q_pos, kv_pos,
                 q_ranges, *, tile: TileConfig, scale, causal, sliding_window,
                 interpret=False):
   """dQ [B, Tq, H, D] in q.dtype. delta: float32 [B, H, Tq] = rowsum(o*do) - dlse."""
-  batch, tq, heads, head_dim = q.shape
-  tk, kv_heads = k.shape[1], k.shape[2]
-  group = heads // kv_heads
+  batch, tq, heads, _ = q.shape
   bq, bk = tile.block_major, tile.block_minor
   kernel = functools.partial(_dq_kernel, scale=scale, causal=causal,
                              sliding_window=sliding_window, block_k=bk)
-  q_tile = pl.BlockSpec((None, bq, None, head_dim), lambda i, b, h: (b, i, h, 0))
-  kv_all = pl.BlockSpec((None, tk, None, head_dim),
-                        lambda i, b, h: (b, 0, h // group, 0))
-  row_stat = pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, i))
-  q_ids = pl.BlockSpec((None, bq), lambda i, b, h: (b, i))
-  kv_ids = pl.BlockSpec((None, tk), lambda i, b, h: (b, 0))
+  spec = _q_major_specs(q, k, bq)
   return pl.pallas_call(
       kernel,
       grid=(tq // bq, batch, heads),
-      in_specs=[
-          pl.BlockSpec((None, None, 4), lambda i, b, h: (b, i, 0)),
-          q_tile, kv_all, kv_all, q_tile, row_stat, row_stat,
-          q_ids, q_ids, kv_ids, kv_ids,
-      ],
-      out_specs=q_tile,
+      in_specs=[spec.ranges, spec.q_tile, spec.kv_all, spec.kv_all, spec.q_tile,
+                spec.row_stat, spec.row_stat, spec.q_ids, spec.q_ids,
+                spec.kv_ids, spec.kv_ids],
+      out_specs=spec.q_tile,
       out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
       compiler_params=plgpu.CompilerParams(num_warps=tile.num_warps,
                                            num_stages=tile.num_stages),
