@@ -204,6 +204,21 @@ def make_rows(documents: Sequence[np.ndarray], row_length: int, mode: str, *,
 # Loader
 
 
+def with_targets(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """batch plus "targets" int32 [B, T]: tokens[:, t + 1] at t (0 at the end).
+
+  Next-token targets look at the neighbour along the sequence, so they are made
+  here, in row order, before anything reorders the tokens (context-parallel
+  zigzag). loss_mask already says which targets count (t + 1 in the same
+  document, not padding).
+  """
+  tokens = np.asarray(batch["tokens"])
+  targets = np.zeros_like(tokens, dtype=np.int32)
+  targets[:, :-1] = tokens[:, 1:]
+  return {**batch, "targets": targets}
+
+
+
 class BatchLoader:
   """Random-access batches of rows: batch(step) is a pure function of
   (rows, batch_size, seed, step), which is what makes --resume exact.
@@ -246,5 +261,5 @@ class BatchLoader:
     return out
 
   def batch(self, step: int) -> dict[str, np.ndarray]:
-    """{tokens, segment_ids, positions, loss_mask}, each [batch_size, T]."""
-    return self.rows.take(self.indices(step)).as_dict()
+    """{tokens, targets, segment_ids, positions, loss_mask}, each [batch_size, T]."""
+    return with_targets(self.rows.take(self.indices(step)).as_dict())

@@ -3,13 +3,17 @@
 Pre-norm blocks: RMSNorm -> jpack.nn.Attention (GQA, RoPE from per-document
 positions) -> RMSNorm -> gated MLP (SiLU). Byte-level vocabulary.
 
-Batch arrays ([B, T]): tokens, segment_ids (0 = padding), positions (RoPE,
-per document), loss_mask (target tokens[t+1] counts at t).
+Batch arrays ([B, T]): tokens, targets (the next token, made by the data
+pipeline: `lm_data.with_targets`), segment_ids (0 = padding), positions
+(RoPE, per document), loss_mask (the target at t counts). Every one is
+per-token, so the model never looks at neighbours along the sequence: rows
+may arrive reordered (zigzag load balancing for context parallelism).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -62,12 +66,14 @@ class MLP(nnx.Module):
 
 
 class Block(nnx.Module):
-  def __init__(self, cfg: LMConfig, *, rngs: nnx.Rngs):
+  def __init__(self, cfg: LMConfig, *, attention_fn: Callable | None = None,
+               rngs: nnx.Rngs):
     dtype = jnp.dtype(cfg.dtype)
     self.attn_norm = nnx.RMSNorm(cfg.d_model, dtype=dtype, rngs=rngs)
     self.attn = Attention(cfg.d_model, cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
                           rope_theta=cfg.rope_theta, causal=True,
-                          implementation=cfg.attention, dtype=dtype, rngs=rngs)
+                          implementation=cfg.attention, attention_fn=attention_fn,
+                          dtype=dtype, rngs=rngs)
     self.mlp_norm = nnx.RMSNorm(cfg.d_model, dtype=dtype, rngs=rngs)
     self.mlp = MLP(cfg.d_model, cfg.mlp_dim, dtype=dtype, rngs=rngs)
 
@@ -78,13 +84,18 @@ class Block(nnx.Module):
 
 
 class LM(nnx.Module):
-  """tokens [B, T] -> logits float32 [B, T, vocab]."""
+  """tokens [B, T] -> logits float32 [B, T, vocab].
 
-  def __init__(self, cfg: LMConfig, *, rngs: nnx.Rngs):
+  attention_fn: passed to every `jpack.nn.Attention` (None: flash_attention),
+  e.g. `ContextParallel.attention` to split rows over devices.
+  """
+
+  def __init__(self, cfg: LMConfig, *, attention_fn: Callable | None = None,
+               rngs: nnx.Rngs):
     self.cfg = cfg
     dtype = jnp.dtype(cfg.dtype)
     self.embed = nnx.Embed(cfg.vocab_size, cfg.d_model, dtype=dtype, rngs=rngs)
-    self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+    self.blocks = nnx.List([Block(cfg, attention_fn=attention_fn, rngs=rngs) for _ in range(cfg.num_layers)])
     self.final_norm = nnx.RMSNorm(cfg.d_model, dtype=dtype, rngs=rngs)
     self.head = nnx.Linear(cfg.d_model, cfg.vocab_size, use_bias=False, dtype=dtype,
                            rngs=rngs)
@@ -105,14 +116,15 @@ class LM(nnx.Module):
 def loss_sum(model: LM, batch: dict) -> tuple[jax.Array, jax.Array]:
   """(sum of next-token cross-entropy over loss_mask, number of targets).
 
-  batch: tokens, segment_ids, positions, loss_mask, each [B, T]. The summed
-  loss is what makes "packed == documents run alone" exact: it is additive
-  over documents.
+  batch: tokens, targets, segment_ids, positions, loss_mask, each [B, T]
+  (`lm_data.with_targets` adds targets). The summed loss is what makes
+  "packed == documents run alone" exact: it is additive over documents.
   """
-  tokens = batch["tokens"]
-  logits = model(tokens, batch["segment_ids"], batch["positions"])
-  targets = jnp.concatenate([tokens[:, 1:], jnp.zeros_like(tokens[:, :1])], axis=1)
-  ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+  if "targets" not in batch:
+    raise ValueError("batch has no 'targets': build them in the data pipeline "
+                     "(lm_data.with_targets), before any reordering of the tokens")
+  logits = model(batch["tokens"], batch["segment_ids"], batch["positions"])
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
   mask = batch["loss_mask"].astype(jnp.float32)
   return jnp.sum(ce * mask), jnp.sum(mask)
 

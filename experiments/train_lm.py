@@ -5,6 +5,7 @@
     python -m experiments.train_lm --packing concat      # no document masking
     python -m experiments.train_lm --preset h100         # fills an H100
     python -m experiments.train_lm --resume              # continue the run in --out
+    python -m experiments.train_lm --context-parallel 4  # each row split over 4 devices
 
 Writes to --out (default runs/lm_<packing>): metrics.jsonl (one record per
 log step and per eval), summary.json, loss_curve.png, doc_lengths.png, ckpt/.
@@ -80,6 +81,18 @@ def parse_args(argv=None) -> argparse.Namespace:
   m.add_argument("--attention", choices=["auto", "pallas", "xla"], default="auto",
                  help="jpack implementation (auto: Pallas on GPU, XLA reference on CPU)")
   m.add_argument("--remat", action="store_true", help="recompute blocks in backward")
+  c = p.add_argument_group("context parallelism")
+  c.add_argument("--context-parallel", type=int, default=1, metavar="N",
+                 help="split every row along the sequence over N devices "
+                      "(jpack.parallel.ContextParallel, zigzag load balancing); "
+                      "--seq-len must be divisible by 2N. Same losses as N=1 to float "
+                      "tolerance. --resume may change N (the math is the same; the "
+                      "losses then match the uninterrupted run to float tolerance, not "
+                      "bit for bit). On CPU, fake N devices with "
+                      "XLA_FLAGS=--xla_force_host_platform_device_count=N")
+  c.add_argument("--cp-strategy", choices=["ring", "all_gather"], default="ring",
+                 help="ring: K/V travel around the devices; all_gather: every device "
+                      "gathers the row's K/V (default ring)")
   t = p.add_argument_group("training")
   t.add_argument("--steps", type=int, help="total steps (sets the LR schedule) [preset]")
   t.add_argument("--warmup", type=int, help="[preset]")
@@ -105,6 +118,12 @@ def parse_args(argv=None) -> argparse.Namespace:
       p.error(f"--{name.replace('_', '-')} must be >= 1")
   if args.seq_len < 2:
     p.error("--seq-len must be >= 2 (a row of one token has no target)")
+  if args.context_parallel < 1:
+    p.error("--context-parallel must be >= 1")
+  if args.seq_len % (2 * args.context_parallel):
+    p.error(f"--seq-len {args.seq_len} must be divisible by 2 * --context-parallel = "
+            f"{2 * args.context_parallel} (zigzag load balancing cuts each row into "
+            f"{2 * args.context_parallel} chunks)")
   return args
 
 
@@ -138,7 +157,7 @@ def eval_batches(corpus: lm_data.Corpus, args) -> list[dict]:
     empty = packing.PackedRows(*(np.zeros((pad, args.seq_len), a.dtype)
                                  for a in dataclasses.astuple(rows)))
     rows = packing.PackedRows.concatenate([rows, empty])
-  return [rows.take(np.arange(i, i + args.batch_size)).as_dict()
+  return [lm_data.with_targets(rows.take(np.arange(i, i + args.batch_size)).as_dict())
           for i in range(0, rows.num_rows, args.batch_size)]
 
 
@@ -146,7 +165,24 @@ def eval_batches(corpus: lm_data.Corpus, args) -> list[dict]:
 # Steps
 
 
-def make_steps(graphdef):
+def make_context_parallel(args):
+  """jpack.parallel.ContextParallel over args.context_parallel devices, or None."""
+  if args.context_parallel == 1:
+    return None
+  from jpack import parallel  # noqa: PLC0415
+  n, have = args.context_parallel, jax.device_count()
+  if n > have:
+    hint = (f" (on CPU: XLA_FLAGS=--xla_force_host_platform_device_count={n})"
+            if jax.default_backend() == "cpu" else "")
+    raise SystemExit(f"--context-parallel {n}: only {have} devices{hint}")
+  return parallel.ContextParallel.create(context=n, strategy=args.cp_strategy,
+                                         implementation=args.attention)
+
+
+def make_steps(graphdef, state_sharding=None):
+  """Jitted (train_step, eval_step). state_sharding: where the state lives
+  (context parallelism: replicated on the mesh); the new state is pinned there
+  so that every step sees the same input shardings (one compilation)."""
   def train_step(state, batch):
     model, optimizer = nnx.merge(graphdef, state)
 
@@ -162,7 +198,10 @@ def make_steps(graphdef):
     model, _ = nnx.merge(graphdef, state)
     return lm_model.loss_sum(model, batch)
 
-  return jax.jit(train_step, donate_argnums=0), jax.jit(eval_step)
+  if state_sharding is None:
+    return jax.jit(train_step, donate_argnums=0), jax.jit(eval_step)
+  return (jax.jit(train_step, donate_argnums=0, out_shardings=state_sharding),
+          jax.jit(eval_step, out_shardings=state_sharding))
 
 
 def evaluate(eval_step, state, batches) -> float:
@@ -196,8 +235,11 @@ class Checkpoints:
     return self.manager.latest_step()
 
   def restore(self, step: int, state):
-    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
-                          state.to_pure_dict())
+    """state restored in place, each array with the sharding it has now (so a
+    checkpoint written with another --context-parallel restores too)."""
+    target = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
+        state.to_pure_dict())
     out = self.manager.restore(step, args=self.ocp.args.Composite(
         state=self.ocp.args.StandardRestore(target), meta=self.ocp.args.JsonRestore()))
     nnx.replace_by_pure_dict(state, out["state"])
@@ -291,7 +333,12 @@ def main(argv=None) -> dict:
   log(f"data loader: {loader.name}"
       + ("" if loader.name == "grain" else
          " (grain not installed)" if not args.no_grain else " (--no-grain)"))
-  evals = eval_batches(corpus, args)
+  cp = make_context_parallel(args)
+  shard = (lambda b: b) if cp is None else cp.shard_batch  # noqa: E731
+  evals = [shard(b) for b in eval_batches(corpus, args)]
+  if cp is not None:
+    log(f"context parallelism: each row over {cp.num_shards} devices "
+        f"({args.cp_strategy}, zigzag), {args.seq_len // cp.num_shards} tokens per device")
   data_hash = zlib.crc32(rows.tokens.tobytes() + rows.segment_ids.tobytes())
 
   cfg = lm_model.LMConfig(
@@ -299,14 +346,19 @@ def main(argv=None) -> dict:
       num_heads=args.heads, num_kv_heads=args.kv_heads, mlp_dim=args.mlp_dim,
       max_seq_len=args.seq_len, dtype=args.dtype, attention=args.attention,
       remat=args.remat)
-  model = lm_model.LM(cfg, rngs=nnx.Rngs(args.seed))
+  model = lm_model.LM(cfg, attention_fn=None if cp is None else cp.attention,
+                      rngs=nnx.Rngs(args.seed))
   n_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
   log(f"model: {n_params:,} parameters, {cfg}")
   optimizer = nnx.Optimizer(model, lm_model.make_optimizer(
       args.lr, args.warmup, args.steps, weight_decay=args.weight_decay), wrt=nnx.Param)
   graphdef, state = nnx.split((model, optimizer))
   del model, optimizer
-  train_step, eval_step = make_steps(graphdef)
+  state_sharding = None
+  if cp is not None:
+    state = cp.replicate(state)
+    state_sharding = jax.sharding.NamedSharding(cp.mesh, jax.sharding.PartitionSpec())
+  train_step, eval_step = make_steps(graphdef, state_sharding)
 
   signature = _run_signature(args, data_hash, loader.name)
   ckpt_dir = out / "ckpt"
@@ -327,7 +379,7 @@ def main(argv=None) -> dict:
     last = ckpt.latest_step()
     if last is None:
       raise SystemExit(f"--resume: no checkpoint in {ckpt_dir}")
-    state, meta = ckpt.restore(last, state)
+    state, meta = ckpt.restore(last, state)  # keeps the (replicated) shardings
     diff = {k: (meta["signature"].get(k), v) for k, v in signature.items()
             if meta["signature"].get(k) != v}
     if diff:
@@ -348,7 +400,8 @@ def main(argv=None) -> dict:
   def save():
     if ckpt is not None:
       ckpt.save(step, state, dict(step=step, tokens_seen=tokens_seen,
-                                  useful_seen=useful_seen, signature=signature))
+                                  useful_seen=useful_seen, signature=signature,
+                                  context_parallel=args.context_parallel))
 
   progress = Progress(args.steps, step, enabled=not args.no_progress)
   start = time.perf_counter()
@@ -371,7 +424,7 @@ def main(argv=None) -> dict:
     batch = loader.batch(step)
     useful = int((batch["segment_ids"] != 0).sum())
     first = clock["since"] is None
-    state, metrics = train_step(state, batch)
+    state, metrics = train_step(state, shard(batch))
     step += 1
     tokens_seen += batch["tokens"].size
     useful_seen += useful
@@ -414,7 +467,9 @@ def main(argv=None) -> dict:
   train_records = [r for r in records if r.get("useful_tokens_per_s") is not None]
   eval_records = [r for r in records if "eval_loss" in r]
   summary = dict(
-      packing=args.packing, attention=args.attention, step=step, steps=args.steps,
+      packing=args.packing, attention=args.attention, context_parallel=args.context_parallel,
+      cp_strategy=args.cp_strategy if args.context_parallel > 1 else None,
+      step=step, steps=args.steps,
       seq_len=args.seq_len, batch_size=args.batch_size, parameters=n_params,
       device=jax.devices()[0].device_kind, loader=loader.name,
       padding_fraction=packing.packing_stats(rows.segment_ids).padding_fraction,

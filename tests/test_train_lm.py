@@ -43,8 +43,8 @@ def _loss_and_grads(graphdef, state, batch):
 
 def loss_and_grads(graphdef, state, rows: packing.PackedRows):
   """Summed loss and its gradient (float64 numpy) for a batch of rows."""
-  loss, grads = _loss_and_grads(graphdef, state,
-                                {k: jnp.asarray(v) for k, v in rows.as_dict().items()})
+  batch = lm_data.with_targets(rows.as_dict())
+  loss, grads = _loss_and_grads(graphdef, state, {k: jnp.asarray(v) for k, v in batch.items()})
   return float(loss), jax.tree.map(lambda g: np.asarray(g, np.float64), grads)
 
 
