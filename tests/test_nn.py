@@ -11,6 +11,7 @@ from flax import nnx
 
 from jpack import masks
 from jpack import nn as jnn
+from jpack.attention import flash_attention
 
 T = 16
 # Two rows: three documents then padding; one document filling the row.
@@ -120,6 +121,30 @@ def test_pallas_kernel_matches_xla_in_the_module():
                          rngs=nnx.Rngs(0))
   x, seg = inputs(), jnp.asarray(SEGMENTS)
   np.testing.assert_allclose(call(kernel, x, seg), call(attn, x, seg), rtol=2e-5, atol=2e-5)
+
+
+def test_attention_fn_replaces_flash_attention():
+  """attention_fn gets q [B, T, H, D], k/v [B, T, Hkv, D] and the module's
+  keywords; what it returns is what the output projection sees."""
+  seen = []
+
+  def spy(q, k, v, **kwargs):
+    seen.append((q.shape, k.shape, v.shape, sorted(kwargs)))
+    return flash_attention(q, k, v, **kwargs)
+
+  def make(**kwargs):  # same weights every time
+    return jnn.Attention(32, 4, num_kv_heads=2, implementation="xla", rngs=nnx.Rngs(0),
+                         **kwargs)
+
+  plain, spied = make(), make(attention_fn=spy)
+  x, seg = inputs(), jnp.asarray(SEGMENTS)
+  np.testing.assert_array_equal(call(spied, x, seg), call(plain, x, seg))
+  assert seen == [((2, T, 4, 8), (2, T, 2, 8), (2, T, 2, 8),
+                   ["causal", "config", "implementation", "interpret", "segment_ids"])]
+  zeros = make(attention_fn=lambda q, k, v, **_: jnp.zeros_like(q))
+  np.testing.assert_array_equal(call(zeros, x, seg), 0.0)  # no bias: out(0) = 0
+  with pytest.raises(ValueError, match="attention_fn must be callable"):
+    jnn.Attention(32, 4, attention_fn="ring", rngs=nnx.Rngs(0))
 
 
 @pytest.mark.parametrize("kwargs, match", [

@@ -8,6 +8,8 @@ import dataclasses
 import functools
 import importlib.util
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -190,6 +192,40 @@ def test_resume_continues_exactly(data_dir, tmp_path):
     train_lm.main([*common, "--out", str(tmp_path / "nothing"), "--resume"])
 
 
+def test_context_parallel_trains_like_one_device(data_dir, tmp_path):
+  """--context-parallel 4 (ring, zigzag) gives the losses of one device; a
+  checkpoint it writes resumes with one device. Four fake CPU devices need
+  XLA_FLAGS before JAX starts, hence a child process."""
+  pytest.importorskip("orbax.checkpoint")
+  common = ["--data", str(data_dir), "--steps", "3", "--log-every", "1", "--eval-every",
+            "2", "--eval-batches", "1", "--ckpt-every", "0", *TINY_ARGS]
+  one = train_lm.main([*common, "--out", str(tmp_path / "one")])
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=" ".join(
+      [os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=4"]))
+  run = subprocess.run(
+      [sys.executable, "-m", "experiments.train_lm", *common, "--out", str(tmp_path / "cp"),
+       "--context-parallel", "4", "--stop-after", "2"],
+      cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True,
+      timeout=300)
+  assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
+  assert "each row over 4 devices (ring, zigzag), 16 tokens per device" in run.stdout
+  cp = read_metrics(tmp_path / "cp")
+  assert json.loads((tmp_path / "cp" / "summary.json").read_text())["context_parallel"] == 4
+  # The same run resumed on one device: a different N is allowed.
+  resumed = train_lm.main([*common, "--out", str(tmp_path / "cp"), "--resume"])
+  assert resumed["context_parallel"] == 1
+  full, cut = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "cp")
+  key = lambda r: (r["step"], "eval_loss" in r)  # noqa: E731
+  assert [key(r) for r in cut] == [key(r) for r in full]
+  assert [key(r) for r in cp] == [(1, False), (2, False), (2, True)]
+  for a, b in zip(full, cut):
+    for name in ("loss", "grad_norm", "eval_loss"):
+      if name in a:
+        np.testing.assert_allclose(b[name], a[name], rtol=1e-5, err_msg=f"{a['step']} {name}")
+    assert a["useful_tokens"] == b["useful_tokens"]
+  assert one["eval_loss"] == full[-1]["eval_loss"]
+
+
 # ----------------------------------------------------------------------------
 # Data pieces
 
@@ -265,6 +301,19 @@ def test_token_ids_outside_the_vocabulary_are_refused():
   for mode in ("packed", "padded"):
     with pytest.raises(ValueError, match="token id 300"):
       lm_data.make_rows(bad, 16, mode)
+
+
+def test_context_parallel_bad_input(data_dir, tmp_path):
+  with pytest.raises(SystemExit):  # 64 is not divisible by 2 * 3
+    train_lm.parse_args(["--seq-len", "64", "--context-parallel", "3"])
+  with pytest.raises(SystemExit):
+    train_lm.parse_args(["--context-parallel", "0"])
+  with pytest.raises(SystemExit, match="only 1 devices .*device_count=2"):
+    train_lm.main(["--data", str(data_dir), "--out", str(tmp_path), *TINY_ARGS,
+                   "--context-parallel", "2"])
+  batch = packing.pack_documents(random_docs([5, 9]), 16).as_dict()  # no targets
+  with pytest.raises(ValueError, match="lm_data.with_targets"):
+    lm_model.loss_sum(lm_model.LM(TINY, rngs=nnx.Rngs(0)), batch)
 
 
 def test_row_length_the_model_does_not_support():
