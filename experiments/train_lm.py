@@ -192,7 +192,7 @@ def make_steps(graphdef, state_sharding=None):
 
     (loss, _), grads = nnx.value_and_grad(mean_loss, has_aux=True)(model)
     optimizer.update(model, grads)
-    return nnx.state((model, optimizer)), {"loss": loss, "grad_norm": optax.global_norm(grads)}
+    return nnx.state((model, optimizer)), {"loss": loss, "grad_norm": optax.tree.norm(grads)}
 
   def eval_step(state, batch):
     model, _ = nnx.merge(graphdef, state)
@@ -227,7 +227,7 @@ class Checkpoints:
 
   def save(self, step: int, state, meta: dict):
     self.manager.save(step, args=self.ocp.args.Composite(
-        state=self.ocp.args.StandardSave(state.to_pure_dict()),
+        state=self.ocp.args.StandardSave(nnx.to_pure_dict(state)),
         meta=self.ocp.args.JsonSave(meta)), force=True)
     self.manager.wait_until_finished()
 
@@ -239,7 +239,7 @@ class Checkpoints:
     checkpoint written with another --context-parallel restores too)."""
     target = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
-        state.to_pure_dict())
+        nnx.to_pure_dict(state))
     out = self.manager.restore(step, args=self.ocp.args.Composite(
         state=self.ocp.args.StandardRestore(target), meta=self.ocp.args.JsonRestore()))
     nnx.replace_by_pure_dict(state, out["state"])

@@ -63,15 +63,16 @@ class TestExactness:
   LENGTHS = [1, 9, 30, 9, 1, 64, 30, 9, 30, 1, 9]
 
   @pytest.fixture(scope="class")
-  def setup(self):
-    docs = random_docs(self.LENGTHS)
+  @classmethod
+  def setup(cls):
+    docs = random_docs(cls.LENGTHS)
     rows = packing.pack_documents(docs, 64, seed=0)
     assert rows.num_rows < len(docs)  # several documents share rows
     graphdef, state = nnx.split(lm_model.LM(TINY, rngs=nnx.Rngs(0)))
     # Each document alone: one row of its own, no padding. Documents of equal
     # length share a call (rows never interact), which saves compilations.
     loss, grads = 0.0, jax.tree.map(lambda x: np.zeros(x.shape, np.float64), state)
-    for n in sorted(set(self.LENGTHS)):
+    for n in sorted(set(cls.LENGTHS)):
       same = np.stack([d for d in docs if len(d) == n])
       l, g = loss_and_grads(graphdef, state, packing.PackedRows.from_segment_ids(
           same, np.ones(same.shape, np.int32)))
