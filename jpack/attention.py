@@ -135,7 +135,20 @@ def _check_options(causal, sliding_window, scale):
     raise TypeError(f"scale must be a Python float or None, got {type(scale).__name__}")
 
 
-def _resolve_implementation(implementation, head_dim, interpret):
+def _check_config(config, interpret):
+  if config is None:
+    return
+  if not isinstance(config, KernelConfig):
+    raise TypeError(f"config must be a KernelConfig, got {type(config).__name__}")
+  tiles = (config.forward, config.dq, config.dkdv)
+  smallest = min(min(t.block_major, t.block_minor) for t in tiles)
+  if not interpret and smallest < 16:
+    # Triton's matrix instructions need at least 16 rows/columns.
+    raise ValueError(f"config: GPU tiles must be at least 16 wide, got {smallest}; "
+                     "smaller tiles only run with interpret=True")
+
+
+def _resolve_implementation(implementation, head_dim, interpret, config):
   """'pallas' or 'xla', plus whether the kernel runs in the Pallas interpreter."""
   if implementation not in ("auto", "pallas", "xla"):
     raise ValueError(f"implementation must be 'auto', 'pallas' or 'xla', got {implementation!r}")
@@ -147,6 +160,7 @@ def _resolve_implementation(implementation, head_dim, interpret):
   if head_dim > _MAX_KERNEL_HEAD_DIM:
     raise ValueError(f"head_dim {head_dim} is larger than the Pallas kernel supports "
                      f"({_MAX_KERNEL_HEAD_DIM}); use implementation='xla'")
+  _check_config(config, interpret)
   if interpret:
     return "pallas", True
   if backend != "gpu":
@@ -352,13 +366,11 @@ def flash_attention(
                      q_positions, kv_positions)
   head_dim = q.shape[3]
   scale = float(1.0 / math.sqrt(head_dim) if scale is None else scale)
-  impl, interpret = _resolve_implementation(implementation, head_dim, interpret)
+  impl, interpret = _resolve_implementation(implementation, head_dim, interpret, config)
   if impl == "xla":
     out, lse = _reference(q, k, v, ids, causal=bool(causal),
                           sliding_window=sliding_window, scale=scale)
   else:
-    if config is not None and not isinstance(config, KernelConfig):
-      raise TypeError(f"config must be a KernelConfig, got {type(config).__name__}")
     opts = _KernelOptions(
         scale=scale, causal=bool(causal),
         sliding_window=None if sliding_window is None else int(sliding_window),

@@ -442,6 +442,7 @@ def _bad_calls():
   yield "integer q", lambda: flash_attention(q.astype(jnp.int32), k, v), TypeError, r"q must be bfloat16, float16 or float32"
   yield "int8 k", lambda: flash_attention(q, k.astype(jnp.int8), v), TypeError, r"k must be bfloat16, float16 or float32"
   yield "config not a KernelConfig", lambda: flash_attention(q, k, v, implementation="pallas", interpret=True, config=16), TypeError, r"config must be a KernelConfig"
+  yield "GPU tiles narrower than 16", lambda: flash_attention(q, k, v, implementation="pallas", config=KernelConfig.uniform(8)), ValueError, r"config: GPU tiles must be at least 16 wide, got 8"
 
 
 BAD_CALLS = list(_bad_calls())
