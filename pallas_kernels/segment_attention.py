@@ -11,8 +11,10 @@ Shapes (all already padded by the caller):
   kv_ranges: int32 [B, Tk/bk, 4].
 
 Softmax runs in base 2 (exp2 of logits scaled by log2(e)); lse is stored in
-natural log. Masked logits use a finite sentinel and masked probabilities are
-zeroed explicitly, so a row that sees nothing stays finite and yields zeros.
+natural log. Masked logits get a finite sentinel (-1e30). A row that has seen
+nothing yet is shifted by 0 rather than by its max (forward), or by +1e30
+rather than its lse (backward), so its masked probabilities are exactly 0: it
+stays finite, yields zeros and contributes nothing to any gradient.
 """
 
 from __future__ import annotations
