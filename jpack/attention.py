@@ -280,13 +280,14 @@ def _kernel_attention_bwd(opts, residuals, cotangents):
 _kernel_attention.defvjp(_kernel_attention_fwd, _kernel_attention_bwd)
 
 
-def _pad_axis(x, axis, size, value=0):
+def _pad_axis(x, axis, size):
+  """x zero-padded at the end of `axis` to `size`."""
   pad = size - x.shape[axis]
   if pad == 0:
     return x
   widths = [(0, 0)] * x.ndim
   widths[axis] = (0, pad)
-  return jnp.pad(x, widths, constant_values=value)
+  return jnp.pad(x, widths)
 
 
 def _round_up(n, m):
