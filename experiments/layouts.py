@@ -1,4 +1,5 @@
-"""Packed-row layouts for benchmarks: segment ids, run lengths and useful FLOPs.
+"""Packed-row layouts for benchmarks: segment ids, run lengths and useful FLOPs,
+and general masks (clustered graphs).
 
 numpy only, so that every process (JAX, torch) can draw the same layouts.
 
@@ -20,6 +21,9 @@ __all__ = [
     "causal_doc_flops",
     "BACKWARD_FLOPS_FACTOR",
     "FWD_BWD_FLOPS_FACTOR",
+    "cluster_sizes",
+    "clustered_graph_mask",
+    "tile_density",
 ]
 
 # Backward attention does 5 matmuls to the forward's 2: 2.5x the forward FLOPs.
@@ -122,3 +126,67 @@ def causal_doc_flops(
         for length in segment_lengths(row):
             pairs += length * (length + 1) // 2 if causal else length * length
     return 4.0 * head_dim * num_heads * float(pairs)
+
+
+# --------------------------------------------------------------------------- general masks
+
+
+def cluster_sizes(rng: np.random.Generator, n: int, mean: float) -> list[int]:
+    """Lognormal cluster sizes (sigma 0.5, at least 1) that sum to ``n``."""
+    mu = math.log(mean) - 0.125
+    sizes, left = [], n
+    while left > 0:
+        size = min(left, max(1, int(round(rng.lognormal(mu, 0.5)))))
+        sizes.append(size)
+        left -= size
+    return sizes
+
+
+def clustered_graph_mask(
+    batch: int,
+    n: int,
+    *,
+    seed: int = 0,
+    mean_cluster: float = 160,
+    neighbours: int = 1,
+    p_in: float = 0.3,
+    p_out: float = 0.05,
+    self_loops: bool = True,
+) -> np.ndarray:
+    """Adjacency of random clustered graphs, nodes numbered cluster by cluster.
+
+    Each row is one graph of ``n`` nodes in clusters of lognormal sizes (mean
+    ``mean_cluster``). Two nodes of one cluster are linked with probability
+    ``p_in``; each cluster is paired with ``neighbours`` random other clusters
+    (both ways), whose node pairs are linked with probability ``p_out``; no
+    other pair is linked. Symmetric; with ``self_loops`` every node sees itself.
+    With the defaults at n = 8192, about 10% of the 64 x 64 tiles hold an edge,
+    and about 15% of the pairs inside those.
+
+    Returns: bool [batch, n, n].
+    """
+    rng = np.random.default_rng(seed)
+    out = np.zeros((batch, n, n), bool)
+    for b in range(batch):
+        sizes = cluster_sizes(rng, n, mean_cluster)
+        starts = np.concatenate([[0], np.cumsum(sizes)])
+        pairs = {(c, c): p_in for c in range(len(sizes))}
+        for c in range(len(sizes)):
+            for d in rng.choice(len(sizes), size=min(neighbours, len(sizes)), replace=False):
+                if d != c:
+                    pairs[min(c, d), max(c, d)] = p_out
+        for (c, d), p in pairs.items():
+            rows, cols = slice(starts[c], starts[c + 1]), slice(starts[d], starts[d + 1])
+            block = rng.random((sizes[c], sizes[d]), dtype=np.float32) < p
+            out[b, rows, cols] |= block
+            out[b, cols, rows] |= block.T
+        if self_loops:
+            out[b, np.arange(n), np.arange(n)] = True
+    return out
+
+
+def tile_density(mask: np.ndarray, block: int = 64) -> float:
+    """Fraction of block x block tiles of a bool [..., Tq, Tk] mask with any True."""
+    *lead, tq, tk = mask.shape
+    tiles = mask.reshape(*lead, tq // block, block, tk // block, block).any(axis=(-3, -1))
+    return float(tiles.mean())

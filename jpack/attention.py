@@ -7,7 +7,10 @@ Query i attends to key j iff
 
     seg_q[i] == seg_kv[j] != 0
     and (not causal or pos_kv[j] <= pos_q[i])
-    and (sliding_window is None or pos_q[i] - pos_kv[j] < sliding_window).
+    and (sliding_window is None or pos_q[i] - pos_kv[j] < sliding_window)
+    and (mask is None or mask allows (i, j)),
+
+where `mask` is a dense boolean array or a rule of `jpack.mask_rules`.
 
 Segment id 0 marks padding. A query that can attend to nothing (padding, or a
 document cut off by a window or a chunk boundary) gets output exactly 0, lse
@@ -25,13 +28,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jpack import masks
+from jpack import mask_rules, masks
 from pallas_kernels import segment_attention as kernels
 from pallas_kernels.config import KernelConfig, TileConfig
 
 __all__ = [
-    "EMPTY_LSE", "KernelConfig", "TileConfig", "flash_attention",
-    "reference_attention",
+    "EMPTY_LSE", "AttentionPlan", "KernelConfig", "TileConfig", "flash_attention",
+    "make_attention_plan", "reference_attention",
 ]
 
 EMPTY_LSE = kernels.EMPTY_LSE
@@ -49,11 +52,34 @@ _MAX_KERNEL_HEAD_DIM = 256
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class _MaskInputs:
-  """Segment ids and positions, int32: q_* [B, Tq], kv_* [B, Tk]."""
+  """The arrays the mask is computed from.
+
+  Segment ids and positions, int32: q_* [B, Tq], kv_* [B, Tk]; and, for a
+  general mask, kv_doc_starts int32 [B, Tk] (for rules that need it) and the
+  dense mask [B or 1, 1 or H, Tq, Tk] (bool; int8 once padded for the kernels).
+  """
   q_segment_ids: jax.Array
   kv_segment_ids: jax.Array
   q_positions: jax.Array
   kv_positions: jax.Array
+  kv_doc_starts: jax.Array | None = None
+  dense: jax.Array | None = None
+
+  def allowed(self, spec: _MaskSpec):
+    """bool [B, Hm, Tq, Tk] of allowed pairs (Hm: the dense mask's heads, else 1)."""
+    return masks.general_allowed(
+        self.q_segment_ids, self.kv_segment_ids, self.q_positions,
+        self.kv_positions, causal=spec.causal, sliding_window=spec.sliding_window,
+        dense=None if self.dense is None else self.dense.astype(bool),
+        rule=spec.rule, kv_doc_starts=self.kv_doc_starts)
+
+
+@dataclasses.dataclass(frozen=True)
+class _MaskSpec:
+  """The static part of the mask: options and the rule (hashable)."""
+  causal: bool
+  sliding_window: int | None
+  rule: mask_rules.MaskRule | None = None
 
 
 # ----------------------------------------------------------------------------
@@ -93,8 +119,63 @@ def _check_ids(name, x, batch, seq):
   return x.astype(jnp.int32)
 
 
+def _check_rule(rule: mask_rules.MaskRule):
+  """Traces the rule on small int32 arrays; raises if it is unfit for the kernel."""
+  n, m = 3, 5  # odd sizes, so that a rule that is not elementwise shows it
+  i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)  # noqa: E731
+  q = mask_rules.Tokens(i32(n, 1), i32(n, 1))
+  kv = mask_rules.Tokens(i32(1, m), i32(1, m),
+                         i32(1, m) if rule.needs_doc_start else None)
+  try:
+    jaxpr, out = jax.make_jaxpr(rule, return_shape=True)(q, kv)
+  except Exception as exc:  # noqa: BLE001 - any tracing failure is the user's rule
+    raise TypeError(f"mask: the rule could not be traced with int32 arrays "
+                    f"({type(exc).__name__}: {exc}); a rule must use elementwise "
+                    "jnp operations, without Python control flow on its inputs") from exc
+  if not isinstance(out, jax.ShapeDtypeStruct) or out.dtype != jnp.bool_:
+    got = out.dtype if isinstance(out, jax.ShapeDtypeStruct) else type(out).__name__
+    raise TypeError(f"mask: the rule must return booleans, got {got}")
+  try:
+    pair_shape = jnp.broadcast_shapes(out.shape, (n, m))
+  except ValueError:
+    pair_shape = None
+  if pair_shape != (n, m):
+    raise ValueError(f"mask: the rule must be elementwise: queries [{n}, 1] against "
+                     f"keys [1, {m}] gave shape {out.shape}")
+  if jaxpr.consts:
+    raise ValueError("mask: the rule closes over arrays (shapes "
+                     f"{[np.shape(c) for c in jaxpr.consts]}); it runs inside the "
+                     "kernel and may close over Python numbers only")
+
+
+def _general_mask(mask, batch, heads, tq, tk):
+  """(rule or None, dense bool [B or 1, 1 or H, Tq, Tk] or None) from `mask`."""
+  if mask is None:
+    return None, None
+  if isinstance(mask, mask_rules.MaskRule):
+    _check_rule(mask)
+    return mask, None
+  if not hasattr(mask, "shape") or not hasattr(mask, "dtype"):
+    raise TypeError("mask must be a boolean array [batch, q_len, kv_len] (or "
+                    "[batch, 1 or heads, q_len, kv_len]) or a jpack.mask_rules.MaskRule, "
+                    f"got {type(mask).__name__}")
+  if mask.dtype != jnp.bool_:
+    raise TypeError(f"mask must be a boolean array, got dtype {mask.dtype}")
+  shape = tuple(mask.shape)
+  if len(shape) == 3:
+    shape = (shape[0], 1) + shape[1:]
+  if (len(shape) != 4 or shape[0] not in (1, batch) or shape[1] not in (1, heads)
+      or shape[2:] != (tq, tk)):
+    raise ValueError(
+        f"mask must have shape [batch, q_len, kv_len] = {(batch, tq, tk)} or "
+        f"[batch, 1 or heads, q_len, kv_len] = {(batch, heads, tq, tk)} (batch may "
+        f"be 1), got {tuple(mask.shape)}")
+  return None, jnp.asarray(mask).reshape(shape)
+
+
 def _mask_inputs(q, k, segment_ids, q_segment_ids, kv_segment_ids,
-                 q_positions, kv_positions) -> _MaskInputs:
+                 q_positions, kv_positions, mask=None):
+  """(_MaskInputs, rule or None) of the arguments, checked."""
   batch, tq, tk = q.shape[0], q.shape[1], k.shape[1]
   if segment_ids is not None:
     if q_segment_ids is not None or kv_segment_ids is not None:
@@ -121,7 +202,10 @@ def _mask_inputs(q, k, segment_ids, q_segment_ids, kv_segment_ids,
     kv_pos = jnp.broadcast_to(jnp.arange(tk, dtype=jnp.int32), (batch, tk))
   else:
     kv_pos = _check_ids("kv_positions", kv_positions, batch, tk)
-  return _MaskInputs(q_seg, kv_seg, q_pos, kv_pos)
+  rule, dense = _general_mask(mask, batch, q.shape[2], tq, tk)
+  kv_doc_starts = (mask_rules.document_starts(kv_seg, kv_pos)
+                   if rule is not None and rule.needs_doc_start else None)
+  return _MaskInputs(q_seg, kv_seg, q_pos, kv_pos, kv_doc_starts, dense), rule
 
 
 def _check_options(causal, sliding_window, scale):
@@ -175,7 +259,7 @@ def _resolve_implementation(implementation, head_dim, interpret, config):
 # Reference
 
 
-def _reference(q, k, v, ids: _MaskInputs, *, causal, sliding_window, scale):
+def _reference(q, k, v, ids: _MaskInputs, spec: _MaskSpec, *, scale):
   """Plain-jnp attention in float32. Returns (out [B, Tq, H, D], lse [B, H, Tq])."""
   batch, tq, heads, head_dim = q.shape
   kv_heads = k.shape[2]
@@ -183,9 +267,9 @@ def _reference(q, k, v, ids: _MaskInputs, *, causal, sliding_window, scale):
   qf = q.astype(jnp.float32).reshape(batch, tq, kv_heads, group, head_dim)
   s = jnp.einsum("bqhgd,bkhd->bhgqk", qf, k.astype(jnp.float32),
                  precision=jax.lax.Precision.HIGHEST) * scale
-  allowed = masks.allowed_mask(ids.q_segment_ids, ids.kv_segment_ids,
-                               ids.q_positions, ids.kv_positions, causal=causal,
-                               sliding_window=sliding_window)[:, None, None]
+  allowed = ids.allowed(spec)  # [B, 1 or H, Tq, Tk]
+  allowed = allowed.reshape(allowed.shape[0], -1, group if allowed.shape[1] > 1 else 1,
+                            *allowed.shape[2:])
   # The row max is a constant shift (no gradient needed); masked entries go
   # through exp(-inf) = 0, so neither values nor gradients see inf or NaN.
   m = jax.lax.stop_gradient(
@@ -208,42 +292,139 @@ def _reference(q, k, v, ids: _MaskInputs, *, causal, sliding_window, scale):
 @dataclasses.dataclass(frozen=True)
 class _KernelOptions:
   scale: float
-  causal: bool
-  sliding_window: int | None
+  spec: _MaskSpec
   config: KernelConfig
   interpret: bool
 
   def kernel_kwargs(self):
-    return dict(scale=self.scale, causal=self.causal,
-                sliding_window=self.sliding_window, interpret=self.interpret)
+    return dict(scale=self.scale, causal=self.spec.causal,
+                sliding_window=self.spec.sliding_window, interpret=self.interpret)
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class _Plans:
-  """Tile plans for the three kernels' tilings."""
-  forward: masks.TilePlan
-  dq: masks.TilePlan
-  dkdv: masks.TilePlan
+  """Tile plans for the three kernels' tilings: ranges for document masks,
+  lists for general masks."""
+  forward: masks.TilePlan | masks.TileLists
+  dq: masks.TilePlan | masks.TileLists
+  dkdv: masks.TilePlan | masks.TileLists
 
 
-def _make_plans(ids: _MaskInputs, opts: _KernelOptions) -> _Plans:
+def _tilings(config: KernelConfig):
+  """(block_q, block_k) of the forward, dQ and dK/dV kernels."""
+  return ((config.forward.block_major, config.forward.block_minor),
+          (config.dq.block_major, config.dq.block_minor),
+          (config.dkdv.block_minor, config.dkdv.block_major))
+
+
+def _q_rows(ids: _MaskInputs, start, n) -> _MaskInputs:
+  """The mask inputs of query rows [start, start + n) (start may be traced)."""
+  rows = lambda x, axis: jax.lax.dynamic_slice_in_dim(x, start, n, axis)  # noqa: E731
+  return dataclasses.replace(
+      ids, q_segment_ids=rows(ids.q_segment_ids, 1), q_positions=rows(ids.q_positions, 1),
+      dense=None if ids.dense is None else rows(ids.dense, 2))
+
+
+def _make_plans(ids: _MaskInputs, spec: _MaskSpec, config: KernelConfig) -> _Plans:
+  """Tile plans of padded mask inputs, one per distinct tiling.
+
+  Document masks get range plans from per-tile statistics. A general mask is
+  evaluated pair by pair once, at the finest of the three tilings (q tiles in
+  chunks, so memory stays bounded), and coarsened for the others.
+  """
+  tilings = _tilings(config)
+  general = spec.rule is not None or ids.dense is not None
+  if general:
+    fine = (min(b[0] for b in tilings), min(b[1] for b in tilings))
+    any_, all_ = masks.tile_any_all(
+        lambda start, n: _q_rows(ids, start, n).allowed(spec),
+        q_len=ids.q_segment_ids.shape[1], block_q=fine[0], block_k=fine[1])
   cache = {}
+  for blocks in tilings:
+    if blocks in cache:
+      continue
+    if general:
+      cache[blocks] = masks.make_tile_lists(any_, all_, block=fine, block_q=blocks[0],
+                                            block_k=blocks[1])
+    else:
+      cache[blocks] = masks.make_tile_plan(
+          ids.q_segment_ids, ids.kv_segment_ids, ids.q_positions, ids.kv_positions,
+          block_q=blocks[0], block_k=blocks[1], causal=spec.causal,
+          sliding_window=spec.sliding_window)
+  return _Plans(*(cache[b] for b in tilings))
 
-  def plan(block_q, block_k):
-    if (block_q, block_k) not in cache:
-      cache[block_q, block_k] = masks.make_tile_plan(
-          ids.q_segment_ids, ids.kv_segment_ids, ids.q_positions,
-          ids.kv_positions, block_q=block_q, block_k=block_k,
-          causal=opts.causal, sliding_window=opts.sliding_window)
-    return cache[block_q, block_k]
 
-  cfg = opts.config
-  return _Plans(
-      forward=plan(cfg.forward.block_major, cfg.forward.block_minor),
-      dq=plan(cfg.dq.block_major, cfg.dq.block_minor),
-      dkdv=plan(cfg.dkdv.block_minor, cfg.dkdv.block_major),
-  )
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class AttentionPlan:
+  """The mask of one attention shape, ready for the kernels; reusable across layers.
+
+  Made by `make_attention_plan`; pass it as flash_attention(q, k, v,
+  plan=plan, causal=...) in every layer that shares the mask, so the tile plan
+  (for a general mask: one evaluation of every pair) is computed once. It is a
+  pytree: pass it through jit and scan like any array argument.
+
+  Attributes:
+    ids: segment ids, positions and the general mask, padded to the kernels'
+      tile multiple (the dense mask as int8).
+    tiles: the tile plans of the forward, dQ and dK/dV tilings.
+    spec, config: the static mask options and the kernel tiling.
+    q_shape, k_shape: the q and k shapes it was made for.
+  """
+  ids: _MaskInputs
+  tiles: _Plans
+  spec: _MaskSpec = dataclasses.field(metadata=dict(static=True))
+  config: KernelConfig = dataclasses.field(metadata=dict(static=True))
+  q_shape: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
+  k_shape: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
+
+  def unpadded_ids(self) -> _MaskInputs:
+    """The mask inputs cut back to the q and k lengths, dense mask as bool."""
+    tq, tk = self.q_shape[1], self.k_shape[1]
+    ids = self.ids
+    return _MaskInputs(
+        ids.q_segment_ids[:, :tq], ids.kv_segment_ids[:, :tk],
+        ids.q_positions[:, :tq], ids.kv_positions[:, :tk],
+        None if ids.kv_doc_starts is None else ids.kv_doc_starts[:, :tk],
+        None if ids.dense is None else ids.dense[..., :tq, :tk].astype(bool))
+
+
+def _pad_axis(x, axis, size):
+  """x zero-padded at the end of `axis` to `size`."""
+  pad = size - x.shape[axis]
+  if pad == 0:
+    return x
+  widths = [(0, 0)] * x.ndim
+  widths[axis] = (0, pad)
+  return jnp.pad(x, widths)
+
+
+def _round_up(n, m):
+  return -(-n // m) * m
+
+
+def _plan(q_shape, k_shape, ids: _MaskInputs, spec: _MaskSpec,
+          config: KernelConfig) -> AttentionPlan:
+  """Pads the mask inputs to the kernels' granularity and plans the tiles.
+
+  Sequence padding gets segment id 0 (so it is masked out); the dense mask
+  becomes int8 (the kernels load it as bytes).
+  """
+  tq_pad = _round_up(q_shape[1], config.row_multiple)
+  tk_pad = _round_up(k_shape[1], config.row_multiple)
+  dense = ids.dense
+  if dense is not None:
+    dense = _pad_axis(_pad_axis(dense.astype(jnp.int8), 2, tq_pad), 3, tk_pad)
+  kv_doc_starts = ids.kv_doc_starts
+  if kv_doc_starts is not None:
+    kv_doc_starts = _pad_axis(kv_doc_starts, 1, tk_pad)
+  ids = _MaskInputs(
+      _pad_axis(ids.q_segment_ids, 1, tq_pad), _pad_axis(ids.kv_segment_ids, 1, tk_pad),
+      _pad_axis(ids.q_positions, 1, tq_pad), _pad_axis(ids.kv_positions, 1, tk_pad),
+      kv_doc_starts, dense)
+  return AttentionPlan(ids, _make_plans(ids, spec, config), spec, config,
+                       tuple(q_shape), tuple(k_shape))
 
 
 def _kernel_forward(opts, q, k, v, ids, plans):
@@ -280,44 +461,87 @@ def _kernel_attention_bwd(opts, residuals, cotangents):
 _kernel_attention.defvjp(_kernel_attention_fwd, _kernel_attention_bwd)
 
 
-def _pad_axis(x, axis, size):
-  """x zero-padded at the end of `axis` to `size`."""
-  pad = size - x.shape[axis]
-  if pad == 0:
-    return x
-  widths = [(0, 0)] * x.ndim
-  widths[axis] = (0, pad)
-  return jnp.pad(x, widths)
+def _pallas(q, k, v, plan: AttentionPlan, opts: _KernelOptions):
+  """Pads q, k, v to the plan's lengths, runs the kernels, cuts the padding off.
 
-
-def _round_up(n, m):
-  return -(-n // m) * m
-
-
-def _pallas(q, k, v, ids: _MaskInputs, opts: _KernelOptions):
-  """Pads to the kernels' granularity, runs them, and cuts the padding off.
-
-  Sequence padding gets segment id 0 (so it is masked out); head_dim is padded
-  with zeros to a power of two >= 16, which changes neither q.k nor the kept
-  output columns.
+  head_dim is padded with zeros to a power of two >= 16, which changes neither
+  q.k nor the kept output columns.
   """
-  batch, tq, heads, head_dim = q.shape
-  tk = k.shape[1]
+  tq, head_dim = q.shape[1], q.shape[3]
+  tq_pad, tk_pad = plan.ids.q_segment_ids.shape[1], plan.ids.kv_segment_ids.shape[1]
   d = max(16, 1 << (head_dim - 1).bit_length())
-  tq_pad = _round_up(tq, opts.config.row_multiple)
-  tk_pad = _round_up(tk, opts.config.row_multiple)
   q = _pad_axis(_pad_axis(q, 1, tq_pad), 3, d)
   k = _pad_axis(_pad_axis(k, 1, tk_pad), 3, d)
   v = _pad_axis(_pad_axis(v, 1, tk_pad), 3, d)
-  ids = _MaskInputs(
-      _pad_axis(ids.q_segment_ids, 1, tq_pad), _pad_axis(ids.kv_segment_ids, 1, tk_pad),
-      _pad_axis(ids.q_positions, 1, tq_pad), _pad_axis(ids.kv_positions, 1, tk_pad))
-  out, lse = _kernel_attention(opts, q, k, v, ids, _make_plans(ids, opts))
+  out, lse = _kernel_attention(opts, q, k, v, plan.ids, plan.tiles)
   return out[:, :tq, :, :head_dim], lse[:, :, :tq]
 
 
 # ----------------------------------------------------------------------------
 # Public API
+
+_PLAN_HOLDS = ("segment_ids", "q_segment_ids", "kv_segment_ids", "q_positions",
+               "kv_positions", "sliding_window", "mask")
+
+
+def _check_plan(plan, q, k, causal, config, given):
+  """Raises unless `plan` was made for these shapes and options."""
+  if not isinstance(plan, AttentionPlan):
+    raise TypeError(f"plan must be an AttentionPlan (from make_attention_plan), "
+                    f"got {type(plan).__name__}")
+  passed = [name for name in _PLAN_HOLDS if given[name] is not None]
+  if passed:
+    raise ValueError(f"plan: {', '.join(passed)} must be given to make_attention_plan "
+                     "only; the plan holds them")
+  if bool(causal) != plan.spec.causal:
+    raise ValueError(f"plan: it was made with causal={plan.spec.causal}, but "
+                     f"flash_attention got causal={causal}")
+  if (tuple(q.shape), tuple(k.shape)) != (plan.q_shape, plan.k_shape):
+    raise ValueError(f"plan: it was made for q {plan.q_shape} and k {plan.k_shape}, "
+                     f"got q {tuple(q.shape)} and k {tuple(k.shape)}")
+  if config is not None and config != plan.config:
+    raise ValueError("plan: it was made for another config; pass config to "
+                     "make_attention_plan only")
+
+
+def make_attention_plan(
+    q,
+    k,
+    *,
+    segment_ids: jax.Array | None = None,
+    q_segment_ids: jax.Array | None = None,
+    kv_segment_ids: jax.Array | None = None,
+    q_positions: jax.Array | None = None,
+    kv_positions: jax.Array | None = None,
+    mask: jax.Array | mask_rules.MaskRule | None = None,
+    causal: bool = True,
+    sliding_window: int | None = None,
+    config: KernelConfig | None = None,
+) -> AttentionPlan:
+  """The mask and tile plan of flash_attention, computed once for many layers.
+
+      plan = make_attention_plan(q, k, segment_ids=seg, mask=graph, causal=False)
+      for layer in layers:   # same q/k shapes, same mask
+        out = flash_attention(q_l, k_l, v_l, plan=plan, causal=False)
+
+  Args:
+    q, k: arrays (or jax.ShapeDtypeStruct) of the shapes the layers pass.
+    segment_ids ... sliding_window: as for `flash_attention`.
+    config: the kernel tiling (default KernelConfig.for_head_dim(D)).
+
+  Cost: O(B * Tq/bq * Tk/bk) for document masks; a general mask evaluates
+  every (query, key) pair once (O(B * H_mask * Tq * Tk) elementwise work, in
+  chunks of q tiles of bounded memory), which is what reuse saves.
+  """
+  _check_qkv(q, k, k)
+  _check_options(causal, sliding_window, None)
+  if config is not None and not isinstance(config, KernelConfig):
+    raise TypeError(f"config must be a KernelConfig, got {type(config).__name__}")
+  ids, rule = _mask_inputs(q, k, segment_ids, q_segment_ids, kv_segment_ids,
+                           q_positions, kv_positions, mask)
+  spec = _MaskSpec(bool(causal), None if sliding_window is None else int(sliding_window),
+                   rule)
+  return _plan(q.shape, k.shape, ids, spec, config or KernelConfig.for_head_dim(q.shape[3]))
 
 
 def flash_attention(
@@ -332,13 +556,15 @@ def flash_attention(
     kv_positions: jax.Array | None = None,
     causal: bool = True,
     sliding_window: int | None = None,
+    mask: jax.Array | mask_rules.MaskRule | None = None,
+    plan: AttentionPlan | None = None,
     scale: float | None = None,
     implementation: Implementation = "auto",
     return_residuals: bool = False,
     config: KernelConfig | None = None,
     interpret: bool = False,
 ):
-  """Attention restricted to documents of packed rows.
+  """Attention restricted to documents of packed rows, and to a general mask.
 
   Args:
     q: [B, Tq, H, D] bfloat16, float16 or float32.
@@ -350,6 +576,14 @@ def flash_attention(
       causal and window rules (not RoPE positions). Default: index in the row.
     causal: keys at later positions are hidden.
     sliding_window: if set, keys at positions <= pos_q - sliding_window are hidden.
+    mask: a general mask ANDed with all of the above: a dense boolean array
+      [B, Tq, Tk] or [B, 1 or H, Tq, Tk] (batch may be 1), or a rule of
+      `jpack.mask_rules` (causal(), sliding_window(w), prefix_lm(p),
+      document(), rule(fn), combined with & | ~). The kernels skip its empty
+      tiles, run its full tiles unmasked and mask the rest.
+    plan: an `AttentionPlan` from `make_attention_plan`, instead of the ids,
+      positions, sliding_window and mask (which it holds) and config; causal
+      must be what the plan was made with. Saves planning in every layer.
     scale: logit scale, default 1/sqrt(D).
     implementation: "pallas" (GPU kernel), "xla" (the plain-jnp reference,
       float32 math, memory O(Tq*Tk)), or "auto" (pallas on GPU, else xla).
@@ -363,20 +597,29 @@ def flash_attention(
   """
   _check_qkv(q, k, v)
   _check_options(causal, sliding_window, scale)
-  ids = _mask_inputs(q, k, segment_ids, q_segment_ids, kv_segment_ids,
-                     q_positions, kv_positions)
+  if plan is not None:
+    _check_plan(plan, q, k, causal, config, dict(
+        segment_ids=segment_ids, q_segment_ids=q_segment_ids,
+        kv_segment_ids=kv_segment_ids, q_positions=q_positions,
+        kv_positions=kv_positions, sliding_window=sliding_window, mask=mask))
+    spec, config = plan.spec, plan.config
+  else:
+    ids, rule = _mask_inputs(q, k, segment_ids, q_segment_ids, kv_segment_ids,
+                             q_positions, kv_positions, mask)
+    spec = _MaskSpec(bool(causal),
+                     None if sliding_window is None else int(sliding_window), rule)
   head_dim = q.shape[3]
   scale = float(1.0 / math.sqrt(head_dim) if scale is None else scale)
   impl, interpret = _resolve_implementation(implementation, head_dim, interpret, config)
   if impl == "xla":
-    out, lse = _reference(q, k, v, ids, causal=bool(causal),
-                          sliding_window=sliding_window, scale=scale)
+    ids = plan.unpadded_ids() if plan is not None else ids
+    out, lse = _reference(q, k, v, ids, spec, scale=scale)
   else:
-    opts = _KernelOptions(
-        scale=scale, causal=bool(causal),
-        sliding_window=None if sliding_window is None else int(sliding_window),
-        config=config or KernelConfig.for_head_dim(head_dim), interpret=interpret)
-    out, lse = _pallas(q, k, v, ids, opts)
+    config = config or KernelConfig.for_head_dim(head_dim)
+    if plan is None:
+      plan = _plan(q.shape, k.shape, ids, spec, config)
+    opts = _KernelOptions(scale=scale, spec=spec, config=config, interpret=interpret)
+    out, lse = _pallas(q, k, v, plan, opts)
   return (out, lse) if return_residuals else out
 
 
@@ -392,6 +635,8 @@ def reference_attention(
     kv_positions: jax.Array | None = None,
     causal: bool = True,
     sliding_window: int | None = None,
+    mask: jax.Array | mask_rules.MaskRule | None = None,
+    plan: AttentionPlan | None = None,
     scale: float | None = None,
     return_residuals: bool = False,
 ):
@@ -404,4 +649,5 @@ def reference_attention(
       q, k, v, segment_ids=segment_ids, q_segment_ids=q_segment_ids,
       kv_segment_ids=kv_segment_ids, q_positions=q_positions,
       kv_positions=kv_positions, causal=causal, sliding_window=sliding_window,
-      scale=scale, implementation="xla", return_residuals=return_residuals)
+      mask=mask, plan=plan, scale=scale, implementation="xla",
+      return_residuals=return_residuals)

@@ -1,16 +1,24 @@
-"""Mask rules and the tile plan.
+"""The mask and the tile plan.
 
 The mask: query i may attend to key j iff
 
     seg_q[i] == seg_kv[j] != 0
     and (not causal or pos_kv[j] <= pos_q[i])
     and (sliding_window is None or pos_q[i] - pos_kv[j] < sliding_window)
+    and (a general mask, if given: a dense boolean array or a rule of
+         `jpack.mask_rules`, allows (i, j)).
 
 The tile plan says, for each tile of queries, which tiles of keys can contain an
 allowed pair, and which of those contain only allowed pairs (so the kernel may
-skip the mask arithmetic there). It is computed from per-tile min/max of segment
-ids and positions, which is always correct whatever the ids are, and tight when
-documents are contiguous runs, as packing makes them.
+skip the mask arithmetic there). Two kinds:
+
+- ranges (`TilePlan`), for document masks: computed from per-tile min/max of
+  segment ids and positions, which is always correct whatever the ids are, and
+  tight when documents are contiguous runs, as packing makes them. O(tiles).
+- lists (`TileLists`), for general masks: every pair is evaluated once, in
+  chunks of q tiles (O(Tq * Tk) elementwise work, O(chunk * Tk) memory), and
+  each tile row lists exactly its non-empty tiles, so scattered (clustered)
+  masks cost only their non-empty tiles.
 """
 
 from __future__ import annotations
@@ -19,6 +27,8 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+
+from jpack.mask_rules import Tokens
 
 _INT_MAX = jnp.iinfo(jnp.int32).max
 _INT_MIN = jnp.iinfo(jnp.int32).min
@@ -164,3 +174,134 @@ def make_tile_plan(q_segment_ids, kv_segment_ids, q_positions, kv_positions, *,
 def visited_tiles(ranges):
   """Number of tiles a plan visits: int, summed over batch and major tiles."""
   return jnp.sum(ranges[..., 3] - ranges[..., 0])
+
+
+# ----------------------------------------------------------------------------
+# General masks: a dense boolean array and/or a rule, ANDed with the above
+
+
+def general_allowed(q_segment_ids, kv_segment_ids, q_positions, kv_positions, *,
+                    causal: bool, sliding_window: int | None, dense=None,
+                    rule=None, kv_doc_starts=None):
+  """Dense boolean mask of allowed pairs, a general mask included.
+
+  Args:
+    q_segment_ids, q_positions: int32 [B, Tq].
+    kv_segment_ids, kv_positions, kv_doc_starts: int32 [B, Tk]; kv_doc_starts
+      only if the rule needs_doc_start.
+    dense: bool [B or 1, Hm, Tq, Tk], or None.
+    rule: a `jpack.mask_rules.MaskRule`, or None.
+
+  Returns:
+    bool [B, Hm, Tq, Tk] (Hm = 1 without a dense mask).
+  """
+  mask = allowed_mask(q_segment_ids, kv_segment_ids, q_positions, kv_positions,
+                      causal=causal, sliding_window=sliding_window)
+  if rule is not None:
+    q = Tokens(q_positions[:, :, None], q_segment_ids[:, :, None])
+    kv = Tokens(
+        kv_positions[:, None, :], kv_segment_ids[:, None, :],
+        None if kv_doc_starts is None else kv_doc_starts[:, None, :])
+    mask &= rule(q, kv)
+  mask = mask[:, None]
+  if dense is not None:
+    mask &= dense
+  return mask
+
+
+def _steps(n_tiles, pairs_per_tile, max_pairs):
+  """Largest divisor of n_tiles whose tiles hold at most max_pairs pairs (>= 1)."""
+  fits = [d for d in range(1, n_tiles + 1)
+          if n_tiles % d == 0 and d * pairs_per_tile <= max_pairs]
+  return max(fits, default=1)
+
+
+def tile_any_all(allowed_rows, *, q_len: int, block_q: int, block_k: int,
+                 max_pairs: int = 1 << 24):
+  """Per-tile occupancy of a mask given row by row, in bounded memory.
+
+  Args:
+    allowed_rows: (start, n) -> bool [B, H, n, Tk], rows [start, start + n)
+      of the mask (start traced, n static).
+    q_len: Tq, a multiple of block_q (Tk a multiple of block_k).
+    max_pairs: rows are evaluated in chunks of whole q tiles of at most about
+      this many pairs (B * H * rows * Tk), so memory stays O(max_pairs).
+
+  Returns:
+    (any, all): bool [B, H, Tq/block_q, Tk/block_k]; whether some / every pair
+    of the tile is allowed.
+  """
+  n_q = q_len // block_q
+  b, h, _, tk = jax.eval_shape(lambda: allowed_rows(0, block_q)).shape
+  per_step = _steps(n_q, b * h * block_q * tk, max_pairs)
+  rows = per_step * block_q
+
+  def step(c):
+    a = allowed_rows(c * rows, rows).reshape(b, h, per_step, block_q,
+                                             tk // block_k, block_k)
+    return jnp.any(a, axis=(3, 5)), jnp.all(a, axis=(3, 5))
+
+  def merge(x):  # [steps, B, H, per_step, nk] -> [B, H, nq, nk]
+    return jnp.moveaxis(x, 0, 2).reshape(b, h, n_q, tk // block_k)
+
+  any_, all_ = jax.lax.map(step, jnp.arange(n_q // per_step))
+  return merge(any_), merge(all_)
+
+
+def coarsen_tiles(any_, all_, factor_q: int, factor_k: int):
+  """Occupancy of tiles factor_q x factor_k times larger: [..., nq, nk] -> [..., nq/fq, nk/fk]."""
+  *lead, nq, nk = any_.shape
+  shape = (*lead, nq // factor_q, factor_q, nk // factor_k, factor_k)
+  axes = (len(lead) + 1, len(lead) + 3)
+  return (jnp.any(any_.reshape(shape), axis=axes),
+          jnp.all(all_.reshape(shape), axis=axes))
+
+
+def tile_lists(visit, full):
+  """Per major tile, the minor tiles to visit, as a list.
+
+  Args:
+    visit, full: bool [..., n_major, n_minor]; full implies visit.
+
+  Returns:
+    int32 [..., n_major, n_minor + 1]: entry 0 is the count n; entries 1..n
+    are 2 * minor_tile + needs_mask in ascending minor_tile (needs_mask = not
+    full). Entries past n are not meant to be read.
+  """
+  n = visit.shape[-1]
+  idx = jnp.arange(n, dtype=jnp.int32)
+  entry = jnp.where(visit, 2 * idx + (~full).astype(jnp.int32), 2 * n)
+  count = jnp.sum(visit, axis=-1, dtype=jnp.int32)
+  return jnp.concatenate([count[..., None], jnp.sort(entry, axis=-1)], axis=-1)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class TileLists:
+  """Tile lists for one tiling (block_q x block_k) of a general mask.
+
+  Attributes:
+    q_lists: int32 [B, Hp, nq, nk + 1], per q tile the kv tiles to visit
+      (forward, dQ), in the layout of `tile_lists`.
+    kv_lists: int32 [B, Hp, nk, nq + 1], per kv tile the q tiles (dK/dV).
+  Hp is the number of heads of a per-head dense mask, else 1.
+  """
+  q_lists: jax.Array
+  kv_lists: jax.Array
+  block_q: int = dataclasses.field(metadata=dict(static=True))
+  block_k: int = dataclasses.field(metadata=dict(static=True))
+
+
+def make_tile_lists(any_, all_, *, block: tuple[int, int], block_q: int,
+                    block_k: int) -> TileLists:
+  """TileLists at block_q x block_k from occupancy at the finer `block` (bq, bk)."""
+  visit, full = coarsen_tiles(any_, all_, block_q // block[0], block_k // block[1])
+  return TileLists(
+      q_lists=tile_lists(visit, full),
+      kv_lists=tile_lists(jnp.swapaxes(visit, -1, -2), jnp.swapaxes(full, -1, -2)),
+      block_q=block_q, block_k=block_k)
+
+
+def listed_tiles(lists):
+  """Number of tiles a list plan visits: int, summed over everything."""
+  return jnp.sum(lists[..., 0])

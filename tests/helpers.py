@@ -17,6 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 from hypothesis import strategies as st
 
+from experiments.layouts import clustered_graph_mask
+
 # ----------------------------------------------------------------------------
 # Layouts
 
@@ -222,6 +224,59 @@ def chunk_layouts(draw, batch, q_len, kv_len, kinds=ALL_KINDS):
   pos = arange_positions(batch, full)
   return Layout(seg[:, q_off:q_off + q_len], seg[:, kv_off:kv_off + kv_len],
                 pos[:, q_off:q_off + q_len], pos[:, kv_off:kv_off + kv_len])
+
+
+# ----------------------------------------------------------------------------
+# General masks (dense boolean arrays), drawn from a seed
+
+
+MASK_KINDS = ("density", "blocks", "empty_rows_cols", "graph")
+DENSITIES = (0.0, 0.01, 0.1, 0.5, 0.9, 1.0)
+
+
+def _blocks(rng, q_len, kv_len):
+  """A few random rectangles (tile-aligned or not), each full or half full."""
+  m = np.zeros((q_len, kv_len), bool)
+  for _ in range(rng.integers(1, 5)):
+    r0, c0 = rng.integers(0, q_len), rng.integers(0, kv_len)
+    r1, c1 = rng.integers(r0 + 1, q_len + 1), rng.integers(c0 + 1, kv_len + 1)
+    m[r0:r1, c0:c1] |= rng.random((r1 - r0, c1 - c0)) < rng.choice([0.5, 1.0])
+  return m
+
+
+def dense_mask_np(kind, seed, shape) -> np.ndarray:
+  """bool `shape` = [..., Tq, Tk] of one family of MASK_KINDS, from `seed`.
+
+  density: each pair allowed with a probability of DENSITIES; blocks: random
+  rectangles; empty_rows_cols: half density with a quarter of the rows and of
+  the columns emptied; graph: adjacency of random clustered graphs (Tq == Tk).
+  """
+  rng = np.random.default_rng(seed)
+  *lead, q_len, kv_len = shape
+  n = math.prod(lead)
+  if kind == "density":
+    m = rng.random((n, q_len, kv_len)) < rng.choice(DENSITIES)
+  elif kind == "blocks":
+    m = np.stack([_blocks(rng, q_len, kv_len) for _ in range(n)])
+  elif kind == "empty_rows_cols":
+    m = rng.random((n, q_len, kv_len)) < 0.5
+    m[rng.random((n, q_len)) < 0.25] = False
+    m.transpose(0, 2, 1)[rng.random((n, kv_len)) < 0.25] = False
+  elif kind == "graph":
+    assert q_len == kv_len
+    m = clustered_graph_mask(n, q_len, seed=seed, mean_cluster=rng.integers(4, 17),
+                             p_in=rng.choice([0.3, 1.0]), p_out=0.2,
+                             self_loops=bool(rng.integers(2)))
+  else:
+    raise ValueError(kind)
+  return m.reshape(shape)
+
+
+@st.composite
+def dense_masks(draw, shape, kinds=MASK_KINDS):
+  """Strategy: bool numpy `shape` = [..., Tq, Tk] of one of `kinds`."""
+  return dense_mask_np(draw(st.sampled_from(kinds)),
+                       draw(st.integers(0, 2**31 - 1)), shape)
 
 
 # ----------------------------------------------------------------------------

@@ -11,14 +11,17 @@ from __future__ import annotations
 import functools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from hypothesis import given, strategies as st
 
+from experiments.layouts import clustered_graph_mask
 from helpers import (CONTIGUOUS_KINDS, Layout, aligned_documents, allowed_np,
-                     arange_positions, chunk_layouts, ids_from_runs,
+                     arange_positions, chunk_layouts, dense_masks, ids_from_runs,
                      self_layouts)
 from jpack import masks
+from jpack.attention import KernelConfig, TileConfig, make_attention_plan
 
 B, T = 2, 64            # self-attention layouts
 TQ, TK = 48, 80         # q chunk vs kv chunk (context-parallel style)
@@ -335,3 +338,104 @@ def test_tile_skipping_cuts_work_far_below_dense():
   dense_causal = n_tiles * (n_tiles + 1) // 2
   assert visited == visited_kv == (n_tiles // doc) * doc * (doc + 1) // 2
   assert visited * 40 < dense_causal
+
+
+# ----------------------------------------------------------------------------
+# General masks: occupancy evaluated pair by pair, and tile lists
+
+
+def occupancy_np(allowed, block_q, block_k):
+  """(any, all) bool [..., nq, nk] of bool [..., Tq, Tk]."""
+  *lead, tq, tk = allowed.shape
+  tiles = allowed.reshape(*lead, tq // block_q, block_q, tk // block_k, block_k)
+  return tiles.any(axis=(-3, -1)), tiles.all(axis=(-3, -1))
+
+
+def lists_np(visit, full):
+  """Per major tile: (count, [(minor tile, needs_mask), ...] ascending)."""
+  out = {}
+  for idx in np.ndindex(visit.shape[:-1]):
+    cols = np.nonzero(visit[idx])[0]
+    out[idx] = (len(cols), [(int(c), bool(~full[idx][c])) for c in cols])
+  return out
+
+
+def decode_lists(lists):
+  """The same from an int32 [..., n_major, n_minor + 1] tile list."""
+  out = {}
+  for idx in np.ndindex(lists.shape[:-1]):
+    n = int(lists[idx][0])
+    out[idx] = (n, [(int(e) // 2, bool(e % 2)) for e in lists[idx][1:n + 1]])
+  return out
+
+
+MASK_SHAPE = (B, 2, T, T)  # per-head masks
+
+
+@functools.lru_cache(maxsize=None)
+def _any_all_fn(block_q, block_k, max_pairs):
+  def f(mask):
+    rows = lambda start, n: jax.lax.dynamic_slice_in_dim(mask, start, n, 2)  # noqa: E731
+    return masks.tile_any_all(rows, q_len=T, block_q=block_q, block_k=block_k,
+                              max_pairs=max_pairs)
+  return jax.jit(f)
+
+
+@pytest.mark.parametrize("max_pairs", [1 << 24, 2 * 16 * T * 2],
+                         ids=["one-step", "chunks-of-one-q-tile"])
+@pytest.mark.parametrize("blocks", [(16, 16), (8, 16), (16, 8)], ids=_blk_id)
+@given(mask=dense_masks(MASK_SHAPE))
+def test_tile_occupancy_of_a_dense_mask_is_exact(blocks, max_pairs, mask):
+  got = _any_all_fn(*blocks, max_pairs)(mask)
+  for g, w in zip(got, occupancy_np(mask, *blocks)):
+    np.testing.assert_array_equal(np.asarray(g), w)
+
+
+@given(mask=dense_masks(MASK_SHAPE))
+def test_coarsened_occupancy_equals_occupancy_of_larger_tiles(mask):
+  fine = occupancy_np(mask, 8, 8)
+  got = masks.coarsen_tiles(*fine, 2, 4)
+  for g, w in zip(got, occupancy_np(mask, 16, 32)):
+    np.testing.assert_array_equal(np.asarray(g), w)
+
+
+@given(mask=dense_masks(MASK_SHAPE))
+def test_tile_lists_name_exactly_the_nonempty_tiles_in_order(mask):
+  visit, full = occupancy_np(mask, 16, 16)
+  got = jax.jit(masks.tile_lists)(visit, full)
+  assert got.shape == visit.shape[:-1] + (visit.shape[-1] + 1,)
+  assert decode_lists(np.asarray(got)) == lists_np(visit, full)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@given(mask=dense_masks((B, 1, T, T)), data=st.data())
+def test_list_plans_of_every_tiling_follow_the_whole_mask(causal, mask, data):
+  """Plan of segment ids AND causal AND a dense mask, per kernel tiling, both views."""
+  layout = data.draw(self_layouts(B, T))
+  config = KernelConfig(forward=TileConfig(32, 16), dq=TileConfig(16, 16),
+                        dkdv=TileConfig(32, 8))
+  shape = jax.ShapeDtypeStruct((B, T, 2, 16), jnp.float32)
+  plan = make_attention_plan(shape, shape, **layout.kwargs(), mask=mask, causal=causal,
+                             config=config)
+  allowed = allowed_np(layout, causal=causal)[:, None] & mask
+  for lists, blocks, view in ((plan.tiles.forward, (32, 16), "q_lists"),
+                              (plan.tiles.dq, (16, 16), "q_lists"),
+                              (plan.tiles.dkdv, (8, 32), "kv_lists")):
+    visit, full = occupancy_np(allowed, *blocks)
+    if view == "kv_lists":
+      visit, full = visit.swapaxes(-1, -2), full.swapaxes(-1, -2)
+    assert decode_lists(np.asarray(getattr(lists, view))) == lists_np(visit, full)
+
+
+def test_clustered_graph_visits_few_tiles():
+  """Random clustered graph, 8192 nodes, 64x64 tiles: the plan visits ~10% of them."""
+  n = 8192
+  graph = clustered_graph_mask(1, n, seed=0)
+  shape = jax.ShapeDtypeStruct((1, n, 1, 64), jnp.bfloat16)
+  plan = make_attention_plan(shape, shape, mask=graph, causal=False,
+                             config=KernelConfig.uniform(64))
+  visit, full = occupancy_np(graph, 64, 64)
+  visited = int(masks.listed_tiles(plan.tiles.forward.q_lists))
+  assert visited == visit.sum() == int(masks.listed_tiles(plan.tiles.forward.kv_lists))
+  assert visited * 8 < visit.size
+  assert full.sum() < visited  # ragged: most visited tiles need the mask
