@@ -296,9 +296,15 @@ class _KernelOptions:
   config: KernelConfig
   interpret: bool
 
-  def kernel_kwargs(self):
+  def kernel_kwargs(self, ids: _MaskInputs):
+    """Keyword arguments of the kernels: options, and the general mask of `ids`."""
+    rule = self.spec.rule
+    kernel_rule = None if rule is None else (
+        lambda q_pos, q_seg, kv_pos, kv_seg, kv_doc: rule(
+            mask_rules.Tokens(q_pos, q_seg), mask_rules.Tokens(kv_pos, kv_seg, kv_doc)))
     return dict(scale=self.scale, causal=self.spec.causal,
-                sliding_window=self.spec.sliding_window, interpret=self.interpret)
+                sliding_window=self.spec.sliding_window, rule=kernel_rule,
+                kv_doc=ids.kv_doc_starts, dense=ids.dense, interpret=self.interpret)
 
 
 @jax.tree_util.register_dataclass
@@ -427,10 +433,20 @@ def _plan(q_shape, k_shape, ids: _MaskInputs, spec: _MaskSpec,
                        tuple(q_shape), tuple(k_shape))
 
 
+def _q_major(plan):
+  """The plan rows of q tiles: ranges or lists."""
+  return plan.q_lists if isinstance(plan, masks.TileLists) else plan.q_ranges
+
+
+def _kv_major(plan):
+  """The plan rows of kv tiles: ranges or lists."""
+  return plan.kv_lists if isinstance(plan, masks.TileLists) else plan.kv_ranges
+
+
 def _kernel_forward(opts, q, k, v, ids, plans):
   return kernels.forward(q, k, v, ids.q_segment_ids, ids.kv_segment_ids,
-                         ids.q_positions, ids.kv_positions, plans.forward.q_ranges,
-                         tile=opts.config.forward, **opts.kernel_kwargs())
+                         ids.q_positions, ids.kv_positions, _q_major(plans.forward),
+                         tile=opts.config.forward, **opts.kernel_kwargs(ids))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -451,10 +467,10 @@ def _kernel_attention_bwd(opts, residuals, cotangents):
                      do.astype(jnp.float32)) - dlse
   args = (q, k, v, do.astype(q.dtype), lse, delta, ids.q_segment_ids,
           ids.kv_segment_ids, ids.q_positions, ids.kv_positions)
-  dq = kernels.backward_dq(*args, plans.dq.q_ranges, tile=opts.config.dq,
-                           **opts.kernel_kwargs())
-  dk, dv = kernels.backward_dkdv(*args, plans.dkdv.kv_ranges,
-                                 tile=opts.config.dkdv, **opts.kernel_kwargs())
+  dq = kernels.backward_dq(*args, _q_major(plans.dq), tile=opts.config.dq,
+                           **opts.kernel_kwargs(ids))
+  dk, dv = kernels.backward_dkdv(*args, _kv_major(plans.dkdv),
+                                 tile=opts.config.dkdv, **opts.kernel_kwargs(ids))
   return dq, dk, dv, None, None
 
 
