@@ -98,7 +98,7 @@ def _loop(plan_row, visit, carry, *, lists):
   if lists:
     def step(t, c):
       entry = plan_row(t + 1)
-      return visit(entry // 2, c, masked=entry % 2 == 1)
+      return visit(entry >> 1, c, masked=(entry & 1) == 1)
 
     return lax.fori_loop(0, plan_row(0), step, carry)
   lo, full_lo, full_hi, hi = (plan_row(n) for n in range(4))
