@@ -5,6 +5,8 @@ Each case runs forward and backward once (cached) and the tests check one
 property each: low-precision kernels against the float32 reference on the
 same rounded inputs (rel <= 2e-2), float32 kernels (exact float32 dots) to
 1e-4, finite values everywhere, exact zeros where nothing is attended.
+Cases with a general mask (issue 5: dense arrays, rules) run the tile-list
+kernels; their masks come from GENERAL_MASKS.
 """
 
 from __future__ import annotations
@@ -19,8 +21,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from experiments.layouts import clustered_graph_mask
 from helpers import (Layout, allowed_np, arange_positions, assert_close,
-                     assert_finite, fixed_segment_ids, random_inputs)
+                     assert_finite, dense_mask_np, fixed_segment_ids, random_inputs)
+from jpack import mask_rules as mr
+from jpack import masks
 from jpack.attention import EMPTY_LSE, flash_attention
 
 pytestmark = pytest.mark.gpu
@@ -44,6 +49,7 @@ class GpuCase:
   chunk_offset: int | None = None  # q = tokens [off, off + q_len) of the kv row
   dtype: str = "bfloat16"
   scale_mult: float = 1.0
+  mask: str | None = None  # a key of GENERAL_MASKS
 
   @property
   def scale(self):
@@ -59,6 +65,24 @@ class GpuCase:
     return Layout(kv_seg[:, off:off + self.q_len], kv_seg,
                   kv_pos[:, off:off + self.q_len], kv_pos)
 
+
+def _strided(q_idx, kv_idx, q_seg, kv_seg):
+  return (q_idx - kv_idx) % 4 == 0
+
+
+# name -> (case -> the mask= argument): bool numpy arrays or rules.
+GENERAL_MASKS = {
+    "graph": lambda c: clustered_graph_mask(c.batch, c.q_len, seed=3, mean_cluster=40),
+    "random-10%": lambda c: np.random.default_rng(3).random(
+        (c.batch, 1, c.q_len, c.kv_len)) < 0.1,
+    "per-head-blocks": lambda c: dense_mask_np("blocks", 3, (c.batch, c.heads, c.q_len,
+                                                             c.kv_len)),
+    "empty-rows-cols": lambda c: dense_mask_np("empty_rows_cols", 3,
+                                               (1, 1, c.q_len, c.kv_len)),
+    "prefix_lm-100": lambda c: mr.prefix_lm(100),
+    "causal-window-256": lambda c: mr.causal() & mr.sliding_window(256),
+    "prefix_lm|strided": lambda c: mr.prefix_lm(64) | (mr.rule(_strided) & ~mr.causal()),
+}
 
 CASES = [
     GpuCase("packed-d128"),
@@ -83,15 +107,32 @@ CASES = [
     GpuCase("float32-d64", dtype="float32", head_dim=64, q_len=1024, kv_len=1024),
     GpuCase("float32-d128", dtype="float32", q_len=1024, kv_len=1024),
     GpuCase("large-logits-x50", scale_mult=50.0, layout="padded"),
+    # General masks (tile lists)
+    GpuCase("mask-graph-d128", layout="one_document", causal=False, mask="graph"),
+    GpuCase("mask-random-10%-d128", layout="one_document", causal=False,
+            mask="random-10%"),
+    GpuCase("mask-per-head-gqa-8:2-causal", heads=8, kv_heads=2, head_dim=64,
+            mask="per-head-blocks"),
+    GpuCase("mask-empty-rows-cols-padded-odd-T1000", layout="padded", q_len=1000,
+            kv_len=1000, causal=False, mask="empty-rows-cols"),
+    GpuCase("mask-prefix_lm-packed", causal=False, mask="prefix_lm-100"),
+    GpuCase("mask-causal-window-rule-d64", causal=False, head_dim=64,
+            mask="causal-window-256"),
+    GpuCase("mask-prefix_lm|strided-chunk", q_len=1024, kv_len=3072, chunk_offset=1536,
+            causal=False, mask="prefix_lm|strided"),
+    GpuCase("mask-graph-float32", layout="one_document", causal=False, mask="graph",
+            dtype="float32", q_len=1024, kv_len=1024),
 ]
 BY_NAME = {c.name: c for c in CASES}
 
 
 @functools.lru_cache(maxsize=None)
 def run_case(name):
-  """(kernel, reference, layout): dicts of float32 numpy out, lse, dq, dk, dv."""
+  """(kernel, reference, allowed): dicts of float32 numpy out, lse, dq, dk, dv,
+  and the whole mask, bool [B, H, Tq, Tk]."""
   case = BY_NAME[name]
   layout = case.make_layout()
+  mask = None if case.mask is None else GENERAL_MASKS[case.mask](case)
   seed = zlib.crc32(name.encode()) & 0x7FFFFFFF
   q, k, v, do, dlse = random_inputs(
       seed, batch=case.batch, q_len=case.q_len, kv_len=case.kv_len,
@@ -101,7 +142,7 @@ def run_case(name):
   def results(implementation, q, k, v, do):
     def f(q, k, v):
       return flash_attention(q, k, v, **layout.kwargs(), causal=case.causal,
-                             sliding_window=case.window, scale=case.scale,
+                             sliding_window=case.window, scale=case.scale, mask=mask,
                              implementation=implementation, return_residuals=True)
 
     (out, lse), vjp = jax.vjp(f, q, k, v)
@@ -113,16 +154,21 @@ def run_case(name):
   f32 = lambda x: x.astype(jnp.float32)
   want = as_np(jax.jit(functools.partial(results, "xla"))(
       f32(q), f32(k), f32(v), f32(do)))
-  return got, want, layout
+  return got, want, _allowed(case, layout, mask)
 
 
-def _allowed(case, layout):
-  return allowed_np(layout, causal=case.causal, sliding_window=case.window)
-
-
-def _seen_rows(case, layout):
-  return np.broadcast_to(_allowed(case, layout).any(axis=2)[:, None, :],
-                         (case.batch, case.heads, case.q_len))
+def _allowed(case, layout, mask):
+  """bool [B, H, Tq, Tk]: the whole mask (a rule evaluated by jpack.masks)."""
+  allowed = allowed_np(layout, causal=case.causal, sliding_window=case.window)[:, None]
+  if isinstance(mask, mr.MaskRule):
+    starts = mr.document_starts(*map(jnp.asarray, (layout.kv_segment_ids,
+                                                   layout.kv_positions)))
+    mask = np.asarray(masks.general_allowed(
+        *layout.arrays(), causal=False, sliding_window=None, rule=mask,
+        kv_doc_starts=starts))
+  if mask is not None:
+    allowed = allowed & mask.reshape(mask.shape[0], -1, *mask.shape[-2:])
+  return np.broadcast_to(allowed, (case.batch, case.heads, case.q_len, case.kv_len))
 
 
 cases = pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
@@ -140,8 +186,8 @@ def test_output_matches_reference(case):
 
 @cases
 def test_lse_matches_reference(case):
-  got, want, layout = run_case(case.name)
-  seen = _seen_rows(case, layout)
+  got, want, allowed = run_case(case.name)
+  seen = allowed.any(axis=3)
   assert_close("lse", got["lse"][seen], want["lse"][seen], TOL[jnp.dtype(case.dtype)])
   np.testing.assert_array_equal(got["lse"][~seen], np.float32(EMPTY_LSE))
 
@@ -162,15 +208,17 @@ def test_nothing_is_nan_or_inf(case):
 
 @cases
 def test_queries_that_see_nothing_have_zero_output_and_dq(case):
-  got, _, layout = run_case(case.name)
-  blind = ~_allowed(case, layout).any(axis=2)
-  assert np.all(got["out"][blind] == 0.0)
-  assert np.all(got["dq"][blind] == 0.0)
+  got, _, allowed = run_case(case.name)
+  blind = ~allowed.any(axis=3)  # [B, H, Tq]
+  assert np.all(got["out"].transpose(0, 2, 1, 3)[blind] == 0.0)
+  assert np.all(got["dq"].transpose(0, 2, 1, 3)[blind] == 0.0)
 
 
 @cases
 def test_keys_no_query_sees_get_zero_dk_dv(case):
-  got, _, layout = run_case(case.name)
-  unseen = ~_allowed(case, layout).any(axis=1)
-  assert np.all(got["dk"][unseen] == 0.0)
-  assert np.all(got["dv"][unseen] == 0.0)
+  got, _, allowed = run_case(case.name)
+  group = case.heads // case.kv_heads
+  unseen = ~allowed.reshape(case.batch, case.kv_heads, group, case.q_len,
+                            case.kv_len).any(axis=(2, 3))  # [B, Hkv, Tk]
+  assert np.all(got["dk"].transpose(0, 2, 1, 3)[unseen] == 0.0)
+  assert np.all(got["dv"].transpose(0, 2, 1, 3)[unseen] == 0.0)
