@@ -12,6 +12,8 @@ reads
     DIR/main_segment_ids.npy  int32 [B, T]   layout of the timed problem
     DIR/check.npz             q, k, v, cot float32 [B, T, H(kv), D] and
                               segment_ids int32 [B, T] of the small correctness case
+                              (and mask bool [B, T, T] for a dense general mask)
+    DIR/main_mask.npy         bool [B, T, T], only for a dense general mask
 and writes
     DIR/torch_results.json    {"torch_version", "device", "peers": {name: {...}}}
     DIR/check_<peer>.npz      out, dq, dk, dv float32 [B, T, H(kv), D] on the check case
@@ -22,7 +24,10 @@ Peers:
     torch_flex    FlexAttention (compiled) with a document-causal BlockMask; q/k/v in
                   its native [B, H, T, D] layout. Building the BlockMask is done once per
                   layout, outside the timed region (as a model reuses it across layers);
-                  its cost is reported in the note.
+                  its cost is reported in the note. spec["mask"] (from bench_masks.py)
+                  ANDs a general mask into the mask_mod: {"kind": "dense"} (the
+                  mask arrays above), {"kind": "prefix_lm", "prefix": p} or
+                  {"kind": "causal_window", "window": w}.
     torch_varlen  ``torch.nn.attention.varlen.varlen_attn`` (FlashAttention varlen) on
                   [B*T, H, D] with cumulative document offsets; forward only through
                   ``aten._flash_attention_forward`` where varlen_attn is missing.
@@ -100,24 +105,49 @@ def cumulative_runs(segment_ids: np.ndarray) -> tuple[np.ndarray, int]:
 # [B, T, H, D] through ``to_layout`` / ``from_layout``.
 
 
-def build_flex(seg_t, seg_np, spec):
-    """FlexAttention with a document(-causal) BlockMask; layout [B, H, T, D]."""
+def document_starts(seg_np: np.ndarray) -> np.ndarray:
+    """int [B, T] -> the first index of each token's id in its row (as jpack.mask_rules)."""
+    starts = np.zeros_like(seg_np)
+    for b, row in enumerate(seg_np):
+        for sid in np.unique(row):
+            idx = np.flatnonzero(row == sid)
+            starts[b, idx] = idx[0]
+    return starts
+
+
+def build_flex(seg_t, seg_np, spec, mask_np=None):
+    """FlexAttention with a document(-causal) BlockMask, ANDed with spec["mask"];
+    layout [B, H, T, D]. mask_np: bool [B, T, T] for a dense general mask."""
     import torch
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     causal = spec["causal"]
+    general = spec.get("mask")
+    kind = None if general is None else general["kind"]
+    batch, seq_len = seg_np.shape
+    if kind == "dense":
+        dense_t = torch.from_numpy(np.ascontiguousarray(
+            mask_np.reshape(batch, seq_len, seq_len))).to("cuda")
+    if kind == "prefix_lm":
+        starts_t = torch.from_numpy(document_starts(seg_np)).to("cuda")
 
-    def document_mask(b, h, q_idx, kv_idx):
+    def mask_mod(b, h, q_idx, kv_idx):
         q_doc = seg_t[b, q_idx]
         allowed = (q_doc == seg_t[b, kv_idx]) & (q_doc != 0)
         if causal:
             allowed = allowed & (kv_idx <= q_idx)
+        if kind == "dense":
+            allowed = allowed & dense_t[b, q_idx, kv_idx]
+        elif kind == "prefix_lm":
+            allowed = allowed & ((kv_idx <= q_idx)
+                                 | (kv_idx - starts_t[b, kv_idx] < general["prefix"]))
+        elif kind == "causal_window":
+            allowed = allowed & (kv_idx <= q_idx) & (q_idx - kv_idx < general["window"])
         return allowed
 
-    batch, seq_len = seg_np.shape
     torch.cuda.synchronize()
     start = time.perf_counter()
-    block_mask = create_block_mask(document_mask, batch, None, seq_len, seq_len, device="cuda")
+    block_mask = create_block_mask(mask_mod, batch, None, seq_len, seq_len, device="cuda")
     torch.cuda.synchronize()
     mask_ms = (time.perf_counter() - start) * 1e3
     compiled = torch.compile(flex_attention, dynamic=False)
@@ -149,10 +179,12 @@ def _varlen_function():
                        "torch.nn.attention.varlen_attn or aten._flash_attention_forward")
 
 
-def build_varlen(seg_t, seg_np, spec):
+def build_varlen(seg_t, seg_np, spec, mask_np=None):
     """FlashAttention varlen over all rows flattened; layout [B*T, H, D]."""
     import torch
 
+    if spec.get("mask") is not None:
+        raise RuntimeError("unavailable: varlen_attn takes no general mask")
     fn, kind = _varlen_function()
     cu_np, max_len = cumulative_runs(seg_np)
     cu = torch.from_numpy(cu_np).to("cuda")
@@ -210,7 +242,8 @@ def repeat_kv(x, groups: int, layout: str):
 # --------------------------------------------------------------------------- running one peer
 
 
-def run_peer(name: str, spec: dict, main_seg: np.ndarray, check: dict, workdir: str) -> dict:
+def run_peer(name: str, spec: dict, main_seg: np.ndarray, check: dict, workdir: str,
+             main_mask: np.ndarray | None = None) -> dict:
     """Check one peer on the small case (saving its outputs), then time it.
 
     Returns: {"status", "fwd_ms", "fwd_bwd_ms", "note"}; status "ok", "error: ..." or
@@ -220,11 +253,11 @@ def run_peer(name: str, spec: dict, main_seg: np.ndarray, check: dict, workdir: 
 
     result = {"status": "ok", "fwd_ms": None, "fwd_bwd_ms": None, "note": ""}
     try:
-        attend, layout, _ = make_attend(name, check["segment_ids"], spec)
+        attend, layout, _ = make_attend(name, check["segment_ids"], spec, check.get("mask"))
         out, grads, check_note = run_check(attend, layout, check, spec)
         np.savez(os.path.join(workdir, f"check_{name}.npz"), out=out, **grads)
         del attend
-        attend, layout, note = make_attend(name, main_seg, spec)
+        attend, layout, note = make_attend(name, main_seg, spec, main_mask)
         result["fwd_ms"], result["fwd_bwd_ms"], time_note = time_peer(attend, layout, main_seg, spec)
         result["note"] = "; ".join(n for n in (note, check_note, time_note) if n)
     except Exception as exc:  # noqa: BLE001 - any failure is a result to report
@@ -236,12 +269,12 @@ def run_peer(name: str, spec: dict, main_seg: np.ndarray, check: dict, workdir: 
     return result
 
 
-def make_attend(name: str, seg_np: np.ndarray, spec: dict):
-    """Builds peer ``name`` for layout ``seg_np`` (int32 [B, T])."""
+def make_attend(name: str, seg_np: np.ndarray, spec: dict, mask_np: np.ndarray | None = None):
+    """Builds peer ``name`` for layout ``seg_np`` (int32 [B, T]) and a dense mask, if any."""
     import torch
 
     seg_t = torch.from_numpy(np.ascontiguousarray(seg_np, dtype=np.int32)).to("cuda")
-    return BUILDERS[name](seg_t, seg_np, spec)
+    return BUILDERS[name](seg_t, seg_np, spec, mask_np)
 
 
 def _inputs_in_layout(q, k, v, layout: str, spec: dict):
@@ -363,6 +396,8 @@ def main(argv: list[str] | None = None) -> int:
         spec = json.load(f)
     main_seg = np.load(os.path.join(args.workdir, "main_segment_ids.npy"))
     check = dict(np.load(os.path.join(args.workdir, "check.npz")))
+    mask_path = os.path.join(args.workdir, "main_mask.npy")
+    main_mask = np.load(mask_path) if os.path.exists(mask_path) else None
 
     report = {"torch_version": None, "device": None, "peers": {}}
     reason = unavailable_reason()
@@ -374,7 +409,8 @@ def main(argv: list[str] | None = None) -> int:
         for name in spec["peers"]:
             spec.pop("_repeat_kv", None)
             print(f"[torch_peers] {name} ...", file=sys.stderr, flush=True)
-            report["peers"][name] = run_peer(name, spec, main_seg, check, args.workdir)
+            report["peers"][name] = run_peer(name, spec, main_seg, check, args.workdir,
+                                             main_mask)
     else:
         report["peers"] = {name: {"status": reason} for name in spec["peers"]}
 
