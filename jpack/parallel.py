@@ -7,16 +7,18 @@ Every device holds T / n consecutive tokens of each row (n = size of the
 `context` mesh axis) and computes attention for its own queries against all
 keys, exactly as one device would for the whole row:
 
-- "ring": K/V chunks, with their segment ids and positions, travel around the
-  ring with `lax.ppermute`; every step's partial (out, lse) is merged through
-  lse. Chunk pairs whose documents or positions cannot meet (per-block min/max
-  of ids and positions) skip the attention call under `lax.cond`.
+- "ring": at step s every device receives the K/V chunk (with its segment ids
+  and positions) of the device s places to its left, by `lax.ppermute`; every
+  step's partial (out, lse) is merged through lse. Chunk pairs whose documents
+  or positions cannot meet (per-block min/max of ids and positions) skip the
+  attention call under `lax.cond`, and a step that no device needs skips the
+  transfer too.
 - "all_gather": K/V, ids and positions are all-gathered, then one attention call
   of the local queries against the whole row (Llama 3; cheap with GQA).
 
 Backward is JAX's autodiff through the per-step attention (whose custom VJP
 takes cotangents of both out and lse): the transpose of a K/V ppermute is a
-ppermute the other way, so dK/dV travel back around the ring, and each step's
+ppermute the other way, so dK/dV travel back to their devices, and each step's
 backward reuses that step's forward residuals instead of recomputing them.
 
 Masking uses positions that are indices in the *original* row. Causal rows put
@@ -136,24 +138,54 @@ def merge_partials(outs, lses):
 
 def _ring(q, k, v, q_seg, kv_seg, q_pos, kv_pos, *, axis_name, num_shards,
           opts: _Options):
-  """`ring_attention_shard` with its options gathered in `opts`."""
+  """`ring_attention_shard` with its options gathered in `opts`.
+
+  Step s attends to the K/V of the device s places to the left, sent there
+  directly (one ppermute by s). Each device decides from per-block min/max
+  whether its queries can meet that chunk; a step no device needs skips its
+  transfer as well, so rows of documents that never cross a shard boundary
+  move no K/V at all.
+  """
+  kv = (k, v, kv_seg, kv_pos)
+  mine, needed = _ring_steps(q_seg, q_pos, kv_seg, kv_pos,
+                             axis_name=axis_name, num_shards=num_shards, opts=opts)
+
+  def attend_if_mine(s, q, kv):
+    return lax.cond(mine[s], lambda q, kv: opts.attend(q, kv[0], kv[1], q_seg, kv[2],
+                                                       q_pos, kv[3]),
+                    lambda q, kv: _empty_result(q), q, kv)
+
+  def fetch_and_attend(s, q, kv):
+    perm = [(j, (j + s) % num_shards) for j in range(num_shards)]
+    return attend_if_mine(s, q, lax.ppermute(kv, axis_name, perm))
+
+  # One branch per step: XLA issues the independent transfers early, so they
+  # overlap earlier steps' attention. Every device agrees on `needed`, so all
+  # take the same side of each cond around a collective.
+  partials = [attend_if_mine(0, q, kv)] + [
+      lax.cond(needed[s], functools.partial(fetch_and_attend, s),
+               lambda q, kv: _empty_result(q), q, kv)
+      for s in range(1, num_shards)]
+  outs, lses = zip(*partials)
+  return merge_partials(jnp.stack(outs), jnp.stack(lses))
+
+
+def _ring_steps(q_seg, q_pos, kv_seg, kv_pos, *, axis_name, num_shards, opts):
+  """(mine, needed): bool [n] each, per ring step s.
+
+  mine[s]: this device's queries may meet the keys of device (me - s) mod n.
+  needed[s]: some device of the mesh has mine[s]; the same on every device
+  (a psum over all manual mesh axes), so collectives under it stay matched.
+  """
+  kv_all = jax.tree.map(lambda x: lax.all_gather(x, axis_name),
+                        _chunk_stats(kv_seg, kv_pos))  # [n, B, nb]
   q_stats = _chunk_stats(q_seg, q_pos)
-  send_right = [(j, (j + 1) % num_shards) for j in range(num_shards)]
-
-  def attend(q, kv):
-    return opts.attend(q, kv[0], kv[1], q_seg, kv[2], q_pos, kv[3])
-
-  def step(kv, _):
-    # The next rotation and this step's attention are independent, so the
-    # transfer overlaps the compute. The last rotation brings every chunk home
-    # unused: the price of one uniform loop body (compiled once, not n times).
-    next_kv = lax.ppermute(kv, axis_name, send_right)
-    meets = _can_meet(q_stats, _chunk_stats(kv[2], kv[3]), opts)
-    partial = lax.cond(meets, attend, lambda q, kv: _empty_result(q), q, kv)
-    return next_kv, partial
-
-  _, (outs, lses) = lax.scan(step, (k, v, kv_seg, kv_pos), length=num_shards)
-  return merge_partials(outs, lses)
+  me = lax.axis_index(axis_name)
+  mine = jnp.stack([
+      _can_meet(q_stats, jax.tree.map(lambda x: x[(me - s) % num_shards], kv_all), opts)
+      for s in range(num_shards)])
+  axes = tuple(jax.sharding.get_abstract_mesh().manual_axes) or (axis_name,)
+  return mine, lax.psum(mine.astype(jnp.int32), axes) > 0
 
 
 def _all_gather(q, k, v, q_seg, kv_seg, q_pos, kv_pos, *, axis_name, num_shards,
