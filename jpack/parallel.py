@@ -126,14 +126,24 @@ def merge_partials(outs, lses):
     (out [B, T, H, D] in outs' dtype, lse float32 [B, H, T]). Rows empty in
     every chunk get out 0 and lse EMPTY_LSE; their gradients are 0, not NaN.
   """
+  acc = (outs[0].astype(jnp.float32), lses[0])
+  for s in range(1, outs.shape[0]):
+    acc = _merge_pair(acc, (outs[s], lses[s]))
+  return acc[0].astype(outs.dtype), acc[1]
+
+
+def _merge_pair(a, b):
+  """(out float32 [B, T, H, D], lse [B, H, T]) over the keys of partials a and b."""
+  (out_a, lse_a), (out_b, lse_b) = a, b
   # The shift m cancels out of the result, so it needs no gradient.
-  m = lax.stop_gradient(jnp.max(lses, axis=0))
-  w = jnp.exp(lses - m)  # an empty chunk of a non-empty row: exp(-1e30 - m) = 0
-  total = jnp.sum(w, axis=0)  # >= 1: the largest term is exp(0)
+  m = lax.stop_gradient(jnp.maximum(lse_a, lse_b))
+  w_a, w_b = jnp.exp(lse_a - m), jnp.exp(lse_b - m)  # an empty side: exp(-1e30 - m) = 0
+  total = w_a + w_b  # >= 1: the larger term is exp(0)
   lse = jnp.where(m > EMPTY_LSE, m + jnp.log(total), EMPTY_LSE)
-  weights = jnp.swapaxes(w / total, 2, 3)[..., None]  # [S, B, T, H, 1]
-  out = jnp.sum(weights * outs.astype(jnp.float32), axis=0)
-  return out.astype(outs.dtype), lse
+  as_out = lambda w: jnp.swapaxes(w / total, 1, 2)[..., None]  # [B, T, H, 1]
+  out = (as_out(w_a) * out_a.astype(jnp.float32)
+         + as_out(w_b) * out_b.astype(jnp.float32))
+  return out, lse
 
 
 def _ring(q, k, v, q_seg, kv_seg, q_pos, kv_pos, *, axis_name, num_shards,
@@ -141,10 +151,11 @@ def _ring(q, k, v, q_seg, kv_seg, q_pos, kv_pos, *, axis_name, num_shards,
   """`ring_attention_shard` with its options gathered in `opts`.
 
   Step s attends to the K/V of the device s places to the left, sent there
-  directly (one ppermute by s). Each device decides from per-block min/max
-  whether its queries can meet that chunk; a step no device needs skips its
-  transfer as well, so rows of documents that never cross a shard boundary
-  move no K/V at all.
+  directly (one ppermute by s), and merges the partial result into a running
+  (out, lse) in float32. Each device decides from per-block min/max whether
+  its queries can meet that chunk; a step that no device needs skips its
+  transfer and its merge as well, so rows whose documents never cross a shard
+  boundary move no K/V and cost what one device's share would.
   """
   kv = (k, v, kv_seg, kv_pos)
   mine, needed = _ring_steps(q_seg, q_pos, kv_seg, kv_pos,
@@ -155,19 +166,19 @@ def _ring(q, k, v, q_seg, kv_seg, q_pos, kv_pos, *, axis_name, num_shards,
                                                        q_pos, kv[3]),
                     lambda q, kv: _empty_result(q), q, kv)
 
-  def fetch_and_attend(s, q, kv):
+  def fetch_attend_merge(s, acc, q, kv):
     perm = [(j, (j + s) % num_shards) for j in range(num_shards)]
-    return attend_if_mine(s, q, lax.ppermute(kv, axis_name, perm))
+    return _merge_pair(acc, attend_if_mine(s, q, lax.ppermute(kv, axis_name, perm)))
 
-  # One branch per step: XLA issues the independent transfers early, so they
-  # overlap earlier steps' attention. Every device agrees on `needed`, so all
-  # take the same side of each cond around a collective.
-  partials = [attend_if_mine(0, q, kv)] + [
-      lax.cond(needed[s], functools.partial(fetch_and_attend, s),
-               lambda q, kv: _empty_result(q), q, kv)
-      for s in range(1, num_shards)]
-  outs, lses = zip(*partials)
-  return merge_partials(jnp.stack(outs), jnp.stack(lses))
+  out, lse = attend_if_mine(0, q, kv)
+  acc = (out.astype(jnp.float32), lse)
+  # Every device agrees on `needed`, so all take the same side of each cond
+  # around a collective. The transfers depend only on the local K/V, so XLA
+  # may issue them early, overlapping earlier steps' attention.
+  for s in range(1, num_shards):
+    acc = lax.cond(needed[s], functools.partial(fetch_attend_merge, s),
+                   lambda acc, q, kv: acc, acc, q, kv)
+  return acc[0].astype(q.dtype), acc[1]
 
 
 def _ring_steps(q_seg, q_pos, kv_seg, kv_pos, *, axis_name, num_shards, opts):
