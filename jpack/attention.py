@@ -31,7 +31,7 @@ from pallas_kernels.config import KernelConfig, TileConfig
 
 __all__ = [
     "EMPTY_LSE", "KernelConfig", "TileConfig", "flash_attention",
-    "reference_attention",
+    "flash_attention_bwd", "reference_attention",
 ]
 
 EMPTY_LSE = kernels.EMPTY_LSE
@@ -201,6 +201,36 @@ def _reference(q, k, v, ids: _MaskInputs, *, causal, sliding_window, scale):
           lse.reshape(batch, heads, tq))
 
 
+def _reference_backward(q, k, v, out, lse, do, dlse, ids: _MaskInputs, *,
+                        causal, sliding_window, scale):
+  """(dq, dk, dv) in plain jnp, float32 math, given out and lse [B, H, Tq].
+
+  p = exp(s - lse) on allowed pairs, so an lse taken over more keys than
+  k/v hold (a ring step) gives this chunk's share of the gradients.
+  """
+  batch, tq, heads, head_dim = q.shape
+  kv_heads = k.shape[2]
+  group = heads // kv_heads
+  f32 = lambda x: x.astype(jnp.float32)
+  hp = jax.lax.Precision.HIGHEST
+  qf = f32(q).reshape(batch, tq, kv_heads, group, head_dim)
+  dof = f32(do).reshape(qf.shape)
+  s = jnp.einsum("bqhgd,bkhd->bhgqk", qf, f32(k), precision=hp) * scale
+  allowed = masks.allowed_mask(ids.q_segment_ids, ids.kv_segment_ids,
+                               ids.q_positions, ids.kv_positions, causal=causal,
+                               sliding_window=sliding_window)[:, None, None]
+  lse = lse.reshape(batch, kv_heads, group, tq)[..., None]
+  p = jnp.exp(jnp.where(allowed, s - lse, -jnp.inf))  # rows with EMPTY_LSE see nothing
+  delta = (jnp.einsum("bqhgd,bqhgd->bhgq", f32(out).reshape(qf.shape), dof)
+           - dlse.reshape(batch, kv_heads, group, tq))[..., None]
+  dv = jnp.einsum("bhgqk,bqhgd->bkhd", p, dof, precision=hp)
+  ds = p * (jnp.einsum("bqhgd,bkhd->bhgqk", dof, f32(v), precision=hp) - delta)
+  dq = jnp.einsum("bhgqk,bkhd->bqhgd", ds, f32(k), precision=hp) * scale
+  dk = jnp.einsum("bhgqk,bqhgd->bkhd", ds, qf, precision=hp) * scale
+  return (dq.reshape(q.shape).astype(q.dtype), dk.astype(k.dtype),
+          dv.astype(v.dtype))
+
+
 # ----------------------------------------------------------------------------
 # Pallas path
 
@@ -262,9 +292,7 @@ def _kernel_attention_fwd(opts, q, k, v, ids, plans):
   return (out, lse), (q, k, v, ids, plans, out, lse)
 
 
-def _kernel_attention_bwd(opts, residuals, cotangents):
-  q, k, v, ids, plans, out, lse = residuals
-  do, dlse = cotangents
+def _kernel_backward(opts, q, k, v, ids, plans, out, lse, do, dlse):
   # d lse_i / d s_ij = p_ij, so an lse cotangent folds into delta.
   delta = jnp.einsum("bqhd,bqhd->bhq", out.astype(jnp.float32),
                      do.astype(jnp.float32)) - dlse
@@ -274,7 +302,13 @@ def _kernel_attention_bwd(opts, residuals, cotangents):
                            **opts.kernel_kwargs())
   dk, dv = kernels.backward_dkdv(*args, plans.dkdv.kv_ranges,
                                  tile=opts.config.dkdv, **opts.kernel_kwargs())
-  return dq, dk, dv, None, None
+  return dq, dk, dv
+
+
+def _kernel_attention_bwd(opts, residuals, cotangents):
+  q, k, v, ids, plans, out, lse = residuals
+  do, dlse = cotangents
+  return _kernel_backward(opts, q, k, v, ids, plans, out, lse, do, dlse) + (None, None)
 
 
 _kernel_attention.defvjp(_kernel_attention_fwd, _kernel_attention_bwd)
@@ -294,26 +328,46 @@ def _round_up(n, m):
   return -(-n // m) * m
 
 
-def _pallas(q, k, v, ids: _MaskInputs, opts: _KernelOptions):
-  """Pads to the kernels' granularity, runs them, and cuts the padding off.
+def _padded(q, k, v, ids: _MaskInputs, opts: _KernelOptions):
+  """q, k, v, ids padded to the kernels' granularity.
 
   Sequence padding gets segment id 0 (so it is masked out); head_dim is padded
   with zeros to a power of two >= 16, which changes neither q.k nor the kept
   output columns.
   """
-  batch, tq, heads, head_dim = q.shape
-  tk = k.shape[1]
-  d = max(16, 1 << (head_dim - 1).bit_length())
-  tq_pad = _round_up(tq, opts.config.row_multiple)
-  tk_pad = _round_up(tk, opts.config.row_multiple)
+  d = max(16, 1 << (q.shape[3] - 1).bit_length())
+  tq_pad = _round_up(q.shape[1], opts.config.row_multiple)
+  tk_pad = _round_up(k.shape[1], opts.config.row_multiple)
   q = _pad_axis(_pad_axis(q, 1, tq_pad), 3, d)
   k = _pad_axis(_pad_axis(k, 1, tk_pad), 3, d)
   v = _pad_axis(_pad_axis(v, 1, tk_pad), 3, d)
   ids = _MaskInputs(
       _pad_axis(ids.q_segment_ids, 1, tq_pad), _pad_axis(ids.kv_segment_ids, 1, tk_pad),
       _pad_axis(ids.q_positions, 1, tq_pad), _pad_axis(ids.kv_positions, 1, tk_pad))
+  return q, k, v, ids
+
+
+def _pallas(q, k, v, ids: _MaskInputs, opts: _KernelOptions):
+  """Pads to the kernels' granularity, runs them, and cuts the padding off."""
+  tq, head_dim = q.shape[1], q.shape[3]
+  q, k, v, ids = _padded(q, k, v, ids, opts)
   out, lse = _kernel_attention(opts, q, k, v, ids, _make_plans(ids, opts))
   return out[:, :tq, :, :head_dim], lse[:, :, :tq]
+
+
+def _pallas_backward(q, k, v, out, lse, do, dlse, ids: _MaskInputs,
+                     opts: _KernelOptions):
+  """The kernels' backward from given residuals, padded like `_pallas`."""
+  tq, tk, head_dim = q.shape[1], k.shape[1], q.shape[3]
+  qp, k, v, ids = _padded(q, k, v, ids, opts)
+  like_q = lambda x: _pad_axis(_pad_axis(x, 1, qp.shape[1]), 3, qp.shape[3])
+  # Padded rows: segment id 0, so they see nothing; EMPTY_LSE says the same.
+  lse = jnp.pad(lse, ((0, 0), (0, 0), (0, qp.shape[1] - tq)), constant_values=EMPTY_LSE)
+  dlse = _pad_axis(dlse, 2, qp.shape[1])
+  dq, dk, dv = _kernel_backward(opts, qp, k, v, ids, _make_plans(ids, opts),
+                                like_q(out), lse, like_q(do), dlse)
+  return (dq[:, :tq, :, :head_dim], dk[:, :tk, :, :head_dim],
+          dv[:, :tk, :, :head_dim])
 
 
 # ----------------------------------------------------------------------------
@@ -372,12 +426,81 @@ def flash_attention(
     out, lse = _reference(q, k, v, ids, causal=bool(causal),
                           sliding_window=sliding_window, scale=scale)
   else:
-    opts = _KernelOptions(
-        scale=scale, causal=bool(causal),
-        sliding_window=None if sliding_window is None else int(sliding_window),
-        config=config or KernelConfig.for_head_dim(head_dim), interpret=interpret)
+    opts = _kernel_options(scale, causal, sliding_window, config, head_dim, interpret)
     out, lse = _pallas(q, k, v, ids, opts)
   return (out, lse) if return_residuals else out
+
+
+def _kernel_options(scale, causal, sliding_window, config, head_dim, interpret):
+  return _KernelOptions(
+      scale=scale, causal=bool(causal),
+      sliding_window=None if sliding_window is None else int(sliding_window),
+      config=config or KernelConfig.for_head_dim(head_dim), interpret=interpret)
+
+
+def _check_residual(name, x, shape):
+  if not hasattr(x, "shape") or tuple(x.shape) != tuple(shape):
+    raise ValueError(f"{name} must have shape {tuple(shape)}, got "
+                     f"{getattr(x, 'shape', type(x).__name__)}")
+
+
+def flash_attention_bwd(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    out: jax.Array,
+    lse: jax.Array,
+    do: jax.Array,
+    *,
+    dlse: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
+    q_segment_ids: jax.Array | None = None,
+    kv_segment_ids: jax.Array | None = None,
+    q_positions: jax.Array | None = None,
+    kv_positions: jax.Array | None = None,
+    causal: bool = True,
+    sliding_window: int | None = None,
+    scale: float | None = None,
+    implementation: Implementation = "auto",
+    config: KernelConfig | None = None,
+    interpret: bool = False,
+):
+  """Gradients of attention from its residuals, without running the forward.
+
+  Returns (dq, dk, dv) of sum(out * do) + sum(lse * dlse), where (out, lse)
+  is the attention of q over a set of keys that contains k/v. With the
+  (out, lse) of `flash_attention(q, k, v, ...)` itself this is its VJP; with
+  the (out, lse) over a whole row, it is the exact share of one chunk of keys
+  (the backward of ring attention).
+
+  Args:
+    q, k, v and the mask arguments: as for `flash_attention`.
+    out: [B, Tq, H, D]; lse: float32 [B, H, Tq] (EMPTY_LSE: the row sees nothing).
+    do: [B, Tq, H, D] cotangent of out; dlse: float32 [B, H, Tq] or None (zeros).
+
+  Returns:
+    dq [B, Tq, H, D] in q.dtype; dk, dv [B, Tk, Hkv, D] in k.dtype.
+  """
+  _check_qkv(q, k, v)
+  _check_options(causal, sliding_window, scale)
+  row_stat = (q.shape[0], q.shape[2], q.shape[1])
+  _check_residual("out", out, q.shape)
+  _check_residual("do", do, q.shape)
+  _check_residual("lse", lse, row_stat)
+  if dlse is None:
+    dlse = jnp.zeros(row_stat, jnp.float32)
+  _check_residual("dlse", dlse, row_stat)
+  ids = _mask_inputs(q, k, segment_ids, q_segment_ids, kv_segment_ids,
+                     q_positions, kv_positions)
+  head_dim = q.shape[3]
+  scale = float(1.0 / math.sqrt(head_dim) if scale is None else scale)
+  impl, interpret = _resolve_implementation(implementation, head_dim, interpret, config)
+  lse, dlse = lse.astype(jnp.float32), dlse.astype(jnp.float32)
+  if impl == "xla":
+    return _reference_backward(q, k, v, out, lse, do, dlse, ids, causal=bool(causal),
+                               sliding_window=sliding_window, scale=scale)
+  opts = _kernel_options(scale, causal, sliding_window, config, head_dim, interpret)
+  return _pallas_backward(q, k, v, out, lse, do, dlse, ids, opts)
 
 
 def reference_attention(
