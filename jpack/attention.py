@@ -34,7 +34,7 @@ from pallas_kernels.config import KernelConfig, TileConfig
 
 __all__ = [
     "EMPTY_LSE", "AttentionPlan", "KernelConfig", "TileConfig", "flash_attention",
-    "make_attention_plan", "reference_attention",
+    "flash_attention_bwd", "make_attention_plan", "reference_attention",
 ]
 
 EMPTY_LSE = kernels.EMPTY_LSE
@@ -259,6 +259,13 @@ def _resolve_implementation(implementation, head_dim, interpret, config):
 # Reference
 
 
+def _allowed_by_group(ids: _MaskInputs, spec: _MaskSpec, group):
+  """bool [B, Hkv or 1, group or 1, Tq, Tk]: allowed pairs, heads split as the logits'."""
+  allowed = ids.allowed(spec)  # [B, 1 or H, Tq, Tk]
+  return allowed.reshape(allowed.shape[0], -1, group if allowed.shape[1] > 1 else 1,
+                         *allowed.shape[2:])
+
+
 def _reference(q, k, v, ids: _MaskInputs, spec: _MaskSpec, *, scale):
   """Plain-jnp attention in float32. Returns (out [B, Tq, H, D], lse [B, H, Tq])."""
   batch, tq, heads, head_dim = q.shape
@@ -267,9 +274,7 @@ def _reference(q, k, v, ids: _MaskInputs, spec: _MaskSpec, *, scale):
   qf = q.astype(jnp.float32).reshape(batch, tq, kv_heads, group, head_dim)
   s = jnp.einsum("bqhgd,bkhd->bhgqk", qf, k.astype(jnp.float32),
                  precision=jax.lax.Precision.HIGHEST) * scale
-  allowed = ids.allowed(spec)  # [B, 1 or H, Tq, Tk]
-  allowed = allowed.reshape(allowed.shape[0], -1, group if allowed.shape[1] > 1 else 1,
-                            *allowed.shape[2:])
+  allowed = _allowed_by_group(ids, spec, group)
   # The row max is a constant shift (no gradient needed); masked entries go
   # through exp(-inf) = 0, so neither values nor gradients see inf or NaN.
   m = jax.lax.stop_gradient(
@@ -283,6 +288,34 @@ def _reference(q, k, v, ids: _MaskInputs, spec: _MaskSpec, *, scale):
   lse = jnp.where(seen, m + jnp.log(l), EMPTY_LSE)[..., 0]
   return (out.reshape(q.shape).astype(q.dtype),
           lse.reshape(batch, heads, tq))
+
+
+def _reference_backward(q, k, v, out, lse, do, dlse, ids: _MaskInputs,
+                        spec: _MaskSpec, *, scale):
+  """(dq, dk, dv) in plain jnp, float32 math, given out and lse [B, H, Tq].
+
+  p = exp(s - lse) on allowed pairs, so an lse taken over more keys than
+  k/v hold (a ring step) gives this chunk's share of the gradients.
+  """
+  batch, tq, heads, head_dim = q.shape
+  kv_heads = k.shape[2]
+  group = heads // kv_heads
+  f32 = lambda x: x.astype(jnp.float32)
+  hp = jax.lax.Precision.HIGHEST
+  qf = f32(q).reshape(batch, tq, kv_heads, group, head_dim)
+  dof = f32(do).reshape(qf.shape)
+  s = jnp.einsum("bqhgd,bkhd->bhgqk", qf, f32(k), precision=hp) * scale
+  allowed = _allowed_by_group(ids, spec, group)
+  lse = lse.reshape(batch, kv_heads, group, tq)[..., None]
+  p = jnp.exp(jnp.where(allowed, s - lse, -jnp.inf))  # rows with EMPTY_LSE see nothing
+  delta = (jnp.einsum("bqhgd,bqhgd->bhgq", f32(out).reshape(qf.shape), dof)
+           - dlse.reshape(batch, kv_heads, group, tq))[..., None]
+  dv = jnp.einsum("bhgqk,bqhgd->bkhd", p, dof, precision=hp)
+  ds = p * (jnp.einsum("bqhgd,bkhd->bhgqk", dof, f32(v), precision=hp) - delta)
+  dq = jnp.einsum("bhgqk,bkhd->bqhgd", ds, f32(k), precision=hp) * scale
+  dk = jnp.einsum("bhgqk,bqhgd->bkhd", ds, qf, precision=hp) * scale
+  return (dq.reshape(q.shape).astype(q.dtype), dk.astype(k.dtype),
+          dv.astype(v.dtype))
 
 
 # ----------------------------------------------------------------------------
@@ -459,9 +492,7 @@ def _kernel_attention_fwd(opts, q, k, v, ids, plans):
   return (out, lse), (q, k, v, ids, plans, out, lse)
 
 
-def _kernel_attention_bwd(opts, residuals, cotangents):
-  q, k, v, ids, plans, out, lse = residuals
-  do, dlse = cotangents
+def _kernel_backward(opts, q, k, v, ids, plans, out, lse, do, dlse):
   # d lse_i / d s_ij = p_ij, so an lse cotangent folds into delta.
   delta = jnp.einsum("bqhd,bqhd->bhq", out.astype(jnp.float32),
                      do.astype(jnp.float32)) - dlse
@@ -471,26 +502,52 @@ def _kernel_attention_bwd(opts, residuals, cotangents):
                            **opts.kernel_kwargs(ids))
   dk, dv = kernels.backward_dkdv(*args, _kv_major(plans.dkdv),
                                  tile=opts.config.dkdv, **opts.kernel_kwargs(ids))
-  return dq, dk, dv, None, None
+  return dq, dk, dv
+
+
+def _kernel_attention_bwd(opts, residuals, cotangents):
+  q, k, v, ids, plans, out, lse = residuals
+  do, dlse = cotangents
+  return _kernel_backward(opts, q, k, v, ids, plans, out, lse, do, dlse) + (None, None)
 
 
 _kernel_attention.defvjp(_kernel_attention_fwd, _kernel_attention_bwd)
 
 
-def _pallas(q, k, v, plan: AttentionPlan, opts: _KernelOptions):
-  """Pads q, k, v to the plan's lengths, runs the kernels, cuts the padding off.
+def _padded_qkv(q, k, v, plan: AttentionPlan):
+  """q, k, v padded to the plan's lengths.
 
   head_dim is padded with zeros to a power of two >= 16, which changes neither
   q.k nor the kept output columns.
   """
-  tq, head_dim = q.shape[1], q.shape[3]
   tq_pad, tk_pad = plan.ids.q_segment_ids.shape[1], plan.ids.kv_segment_ids.shape[1]
-  d = max(16, 1 << (head_dim - 1).bit_length())
+  d = max(16, 1 << (q.shape[3] - 1).bit_length())
   q = _pad_axis(_pad_axis(q, 1, tq_pad), 3, d)
   k = _pad_axis(_pad_axis(k, 1, tk_pad), 3, d)
   v = _pad_axis(_pad_axis(v, 1, tk_pad), 3, d)
-  out, lse = _kernel_attention(opts, q, k, v, plan.ids, plan.tiles)
+  return q, k, v
+
+
+def _pallas(q, k, v, plan: AttentionPlan, opts: _KernelOptions):
+  """Pads q, k, v to the plan's lengths, runs the kernels, cuts the padding off."""
+  tq, head_dim = q.shape[1], q.shape[3]
+  out, lse = _kernel_attention(opts, *_padded_qkv(q, k, v, plan), plan.ids, plan.tiles)
   return out[:, :tq, :, :head_dim], lse[:, :, :tq]
+
+
+def _pallas_backward(q, k, v, out, lse, do, dlse, plan: AttentionPlan,
+                     opts: _KernelOptions):
+  """The kernels' backward from given residuals, padded like `_pallas`."""
+  tq, tk, head_dim = q.shape[1], k.shape[1], q.shape[3]
+  qp, k, v = _padded_qkv(q, k, v, plan)
+  like_q = lambda x: _pad_axis(_pad_axis(x, 1, qp.shape[1]), 3, qp.shape[3])  # noqa: E731
+  # Padded rows: segment id 0, so they see nothing; EMPTY_LSE says the same.
+  lse = jnp.pad(lse, ((0, 0), (0, 0), (0, qp.shape[1] - tq)), constant_values=EMPTY_LSE)
+  dlse = _pad_axis(dlse, 2, qp.shape[1])
+  dq, dk, dv = _kernel_backward(opts, qp, k, v, plan.ids, plan.tiles,
+                                like_q(out), lse, like_q(do), dlse)
+  return (dq[:, :tq, :, :head_dim], dk[:, :tk, :, :head_dim],
+          dv[:, :tk, :, :head_dim])
 
 
 # ----------------------------------------------------------------------------
@@ -613,30 +670,114 @@ def flash_attention(
   """
   _check_qkv(q, k, v)
   _check_options(causal, sliding_window, scale)
-  if plan is not None:
-    _check_plan(plan, q, k, causal, config, dict(
-        segment_ids=segment_ids, q_segment_ids=q_segment_ids,
-        kv_segment_ids=kv_segment_ids, q_positions=q_positions,
-        kv_positions=kv_positions, sliding_window=sliding_window, mask=mask))
-    spec, config = plan.spec, plan.config
-  else:
-    ids, rule = _mask_inputs(q, k, segment_ids, q_segment_ids, kv_segment_ids,
-                             q_positions, kv_positions, mask)
-    spec = _MaskSpec(bool(causal),
-                     None if sliding_window is None else int(sliding_window), rule)
+  spec, ids, plan, config = _mask_and_plan(
+      q, k, dict(segment_ids=segment_ids, q_segment_ids=q_segment_ids,
+                 kv_segment_ids=kv_segment_ids, q_positions=q_positions,
+                 kv_positions=kv_positions),
+      causal=causal, sliding_window=sliding_window, mask=mask, plan=plan, config=config)
   head_dim = q.shape[3]
   scale = float(1.0 / math.sqrt(head_dim) if scale is None else scale)
   impl, interpret = _resolve_implementation(implementation, head_dim, interpret, config)
   if impl == "xla":
-    ids = plan.unpadded_ids() if plan is not None else ids
     out, lse = _reference(q, k, v, ids, spec, scale=scale)
   else:
-    config = config or KernelConfig.for_head_dim(head_dim)
-    if plan is None:
-      plan = _plan(q.shape, k.shape, ids, spec, config)
-    opts = _KernelOptions(scale=scale, spec=spec, config=config, interpret=interpret)
+    opts, plan = _kernel_setup(q, k, ids, plan, spec, scale, config, interpret)
     out, lse = _pallas(q, k, v, plan, opts)
   return (out, lse) if return_residuals else out
+
+
+def _mask_and_plan(q, k, id_args, *, causal, sliding_window, mask, plan, config):
+  """(spec, unpadded mask inputs, plan or None, config) of a call's mask arguments.
+
+  With a plan, the ids and mask come from it (after checking it fits the call);
+  without, from the arguments.
+  """
+  if plan is not None:
+    _check_plan(plan, q, k, causal, config,
+                dict(id_args, sliding_window=sliding_window, mask=mask))
+    return plan.spec, plan.unpadded_ids(), plan, plan.config
+  ids, rule = _mask_inputs(q, k, **id_args, mask=mask)
+  spec = _MaskSpec(bool(causal), None if sliding_window is None else int(sliding_window),
+                   rule)
+  return spec, ids, None, config
+
+
+def _kernel_setup(q, k, ids, plan, spec, scale, config, interpret):
+  """(kernel options, plan): the given plan, or one made from the mask inputs."""
+  config = config or KernelConfig.for_head_dim(q.shape[3])
+  if plan is None:
+    plan = _plan(q.shape, k.shape, ids, spec, config)
+  return _KernelOptions(scale=scale, spec=spec, config=config, interpret=interpret), plan
+
+
+def _check_residual(name, x, shape):
+  if not hasattr(x, "shape") or tuple(x.shape) != tuple(shape):
+    raise ValueError(f"{name} must have shape {tuple(shape)}, got "
+                     f"{getattr(x, 'shape', type(x).__name__)}")
+
+
+def flash_attention_bwd(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    out: jax.Array,
+    lse: jax.Array,
+    do: jax.Array,
+    *,
+    dlse: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
+    q_segment_ids: jax.Array | None = None,
+    kv_segment_ids: jax.Array | None = None,
+    q_positions: jax.Array | None = None,
+    kv_positions: jax.Array | None = None,
+    causal: bool = True,
+    sliding_window: int | None = None,
+    mask: jax.Array | mask_rules.MaskRule | None = None,
+    plan: AttentionPlan | None = None,
+    scale: float | None = None,
+    implementation: Implementation = "auto",
+    config: KernelConfig | None = None,
+    interpret: bool = False,
+):
+  """Gradients of attention from its residuals, without running the forward.
+
+  Returns (dq, dk, dv) of sum(out * do) + sum(lse * dlse), where (out, lse)
+  is the attention of q over a set of keys that contains k/v. With the
+  (out, lse) of `flash_attention(q, k, v, ...)` itself this is its VJP; with
+  the (out, lse) over a whole row, it is the exact share of one chunk of keys
+  (the backward of ring attention).
+
+  Args:
+    q, k, v and the mask arguments (mask and plan included): as for
+      `flash_attention`.
+    out: [B, Tq, H, D]; lse: float32 [B, H, Tq] (EMPTY_LSE: the row sees nothing).
+    do: [B, Tq, H, D] cotangent of out; dlse: float32 [B, H, Tq] or None (zeros).
+
+  Returns:
+    dq [B, Tq, H, D] in q.dtype; dk, dv [B, Tk, Hkv, D] in k.dtype.
+  """
+  _check_qkv(q, k, v)
+  _check_options(causal, sliding_window, scale)
+  row_stat = (q.shape[0], q.shape[2], q.shape[1])
+  _check_residual("out", out, q.shape)
+  _check_residual("do", do, q.shape)
+  _check_residual("lse", lse, row_stat)
+  if dlse is None:
+    dlse = jnp.zeros(row_stat, jnp.float32)
+  _check_residual("dlse", dlse, row_stat)
+  spec, ids, plan, config = _mask_and_plan(
+      q, k, dict(segment_ids=segment_ids, q_segment_ids=q_segment_ids,
+                 kv_segment_ids=kv_segment_ids, q_positions=q_positions,
+                 kv_positions=kv_positions),
+      causal=causal, sliding_window=sliding_window, mask=mask, plan=plan, config=config)
+  head_dim = q.shape[3]
+  scale = float(1.0 / math.sqrt(head_dim) if scale is None else scale)
+  impl, interpret = _resolve_implementation(implementation, head_dim, interpret, config)
+  lse, dlse = lse.astype(jnp.float32), dlse.astype(jnp.float32)
+  if impl == "xla":
+    return _reference_backward(q, k, v, out, lse, do, dlse, ids, spec, scale=scale)
+  opts, plan = _kernel_setup(q, k, ids, plan, spec, scale, config, interpret)
+  return _pallas_backward(q, k, v, out, lse, do, dlse, plan, opts)
 
 
 def reference_attention(

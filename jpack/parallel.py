@@ -7,17 +7,20 @@ Every device holds T / n consecutive tokens of each row (n = size of the
 `context` mesh axis) and computes attention for its own queries against all
 keys, exactly as one device would for the whole row:
 
-- "ring": K/V chunks, with their segment ids and positions, travel around the
-  ring with `lax.ppermute`; every step's partial (out, lse) is merged through
-  lse. Chunk pairs whose documents or positions cannot meet (per-block min/max
-  of ids and positions) skip the attention call under `lax.cond`.
+- "ring": at step s every device receives the K/V chunk (with its segment ids
+  and positions) of the device s places to its left, by `lax.ppermute`; every
+  step's partial (out, lse) is merged through lse. Chunk pairs whose documents
+  or positions cannot meet (per-block min/max of ids and positions) skip the
+  attention call under `lax.cond`, and a step that no device needs skips the
+  transfer too.
 - "all_gather": K/V, ids and positions are all-gathered, then one attention call
   of the local queries against the whole row (Llama 3; cheap with GQA).
 
-Backward is JAX's autodiff through the per-step attention (whose custom VJP
-takes cotangents of both out and lse): the transpose of a K/V ppermute is a
-ppermute the other way, so dK/dV travel back around the ring, and each step's
-backward reuses that step's forward residuals instead of recomputing them.
+Backward: the ring's is hand-written (custom VJP). It keeps q, k, v and the
+merged (out, lse), fetches each needed K/V chunk again, takes that chunk's
+exact share of the gradients from the merged (out, lse)
+(`jpack.attention.flash_attention_bwd`) and sends dK/dV back to the chunk's
+owner. All-gather's is JAX autodiff (dK/dV return by a reduce-scatter).
 
 Masking uses positions that are indices in the *original* row. Causal rows put
 more work on later devices; `load_balance` reorders tokens in a zigzag (device
@@ -44,7 +47,8 @@ from jax import lax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from jpack import masks
-from jpack.attention import EMPTY_LSE, KernelConfig, flash_attention
+from jpack.attention import (EMPTY_LSE, KernelConfig, flash_attention,
+                             flash_attention_bwd)
 
 __all__ = [
     "ContextParallel", "all_gather_attention_shard", "attention_pair_counts",
@@ -80,6 +84,15 @@ class _Options:
         sliding_window=self.sliding_window, scale=self.scale,
         implementation=self.implementation, return_residuals=True,
         config=self.config, interpret=self.interpret)
+
+  def attend_bwd(self, q, k, v, q_seg, kv_seg, q_pos, kv_pos, out, lse, do, dlse):
+    """(dq, dk, dv): this K/V chunk's share of the gradients of (out, lse)."""
+    return flash_attention_bwd(
+        q, k, v, out, lse, do, dlse=dlse, q_segment_ids=q_seg,
+        kv_segment_ids=kv_seg, q_positions=q_pos, kv_positions=kv_pos,
+        causal=self.causal, sliding_window=self.sliding_window, scale=self.scale,
+        implementation=self.implementation, config=self.config,
+        interpret=self.interpret)
 
 
 # ----------------------------------------------------------------------------
@@ -124,36 +137,141 @@ def merge_partials(outs, lses):
     (out [B, T, H, D] in outs' dtype, lse float32 [B, H, T]). Rows empty in
     every chunk get out 0 and lse EMPTY_LSE; their gradients are 0, not NaN.
   """
+  acc = (outs[0].astype(jnp.float32), lses[0])
+  for s in range(1, outs.shape[0]):
+    acc = _merge_pair(acc, (outs[s], lses[s]))
+  return acc[0].astype(outs.dtype), acc[1]
+
+
+def _merge_pair(a, b):
+  """(out float32 [B, T, H, D], lse [B, H, T]) over the keys of partials a and b."""
+  (out_a, lse_a), (out_b, lse_b) = a, b
   # The shift m cancels out of the result, so it needs no gradient.
-  m = lax.stop_gradient(jnp.max(lses, axis=0))
-  w = jnp.exp(lses - m)  # an empty chunk of a non-empty row: exp(-1e30 - m) = 0
-  total = jnp.sum(w, axis=0)  # >= 1: the largest term is exp(0)
+  m = lax.stop_gradient(jnp.maximum(lse_a, lse_b))
+  w_a, w_b = jnp.exp(lse_a - m), jnp.exp(lse_b - m)  # an empty side: exp(-1e30 - m) = 0
+  total = w_a + w_b  # >= 1: the larger term is exp(0)
   lse = jnp.where(m > EMPTY_LSE, m + jnp.log(total), EMPTY_LSE)
-  weights = jnp.swapaxes(w / total, 2, 3)[..., None]  # [S, B, T, H, 1]
-  out = jnp.sum(weights * outs.astype(jnp.float32), axis=0)
-  return out.astype(outs.dtype), lse
+  as_out = lambda w: jnp.swapaxes(w / total, 1, 2)[..., None]  # [B, T, H, 1]
+  out = (as_out(w_a) * out_a.astype(jnp.float32)
+         + as_out(w_b) * out_b.astype(jnp.float32))
+  return out, lse
+
+
+@dataclasses.dataclass(frozen=True)
+class _Ring:
+  """Static description of one ring: mesh axis, its size, attention options."""
+  axis_name: str
+  num_shards: int
+  opts: _Options
+
+  def shifted(self, x, s):
+    """x of the device s places to the left (a ppermute by s)."""
+    n = self.num_shards
+    return lax.ppermute(x, self.axis_name, [(j, (j + s) % n) for j in range(n)])
+
+  def unshifted(self, x, s):
+    """The inverse of `shifted`: x back to the device s places to the right."""
+    return self.shifted(x, self.num_shards - s)
 
 
 def _ring(q, k, v, q_seg, kv_seg, q_pos, kv_pos, *, axis_name, num_shards,
           opts: _Options):
-  """`ring_attention_shard` with its options gathered in `opts`."""
+  """`ring_attention_shard` with its options gathered in `opts`.
+
+  Step s attends to the K/V of the device s places to the left, sent there
+  directly (one ppermute by s), and merges the partial result into a running
+  (out, lse) in float32. Each device decides from per-block min/max whether
+  its queries can meet that chunk; a step that no device needs skips its
+  transfer and its merge as well, so rows whose documents never cross a shard
+  boundary move no K/V and cost what one device's share would.
+
+  The backward is hand-written (custom VJP): it keeps only q, k, v, out and
+  lse, fetches each needed chunk again, takes that chunk's share of the
+  gradients from the final (out, lse), and sends dK/dV back to their owner.
+  """
+  mine, needed = _ring_steps(q_seg, q_pos, kv_seg, kv_pos,
+                             axis_name=axis_name, num_shards=num_shards, opts=opts)
+  return _ring_attention(_Ring(axis_name, num_shards, opts), q, k, v,
+                         (q_seg, kv_seg, q_pos, kv_pos), mine, needed)
+
+
+def _ring_forward(ring: _Ring, q, k, v, ids, mine, needed):
+  q_seg, kv_seg, q_pos, kv_pos = ids
+
+  def attend_if_mine(s, kv):
+    return lax.cond(mine[s], lambda kv: ring.opts.attend(q, kv[0], kv[1], q_seg, kv[2],
+                                                         q_pos, kv[3]),
+                    lambda kv: _empty_result(q), kv)
+
+  def fetch_attend_merge(s, acc):
+    return _merge_pair(acc, attend_if_mine(s, ring.shifted((k, v, kv_seg, kv_pos), s)))
+
+  out, lse = attend_if_mine(0, (k, v, kv_seg, kv_pos))
+  acc = (out.astype(jnp.float32), lse)
+  # Every device agrees on `needed`, so all take the same side of each cond
+  # around a collective.
+  for s in range(1, ring.num_shards):
+    acc = lax.cond(needed[s], functools.partial(fetch_attend_merge, s),
+                   lambda acc: acc, acc)
+  return acc[0].astype(q.dtype), acc[1]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _ring_attention(ring: _Ring, q, k, v, ids, mine, needed):
+  return _ring_forward(ring, q, k, v, ids, mine, needed)
+
+
+def _ring_attention_fwd(ring: _Ring, q, k, v, ids, mine, needed):
+  out, lse = _ring_forward(ring, q, k, v, ids, mine, needed)
+  return (out, lse), (q, k, v, ids, mine, needed, out, lse)
+
+
+def _ring_attention_bwd(ring: _Ring, residuals, cotangents):
+  q, k, v, ids, mine, needed, out, lse = residuals
+  do, dlse = cotangents
+  q_seg, kv_seg, q_pos, kv_pos = ids
+  f32 = lambda x: x.astype(jnp.float32)
+
+  def grads_if_mine(s, k, v, kv_seg, kv_pos):
+    def grads():
+      return tuple(map(f32, ring.opts.attend_bwd(q, k, v, q_seg, kv_seg, q_pos,
+                                                 kv_pos, out, lse, do, dlse)))
+    zeros = lambda: (jnp.zeros(q.shape, jnp.float32), jnp.zeros(k.shape, jnp.float32),
+                     jnp.zeros(v.shape, jnp.float32))
+    return lax.cond(mine[s], grads, zeros)
+
+  def fetch_grads_return(s, acc):
+    dq, dk, dv = grads_if_mine(s, *ring.shifted((k, v, kv_seg, kv_pos), s))
+    dk, dv = ring.unshifted((dk, dv), s)  # dK/dV go home to their chunk's owner
+    return acc[0] + dq, acc[1] + dk, acc[2] + dv
+
+  acc = grads_if_mine(0, k, v, kv_seg, kv_pos)
+  for s in range(1, ring.num_shards):
+    acc = lax.cond(needed[s], functools.partial(fetch_grads_return, s),
+                   lambda acc: acc, acc)
+  dq, dk, dv = acc
+  return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None, None)
+
+
+_ring_attention.defvjp(_ring_attention_fwd, _ring_attention_bwd)
+
+
+def _ring_steps(q_seg, q_pos, kv_seg, kv_pos, *, axis_name, num_shards, opts):
+  """(mine, needed): bool [n] each, per ring step s.
+
+  mine[s]: this device's queries may meet the keys of device (me - s) mod n.
+  needed[s]: some device of the mesh has mine[s]; the same on every device
+  (a psum over all manual mesh axes), so collectives under it stay matched.
+  """
+  kv_all = jax.tree.map(lambda x: lax.all_gather(x, axis_name),
+                        _chunk_stats(kv_seg, kv_pos))  # [n, B, nb]
   q_stats = _chunk_stats(q_seg, q_pos)
-  send_right = [(j, (j + 1) % num_shards) for j in range(num_shards)]
-
-  def attend(q, kv):
-    return opts.attend(q, kv[0], kv[1], q_seg, kv[2], q_pos, kv[3])
-
-  def step(kv, _):
-    # The next rotation and this step's attention are independent, so the
-    # transfer overlaps the compute. The last rotation brings every chunk home
-    # unused: the price of one uniform loop body (compiled once, not n times).
-    next_kv = lax.ppermute(kv, axis_name, send_right)
-    meets = _can_meet(q_stats, _chunk_stats(kv[2], kv[3]), opts)
-    partial = lax.cond(meets, attend, lambda q, kv: _empty_result(q), q, kv)
-    return next_kv, partial
-
-  _, (outs, lses) = lax.scan(step, (k, v, kv_seg, kv_pos), length=num_shards)
-  return merge_partials(outs, lses)
+  me = lax.axis_index(axis_name)
+  mine = jnp.stack([
+      _can_meet(q_stats, jax.tree.map(lambda x: x[(me - s) % num_shards], kv_all), opts)
+      for s in range(num_shards)])
+  axes = tuple(jax.sharding.get_abstract_mesh().manual_axes) or (axis_name,)
+  return mine, lax.psum(mine.astype(jnp.int32), axes) > 0
 
 
 def _all_gather(q, k, v, q_seg, kv_seg, q_pos, kv_pos, *, axis_name, num_shards,

@@ -266,6 +266,43 @@ def test_ring_skips_every_chunk_pair_of_contiguous_documents_that_cannot_meet(se
   np.testing.assert_array_equal(schedule, meets)
 
 
+@functools.lru_cache(maxsize=None)
+def _ring_steps_fn():
+  """jit: (seg, pos) [B, T] -> (mine [B, 4, 4], needed [B, 4, 4]) on a
+  (data 2 x context 4) mesh, rows split over data: [row, device, step]."""
+  mesh = jax.make_mesh((2, 4), ("data", "context"), axis_types=(AxisType.Auto,) * 2)
+
+  def local(seg, pos):
+    mine, needed = parallel._ring_steps(
+        seg, pos, seg, pos, axis_name="context", num_shards=4,
+        opts=parallel._Options(causal=True))
+    return mine[None, None], needed[None, None]
+
+  return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=P("data", "context"),
+                               out_specs=P("data", "context"), check_vma=False))
+
+
+@given(seg=segment_ids(B, T, ALL_KINDS))
+def test_ring_transfers_exactly_the_chunks_some_device_needs(seg):
+  # Device d at step s attends to device (d - s) mod 4's chunk when the schedule
+  # says so; the transfer of step s happens iff any device of the whole mesh
+  # (both rows) needs it, and every device agrees on that.
+  mine, needed = _ring_steps_fn()(jnp.asarray(seg), jnp.asarray(arange_positions()))
+  steps = np.arange(4)
+  for row in range(B):
+    schedule = parallel.ring_schedule(seg[row:row + 1], num_shards=4, causal=True)
+    want = schedule[steps[:, None], (steps[:, None] - steps[None, :]) % 4]
+    np.testing.assert_array_equal(np.asarray(mine)[row], want)
+  any_device = np.asarray(mine).any(axis=(0, 1))
+  np.testing.assert_array_equal(np.asarray(needed), np.broadcast_to(any_device, (B, 4, 4)))
+
+
+def test_shard_aligned_documents_need_no_transfers():
+  seg = np.repeat(np.arange(1, 9), T // 8)[None].repeat(B, 0)  # 2 documents per shard
+  _, needed = _ring_steps_fn()(jnp.asarray(seg, jnp.int32), jnp.asarray(arange_positions()))
+  np.testing.assert_array_equal(np.asarray(needed)[0, 0], [True, False, False, False])
+
+
 # ----------------------------------------------------------------------------
 # Load balancing
 

@@ -25,7 +25,7 @@ from helpers import (Layout, allowed_np, arange_positions, assert_close,
 from jpack import mask_rules as mr
 from jpack import masks
 from jpack.attention import (EMPTY_LSE, KernelConfig, TileConfig, flash_attention,
-                             make_attention_plan)
+                             flash_attention_bwd, make_attention_plan)
 
 B = 2
 F32_TOL = 1e-5
@@ -184,3 +184,31 @@ def test_a_plan_runs_the_kernels_as_the_mask_does():
   (out, lse), grads = planned(q, k, v, plan)
   for name, g in zip(("out", "lse", "dq", "dk", "dv"), (out, lse, *grads)):
     np.testing.assert_array_equal(np.asarray(g), np.asarray(want[name]), err_msg=name)
+
+
+@functools.lru_cache(maxsize=None)
+def _bwd_fn(case: Case, implementation):
+  """Jitted flash_attention_bwd from given residuals: (q, k, v, out, lse, do, dlse, ids, mask)."""
+  extra = (dict(interpret=True, config=case.config)
+           if implementation == "pallas" else {})
+  return jax.jit(lambda q, k, v, out, lse, do, dlse, ids, mask: flash_attention_bwd(
+      q, k, v, out, lse, do, dlse=dlse, **ids, mask=case.rule if mask is None else mask,
+      causal=case.causal, sliding_window=case.window, implementation=implementation,
+      **extra))
+
+
+@pytest.mark.parametrize("implementation", ["pallas", "xla"])
+@pytest.mark.parametrize("case", [CASES[1], CASES[3]], ids=lambda c: c.name)
+@settings(max_examples=5)
+@given(data=st.data(), seed=SEEDS)
+def test_backward_from_residuals_takes_the_mask_too(case, implementation, data, seed):
+  """flash_attention_bwd(..., mask=) gives the gradients of flash_attention(..., mask=)."""
+  layout, mask = data.draw(case.layouts()), data.draw(case.masks())
+  q, k, v, do, dlse = random_inputs(
+      seed, batch=B, q_len=case.q_len, kv_len=case.kv_len, heads=case.heads,
+      kv_heads=case.kv_heads, head_dim=case.head_dim)
+  want = attention_fn(case, "xla")(q, k, v, do, dlse, layout.kwargs(), mask)
+  got = _bwd_fn(case, implementation)(q, k, v, want["out"], want["lse"], do, dlse,
+                                      layout.kwargs(), mask)
+  for name, g in zip(("dq", "dk", "dv"), got):
+    assert_close(name, g, want[name], F32_TOL)
