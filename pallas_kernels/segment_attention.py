@@ -111,18 +111,21 @@ def _is_lists(plan):
   return plan.ndim == 4
 
 
-def _with_optional_refs(kernel, n_inputs, present):
-  """kernel(*inputs, *optional, *outputs) called with None for absent optional inputs.
+def _pallas_call(kernel, inputs, in_specs, optional, **kwargs):
+  """pallas_call of kernel(*input_refs, *optional_refs, *output_refs).
 
-  n_inputs: the number of leading (always present) input refs; present: one
-  bool per optional input, in order.
+  optional: (array or None, BlockSpec) pairs; an absent array is not passed to
+  the call, and the kernel gets None for its ref.
   """
-  def wrapped(*refs):
-    inputs, rest = refs[:n_inputs], list(refs[n_inputs:])
-    optional = [rest.pop(0) if p else None for p in present]
-    return kernel(*inputs, *optional, *rest)
+  present = [x is not None for x, _ in optional]
 
-  return wrapped
+  def with_nones(*refs):
+    fixed, rest = refs[:len(inputs)], list(refs[len(inputs):])
+    return kernel(*fixed, *(rest.pop(0) if p else None for p in present), *rest)
+
+  return pl.pallas_call(
+      with_nones, in_specs=in_specs + [sp for x, sp in optional if x is not None],
+      **kwargs)(*inputs, *(x for x, _ in optional if x is not None))
 
 
 def _load(ref, *idx):
@@ -220,16 +223,12 @@ def forward(q, k, v, q_seg, kv_seg, q_pos, kv_pos, q_plan, *, tile: TileConfig,
   inputs = [q_plan, q, k, v, q_seg, q_pos, kv_seg, kv_pos]
   in_specs = [spec.plan, spec.q_tile, spec.kv_all, spec.kv_all,
               spec.q_ids, spec.q_ids, spec.kv_ids, spec.kv_ids]
-  optional = [(kv_doc, spec.kv_ids), (dense, spec.dense)]
-  kernel = _with_optional_refs(
-      functools.partial(_forward_kernel, scale=scale, causal=causal,
-                        sliding_window=sliding_window, rule=rule,
-                        lists=_is_lists(q_plan), block_k=bk),
-      len(inputs), [x is not None for x, _ in optional])
-  return pl.pallas_call(
-      kernel,
+  kernel = functools.partial(_forward_kernel, scale=scale, causal=causal,
+                             sliding_window=sliding_window, rule=rule,
+                             lists=_is_lists(q_plan), block_k=bk)
+  return _pallas_call(
+      kernel, inputs, in_specs, [(kv_doc, spec.kv_ids), (dense, spec.dense)],
       grid=(tq // bq, batch, heads),
-      in_specs=in_specs + [sp for x, sp in optional if x is not None],
       out_specs=[spec.q_tile, spec.row_stat],
       out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
                  jax.ShapeDtypeStruct((batch, heads, tq), jnp.float32)],
@@ -237,7 +236,7 @@ def forward(q, k, v, q_seg, kv_seg, q_pos, kv_pos, q_plan, *, tile: TileConfig,
                                            num_stages=tile.num_stages),
       interpret=interpret,
       name="jpack_attention_fwd",
-  )(*inputs, *(x for x, _ in optional if x is not None))
+  )
 
 
 # ----------------------------------------------------------------------------
@@ -287,23 +286,19 @@ def backward_dq(q, k, v, do, lse, delta, q_seg, kv_seg, q_pos, kv_pos,
   in_specs = [spec.plan, spec.q_tile, spec.kv_all, spec.kv_all, spec.q_tile,
               spec.row_stat, spec.row_stat, spec.q_ids, spec.q_ids,
               spec.kv_ids, spec.kv_ids]
-  optional = [(kv_doc, spec.kv_ids), (dense, spec.dense)]
-  kernel = _with_optional_refs(
-      functools.partial(_dq_kernel, scale=scale, causal=causal,
-                        sliding_window=sliding_window, rule=rule,
-                        lists=_is_lists(q_plan), block_k=bk),
-      len(inputs), [x is not None for x, _ in optional])
-  return pl.pallas_call(
-      kernel,
+  kernel = functools.partial(_dq_kernel, scale=scale, causal=causal,
+                             sliding_window=sliding_window, rule=rule,
+                             lists=_is_lists(q_plan), block_k=bk)
+  return _pallas_call(
+      kernel, inputs, in_specs, [(kv_doc, spec.kv_ids), (dense, spec.dense)],
       grid=(tq // bq, batch, heads),
-      in_specs=in_specs + [sp for x, sp in optional if x is not None],
       out_specs=spec.q_tile,
       out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
       compiler_params=plgpu.CompilerParams(num_warps=tile.num_warps,
                                            num_stages=tile.num_stages),
       interpret=interpret,
       name="jpack_attention_dq",
-  )(*inputs, *(x for x, _ in optional if x is not None))
+  )
 
 
 # ----------------------------------------------------------------------------
@@ -389,17 +384,13 @@ def backward_dkdv(q, k, v, do, lse, delta, q_seg, kv_seg, q_pos, kv_pos,
   optional = [(kv_doc, kv_ids),  # the dense mask's [Tq, bk] strip of kv tile j:
               (dense, None if dense is None else _heads_spec(
                   dense, group, (tq, bk), lambda j: (0, j)))]
-  kernel = _with_optional_refs(
-      functools.partial(
-          _dkdv_kernel, scale=scale, causal=causal, sliding_window=sliding_window,
-          rule=rule, lists=lists, plan_per_head=lists and kv_plan.shape[1] > 1,
-          dense_per_head=dense is not None and dense.shape[1] > 1, block_q=bq,
-          group=group),
-      len(inputs), [x is not None for x, _ in optional])
-  return pl.pallas_call(
-      kernel,
+  kernel = functools.partial(
+      _dkdv_kernel, scale=scale, causal=causal, sliding_window=sliding_window,
+      rule=rule, lists=lists, plan_per_head=lists and kv_plan.shape[1] > 1,
+      dense_per_head=dense is not None and dense.shape[1] > 1, block_q=bq, group=group)
+  return _pallas_call(
+      kernel, inputs, in_specs, optional,
       grid=(tk // bk, batch, kv_heads),
-      in_specs=in_specs + [sp for x, sp in optional if x is not None],
       out_specs=[kv_tile, kv_tile],
       out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype),
                  jax.ShapeDtypeStruct(v.shape, v.dtype)],
@@ -407,4 +398,4 @@ def backward_dkdv(q, k, v, do, lse, delta, q_seg, kv_seg, q_pos, kv_pos,
                                            num_stages=tile.num_stages),
       interpret=interpret,
       name="jpack_attention_dkdv",
-  )(*inputs, *(x for x, _ in optional if x is not None))
+  )
