@@ -25,7 +25,8 @@ from helpers import (ALL_KINDS, CONTIGUOUS_KINDS, Layout, allowed_np,
                      arange_positions, assert_close, assert_finite,
                      chunk_layouts, random_inputs, rel_err, self_layouts)
 from jpack.attention import (EMPTY_LSE, KernelConfig, TileConfig,
-                             flash_attention, reference_attention)
+                             flash_attention, flash_attention_bwd,
+                             reference_attention)
 
 B = 2
 CONFIG = KernelConfig.uniform(16)
@@ -397,6 +398,76 @@ def test_packed_rows_equal_documents_attended_alone(implementation, causal, layo
 
 
 # ----------------------------------------------------------------------------
+# Backward from given residuals (flash_attention_bwd)
+
+
+@functools.lru_cache(maxsize=None)
+def _backward_fn(case, impl, kv_start, kv_stop):
+  """Jitted flash_attention_bwd for keys [kv_start, kv_stop) against all queries:
+  (q, k, v, out, lse, do, dlse, q_seg, kv_seg, q_pos, kv_pos) -> (dq, dk, dv)."""
+  extra = dict(interpret=True, config=case.config) if impl == "pallas" else {}
+  kv = slice(kv_start, kv_stop)
+
+  def run(q, k, v, out, lse, do, dlse, q_seg, kv_seg, q_pos, kv_pos):
+    return flash_attention_bwd(
+        q, k[:, kv], v[:, kv], out, lse, do, dlse=dlse, q_segment_ids=q_seg,
+        kv_segment_ids=kv_seg[:, kv], q_positions=q_pos,
+        kv_positions=kv_pos[:, kv], causal=case.causal,
+        sliding_window=case.window, scale=case.scale, implementation=impl, **extra)
+
+  return jax.jit(run)
+
+
+def _grads_from_residuals(case, layout, impl, q, k, v, out, lse, do, dlse,
+                          kv=(None, None)):
+  return _backward_fn(case, impl, *kv)(q, k, v, out, lse, do, dlse, *layout.arrays())
+
+
+def _reference_results(case, layout, q, k, v, do, dlse):
+  """The reference's out, lse and vjp (dq, dk, dv) of sum(out*do) + sum(lse*dlse)."""
+  return attention_fn("xla", case.causal, case.window, case.scale)(
+      q, k, v, do, dlse, *layout.arrays())
+
+
+BWD_CASES = ["causal", "gqa-4:2", "chunk-q48-kv80", "window-8"]
+
+
+@case_params(BWD_CASES)
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
+@given(data=st.data(), seed=SEEDS)
+def test_backward_from_residuals_is_the_vjp(case, impl, data, seed):
+  layout = data.draw(case.layouts())
+  q, k, v, do, dlse = random_inputs(
+      seed, batch=B, q_len=case.q_len, kv_len=case.kv_len, heads=case.heads,
+      kv_heads=case.kv_heads, head_dim=case.head_dim)
+  want = _reference_results(case, layout, q, k, v, do, dlse)
+  got = _grads_from_residuals(case, layout, impl, q, k, v, want["out"], want["lse"],
+                              do, dlse)
+  for name, x in zip(("dq", "dk", "dv"), got):
+    assert_finite(name, x)
+    assert_close(name, x, want[name], F32_TOL)
+
+
+@case_params(BWD_CASES)
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
+@given(data=st.data(), seed=SEEDS)
+def test_chunks_of_keys_get_their_share_from_the_whole_rows_residuals(case, impl, data, seed):
+  # Ring attention's backward: each chunk of keys, given the (out, lse) over
+  # all keys, yields its dK/dV and a part of dQ; the parts add up to the vjp.
+  layout = data.draw(case.layouts())
+  q, k, v, do, dlse = random_inputs(
+      seed, batch=B, q_len=case.q_len, kv_len=case.kv_len, heads=case.heads,
+      kv_heads=case.kv_heads, head_dim=case.head_dim)
+  want = _reference_results(case, layout, q, k, v, do, dlse)
+  cut = case.kv_len // 3
+  parts = [_grads_from_residuals(case, layout, impl, q, k, v, want["out"], want["lse"],
+                                 do, dlse, kv) for kv in ((0, cut), (cut, None))]
+  assert_close("dq", parts[0][0] + parts[1][0], want["dq"], F32_TOL)
+  assert_close("dk", jnp.concatenate([parts[0][1], parts[1][1]], 1), want["dk"], F32_TOL)
+  assert_close("dv", jnp.concatenate([parts[0][2], parts[1][2]], 1), want["dv"], F32_TOL)
+
+
+# ----------------------------------------------------------------------------
 # Bad input: errors name the argument
 
 _f32 = jnp.float32
@@ -445,7 +516,17 @@ def _bad_calls():
   yield "GPU tiles narrower than 16", lambda: flash_attention(q, k, v, implementation="pallas", config=KernelConfig.uniform(8)), ValueError, r"config: GPU tiles must be at least 16 wide, got 8"
 
 
-BAD_CALLS = list(_bad_calls())
+def _bad_backward_calls():
+  q, k, v = _qkv()
+  lse = jnp.zeros((1, 2, 32), _f32)
+  yield "bwd out wrong shape", lambda: flash_attention_bwd(q, k, v, q[:, :16], lse, q), ValueError, r"out must have shape \(1, 32, 2, 32\)"
+  yield "bwd do wrong shape", lambda: flash_attention_bwd(q, k, v, q, lse, q[..., :16]), ValueError, r"do must have shape \(1, 32, 2, 32\)"
+  yield "bwd lse wrong shape", lambda: flash_attention_bwd(q, k, v, q, lse[:, :, :16], q), ValueError, r"lse must have shape \(1, 2, 32\)"
+  yield "bwd dlse wrong shape", lambda: flash_attention_bwd(q, k, v, q, lse, q, dlse=lse[0]), ValueError, r"dlse must have shape \(1, 2, 32\)"
+  yield "bwd float segment_ids", lambda: flash_attention_bwd(q, k, v, q, lse, q, segment_ids=_ids(dtype=_f32)), TypeError, r"segment_ids must be an integer array"
+
+
+BAD_CALLS = list(_bad_calls()) + list(_bad_backward_calls())
 
 
 @pytest.mark.parametrize("call,error,match", [c[1:] for c in BAD_CALLS],
