@@ -404,7 +404,7 @@ def parse_args(argv=None):
     p.add_argument("--seq-len", type=int, default=8192)
     p.add_argument("--heads", type=int, default=16)
     p.add_argument("--head-dim", type=int, default=128)
-    p.add_argument("--rows", default=",".join(ROWS), help=f"comma list of {','.join(ROWS)}")
+    p.add_argument("--rows", default=",".join(ROWS), help="comma list of " + ",".join(ROWS).replace("%", "%%"))
     p.add_argument("--peers", default="jpack,jpack_builtin,cudnn_dense,torch_flex",
                    help=f"comma list of {','.join(PEERS)}")
     p.add_argument("--mean-doc-len", type=float, default=1024.0, help="prefix-lm row documents")
