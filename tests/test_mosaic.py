@@ -98,12 +98,20 @@ def test_lowers_for_cuda(case):
     ("bfloat16", 128, TileConfig(32, 64), "block_major"),
     ("bfloat16", 128, TileConfig(256, 64), "block_major"),
     ("bfloat16", 128, TileConfig(128, 32), "block_minor"),
-    ("bfloat16", 128, TileConfig(128, 128, num_stages=4), "shared memory"),
 ])
 def test_unsupported_inputs_are_rejected(dtype, head_dim, tile, match):
   q = jax.ShapeDtypeStruct((1, 256, 2, head_dim), jnp.dtype(dtype))
   with pytest.raises(ValueError, match=match):
     mosaic_attention.check_supported(q, q, tile)
+
+
+def test_tiles_beyond_shared_memory_fail_to_lower():
+  q = jax.ShapeDtypeStruct((1, 256, 2, 128), jnp.bfloat16)
+  ids = jax.ShapeDtypeStruct((1, 256), jnp.int32)
+  with pytest.raises(ValueError, match="shared memory"):
+    mosaic_forward.trace(q, q, q, ids, ids, ids, ids, causal=True, window=None, scale=0.1,
+                         tile=TileConfig(128, 128, num_stages=3)).lower(
+                             lowering_platforms=("cuda",))
 
 
 def test_interpret_mode_is_refused():
