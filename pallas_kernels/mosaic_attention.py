@@ -167,6 +167,8 @@ def _forward_kernel(ranges_ref, q_ref, k_ref, v_ref, q_seg_ref, q_pos_ref,
     s_shape = (_WG_ROWS, block_k)
 
     def tile_mask(slot):
+      # segment_attention._tile_mask's rule; broadcast explicitly, since a
+      # [64, 1] array (expand_dims) has no wgmma layout.
       kv_seg, kv_pos = (_col_vector(kv_ids_smem.at[slot, n][...]) for n in range(2))
       qs, ks = _rows(q_seg, s_shape), _cols(kv_seg, s_shape)
       qp, kp = _rows(q_pos, s_shape), _cols(kv_pos, s_shape)

@@ -25,9 +25,9 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from helpers import (ALL_KINDS, Layout, allowed_np, arange_positions, assert_close,
-                     assert_finite, chunk_layouts, fixed_segment_ids, random_inputs,
-                     self_layouts)
+from helpers import (ALL_KINDS, Layout, allowed_np, assert_close, assert_finite,
+                     chunk_layouts, random_inputs, self_layouts)
+from test_gpu import GpuCase
 from jpack import masks
 from jpack.attention import EMPTY_LSE, reference_attention
 from pallas_kernels import mosaic_attention
@@ -128,50 +128,31 @@ def test_interpret_mode_is_refused():
 
 
 @dataclasses.dataclass(frozen=True)
-class GpuCase:
-  name: str
-  layout: str = "packed"  # a kind of helpers.fixed_segment_ids
-  batch: int = 2
-  q_len: int = 2048
-  kv_len: int = 2048
-  heads: int = 4
-  kv_heads: int = 4
-  head_dim: int = 128
-  causal: bool = True
-  window: int | None = None
-  chunk_offset: int | None = None  # q = tokens [off, off + q_len) of the kv row
-  dtype: str = "bfloat16"
-  scale: float | None = None
+class MosaicCase(GpuCase):
+  """A case of tests/test_gpu.py, with the Mosaic kernel's tiling."""
   tile: TileConfig = mosaic_attention.DEFAULT_TILE
-
-  def make_layout(self) -> Layout:
-    kv_seg = fixed_segment_ids(self.layout, self.batch, self.kv_len, seed=7)
-    kv_pos = arange_positions(self.batch, self.kv_len)
-    off = self.chunk_offset or 0
-    return Layout(kv_seg[:, off:off + self.q_len], kv_seg,
-                  kv_pos[:, off:off + self.q_len], kv_pos)
 
 
 GPU_CASES = [
-    GpuCase("packed-d128"),
-    GpuCase("packed-d64", head_dim=64),
-    GpuCase("padded-d64", layout="padded", head_dim=64),
-    GpuCase("empty-row-d128", layout="with_empty_row"),
-    GpuCase("repeated-ids-d64", layout="repeated", head_dim=64, q_len=1024, kv_len=1024),
-    GpuCase("gqa-4:1", heads=4, kv_heads=1),
-    GpuCase("gqa-8:2-d64", heads=8, kv_heads=2, head_dim=64),
-    GpuCase("bidirectional", causal=False),
-    GpuCase("window-256-d64", window=256, head_dim=64),
-    GpuCase("window-100-bidirectional", window=100, causal=False, head_dim=64),
-    GpuCase("chunk-q1024-kv3072", q_len=1024, kv_len=3072, chunk_offset=1536),
-    GpuCase("one-document-T4096", layout="one_document", batch=1, q_len=4096,
-            kv_len=4096),
-    GpuCase("float16", dtype="float16"),
-    GpuCase("large-logits-x50", layout="padded", scale=50.0 / np.sqrt(128)),
-    GpuCase("tile-64x64-1-stage", layout="padded", tile=TileConfig(64, 64, num_stages=1)),
-    GpuCase("tile-128x64-3-stages", layout="padded", tile=TileConfig(128, 64, num_stages=3)),
-    GpuCase("tile-64x128-d64", layout="padded", head_dim=64,
-            tile=TileConfig(64, 128, num_stages=2)),
+    MosaicCase("packed-d128"),
+    MosaicCase("packed-d64", head_dim=64),
+    MosaicCase("padded-d64", layout="padded", head_dim=64),
+    MosaicCase("empty-row-d128", layout="with_empty_row"),
+    MosaicCase("repeated-ids-d64", layout="repeated", head_dim=64, q_len=1024, kv_len=1024),
+    MosaicCase("gqa-4:1", heads=4, kv_heads=1),
+    MosaicCase("gqa-8:2-d64", heads=8, kv_heads=2, head_dim=64),
+    MosaicCase("bidirectional", causal=False),
+    MosaicCase("window-256-d64", window=256, head_dim=64),
+    MosaicCase("window-100-bidirectional", window=100, causal=False, head_dim=64),
+    MosaicCase("chunk-q1024-kv3072", q_len=1024, kv_len=3072, chunk_offset=1536),
+    MosaicCase("one-document-T4096", layout="one_document", batch=1, q_len=4096,
+               kv_len=4096),
+    MosaicCase("float16", dtype="float16"),
+    MosaicCase("large-logits-x50", layout="padded", scale_mult=50.0),
+    MosaicCase("tile-64x64-1-stage", layout="padded", tile=TileConfig(64, 64, num_stages=1)),
+    MosaicCase("tile-128x64-3-stages", layout="padded", tile=TileConfig(128, 64, num_stages=3)),
+    MosaicCase("tile-64x128-d64", layout="padded", head_dim=64,
+               tile=TileConfig(64, 128, num_stages=2)),
 ]
 BY_NAME = {c.name: c for c in GPU_CASES}
 gpu_cases = pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: c.name)
@@ -186,7 +167,7 @@ def run_case(name):
   q, k, v, _, _ = random_inputs(
       seed, batch=case.batch, q_len=case.q_len, kv_len=case.kv_len, heads=case.heads,
       kv_heads=case.kv_heads, head_dim=case.head_dim, dtype=jnp.dtype(case.dtype))
-  scale = case.scale if case.scale is not None else 1.0 / np.sqrt(case.head_dim)
+  scale = case.scale or 1.0 / np.sqrt(case.head_dim)
   out, lse = mosaic_forward(q, k, v, *layout.arrays(), causal=case.causal,
                             window=case.window, scale=scale, tile=case.tile)
   f32 = lambda x: x.astype(jnp.float32)
