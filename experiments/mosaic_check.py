@@ -1,0 +1,419 @@
+"""One-shot GPU check of the Mosaic GPU forward kernel: correctness, then timing.
+
+    PYTHONPATH=. python experiments/mosaic_check.py          # on an H100
+
+1. Correctness: `pallas_kernels.mosaic_attention.forward` against the float32
+   reference (`jpack.attention.reference_attention`) on small layouts: bf16 and
+   fp16, D = 64 and 128, causal and not, a sliding window, padding rows and an
+   all-padding row, GQA, a q chunk against a longer kv row, several tilings.
+   Per case: rel errors of out and lse (rows that see something), NaN/inf
+   counts, whether rows that see nothing have out exactly 0 and lse EMPTY_LSE.
+2. Timing on the main shape (B=4, T=8192, H=16, D=128, bf16, causal, lognormal
+   packed documents as in experiments/bench_attention.py): the Triton forward
+   (flash_attention(implementation="pallas")) and the Mosaic forward for a few
+   tilings, both jitted with their tile plan inside, median of samples of 10
+   back-to-back calls (experiments/timing.py); plus the Mosaic output against
+   Triton's on the whole main shape and against the reference on one row, 2 heads.
+
+Every case runs in a worker subprocess that prints one JSON line per result, so
+an exception is a result and a hung kernel (a barrier that never completes)
+costs one timeout, not the run: the parent kills the worker and starts a new
+one at the next case. Writes $OUT/mosaic_check.json when OUT is set, and prints
+a summary. No internet, no grain needed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import functools
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+import traceback
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO_ROOT not in sys.path:
+  sys.path.insert(0, REPO_ROOT)
+
+CASE_TIMEOUT_S = 150  # compile + run of one case; longer means a hang
+TOTAL_BUDGET_S = 540  # stay under a 600 s command limit
+
+# name: (layout, batch, q_len, kv_len, heads, kv_heads, head_dim, dtype, causal,
+#        window, chunk_offset, tile (block_q, block_k, stages) or None = default)
+CORRECTNESS_CASES = {
+    "packed-d128": ("packed", 2, 1024, 1024, 4, 4, 128, "bfloat16", True, None, None, None),
+    "packed-d64": ("packed", 2, 1024, 1024, 4, 4, 64, "bfloat16", True, None, None, None),
+    "padded-d128": ("padded", 2, 1024, 1024, 4, 4, 128, "bfloat16", True, None, None, None),
+    "empty-row-d64": ("empty_row", 2, 1024, 1024, 2, 2, 64, "bfloat16", True, None, None,
+                      None),
+    "float16-d128": ("padded", 2, 1024, 1024, 4, 4, 128, "float16", True, None, None, None),
+    "float16-d64": ("packed", 2, 1024, 1024, 4, 4, 64, "float16", True, None, None, None),
+    "bidirectional": ("padded", 2, 1024, 1024, 4, 4, 128, "bfloat16", False, None, None,
+                      None),
+    "gqa-8:2-d64": ("padded", 2, 1024, 1024, 8, 2, 64, "bfloat16", True, None, None, None),
+    "gqa-4:1-d128": ("packed", 2, 1024, 1024, 4, 1, 128, "bfloat16", True, None, None, None),
+    "window-100": ("padded", 2, 1024, 1024, 4, 4, 64, "bfloat16", True, 100, None, None),
+    "window-100-bidir": ("packed", 2, 1024, 1024, 4, 4, 128, "bfloat16", False, 100, None,
+                         None),
+    "repeated-ids": ("repeated", 2, 512, 512, 2, 2, 64, "bfloat16", True, None, None, None),
+    "chunk-q512-kv1536": ("padded", 2, 512, 1536, 4, 4, 128, "bfloat16", True, None, 768,
+                          None),
+    "tile-64x64-s2": ("padded", 2, 1024, 1024, 4, 4, 128, "bfloat16", True, None, None,
+                      (64, 64, 2)),
+    "tile-128x64-s3": ("padded", 2, 1024, 1024, 4, 4, 128, "bfloat16", True, None, None,
+                       (128, 64, 3)),
+    "tile-128x64-s1": ("padded", 2, 1024, 1024, 4, 4, 64, "bfloat16", True, None, None,
+                       (128, 64, 1)),
+    "tile-64x128-s2": ("packed", 2, 1024, 1024, 4, 4, 64, "bfloat16", False, None, None,
+                       (64, 128, 2)),
+}
+TOL = 2e-2
+
+MAIN = dict(batch=4, seq_len=8192, heads=16, head_dim=128, seed=0, mean_len=1024.0)
+TIMED_TILES = {f"mosaic-{bq}x{bk}-s{s}": (bq, bk, s) for bq, bk, s in [
+    (128, 128, 2), (128, 64, 2), (128, 64, 3), (64, 64, 2), (64, 128, 2)]}
+TARGET_FWD_MS = 0.45
+
+
+# ----------------------------------------------------------------------------
+# Worker side (imports JAX)
+
+
+def _segment_ids(kind, batch, length, seed):
+  """int32 [batch, length] ids: packed lognormal documents, with padding variants."""
+  import numpy as np
+
+  from experiments.layouts import packed_segment_ids
+
+  rng = np.random.default_rng(seed)
+  if kind == "repeated":  # non-contiguous documents, padding scattered in between
+    return rng.integers(0, 4, size=(batch, length)).astype(np.int32)
+  ids = packed_segment_ids(batch, length, seed=seed, mean_len=max(16, length // 6))
+  if kind in ("padded", "empty_row"):
+    for row in ids:
+      row[length - length // 5:] = 0  # padding at the end
+      gap = int(rng.integers(0, length // 2))
+      row[gap:gap + length // 10] = 0  # and a gap in the middle
+    if kind == "empty_row":
+      ids[0] = 0
+  return ids
+
+
+def _rel_err(a, b):
+  import numpy as np
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  den = np.linalg.norm(b.ravel())
+  num = np.linalg.norm((a - b).ravel())
+  return float(num / den) if den > 0 else float(num)
+
+
+def _mosaic_fn(causal, window, scale, tile):
+  """jitted (q, k, v, q_seg, kv_seg, q_pos, kv_pos) -> (out, lse), plan included."""
+  import jax
+
+  from jpack import masks
+  from pallas_kernels import mosaic_attention
+
+  @jax.jit
+  def run(q, k, v, q_seg, kv_seg, q_pos, kv_pos):
+    plan = masks.make_tile_plan(q_seg, kv_seg, q_pos, kv_pos, block_q=tile.block_major,
+                                block_k=tile.block_minor, causal=causal,
+                                sliding_window=window)
+    return mosaic_attention.forward(q, k, v, q_seg, kv_seg, q_pos, kv_pos, plan.q_ranges,
+                                    tile=tile, scale=scale, causal=causal,
+                                    sliding_window=window)
+
+  return run
+
+
+def _tile(spec):
+  from pallas_kernels import mosaic_attention
+  from pallas_kernels.config import TileConfig
+  return mosaic_attention.DEFAULT_TILE if spec is None else TileConfig(
+      spec[0], spec[1], num_stages=spec[2])
+
+
+def run_correctness_case(name):
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  from jpack.attention import EMPTY_LSE, reference_attention
+  from jpack.masks import allowed_mask
+
+  (kind, batch, q_len, kv_len, heads, kv_heads, head_dim, dtype, causal, window, off,
+   tile_spec) = CORRECTNESS_CASES[name]
+  tile = _tile(tile_spec)
+  kv_seg = _segment_ids(kind, batch, kv_len, seed=7)
+  kv_pos = np.broadcast_to(np.arange(kv_len, dtype=np.int32), (batch, kv_len))
+  off = off or 0
+  q_seg, q_pos = kv_seg[:, off:off + q_len], kv_pos[:, off:off + q_len]
+  ids = [jnp.asarray(np.ascontiguousarray(x), jnp.int32)
+         for x in (q_seg, kv_seg, q_pos, kv_pos)]
+  keys = jax.random.split(jax.random.key(len(name)), 3)
+  dt = jnp.dtype(dtype)
+  q = jax.random.normal(keys[0], (batch, q_len, heads, head_dim), jnp.float32).astype(dt)
+  k = jax.random.normal(keys[1], (batch, kv_len, kv_heads, head_dim), jnp.float32).astype(dt)
+  v = jax.random.normal(keys[2], (batch, kv_len, kv_heads, head_dim), jnp.float32).astype(dt)
+  scale = 1.0 / np.sqrt(head_dim)
+  t0 = time.perf_counter()
+  out, lse = jax.block_until_ready(_mosaic_fn(causal, window, scale, tile)(q, k, v, *ids))
+  seconds = time.perf_counter() - t0
+  f32 = lambda x: x.astype(jnp.float32)
+  want_out, want_lse = reference_attention(
+      f32(q), f32(k), f32(v), q_segment_ids=ids[0], kv_segment_ids=ids[1],
+      q_positions=ids[2], kv_positions=ids[3], causal=causal, sliding_window=window,
+      scale=scale, return_residuals=True)
+  out, lse = np.asarray(f32(out)), np.asarray(lse)
+  want_out, want_lse = np.asarray(want_out), np.asarray(want_lse)
+  seen_q = np.asarray(allowed_mask(*ids, causal=causal, sliding_window=window)).any(axis=2)
+  seen = np.broadcast_to(seen_q[:, None, :], lse.shape)
+  out_err = _rel_err(out, want_out)
+  lse_err = _rel_err(lse[seen], want_lse[seen])
+  result = dict(
+      tile=list((tile.block_major, tile.block_minor, tile.num_stages)),
+      first_call_s=round(seconds, 2),
+      out_err=out_err, lse_err=lse_err,
+      nonfinite=int((~np.isfinite(out)).sum() + (~np.isfinite(lse)).sum()),
+      blind_rows=int((~seen_q).sum()),
+      blind_out_exact_zero=bool(np.all(out[~seen_q] == 0.0)),
+      blind_lse_is_empty=bool(np.all(lse[~seen] == np.float32(EMPTY_LSE))),
+  )
+  result["ok"] = bool(out_err <= TOL and lse_err <= TOL and result["nonfinite"] == 0
+                      and result["blind_out_exact_zero"] and result["blind_lse_is_empty"])
+  return result
+
+
+@functools.lru_cache(maxsize=None)
+def _main_inputs():
+  """(q, k, v, seg, pos, useful forward FLOPs) of the main shape, made once per worker."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  from experiments.layouts import causal_doc_flops, packed_segment_ids
+
+  b, t, h, d = MAIN["batch"], MAIN["seq_len"], MAIN["heads"], MAIN["head_dim"]
+  seg = packed_segment_ids(b, t, seed=MAIN["seed"], mean_len=MAIN["mean_len"])
+  kq, kk, kv = jax.random.split(jax.random.key(MAIN["seed"]), 3)
+  bf16 = jnp.bfloat16
+  q = jax.random.normal(kq, (b, t, h, d), bf16)
+  k = jax.random.normal(kk, (b, t, h, d), bf16)
+  v = jax.random.normal(kv, (b, t, h, d), bf16)
+  seg = jnp.asarray(seg, jnp.int32)
+  pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+  return q, k, v, seg, pos, causal_doc_flops(np.asarray(seg), h, d)
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_forward(scale):
+  """jitted (q, k, v, seg) -> out: the public Pallas (Triton) path."""
+  import jax
+
+  from jpack.attention import flash_attention
+  return jax.jit(lambda q, k, v, seg: flash_attention(
+      q, k, v, segment_ids=seg, causal=True, scale=scale, implementation="pallas"))
+
+
+def run_timing_case(name):
+  """name: "triton" or a key of TIMED_TILES."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  from experiments import timing
+  from jpack.attention import reference_attention
+
+  q, k, v, seg, pos, flops = _main_inputs()
+  scale = 1.0 / np.sqrt(q.shape[-1])
+  result = {}
+  if name == "triton":
+    fn, args = _triton_forward(scale), (q, k, v, seg)
+  else:
+    mosaic = _mosaic_fn(True, None, scale, _tile(TIMED_TILES[name]))
+    fn = jax.jit(lambda q, k, v, seg, pos: mosaic(q, k, v, seg, seg, pos, pos)[0])
+    args = (q, k, v, seg, pos)
+    out = np.asarray(fn(*args).astype(jnp.float32))
+    result["nonfinite"] = int((~np.isfinite(out)).sum())
+    # Against the float32 reference on one row and two heads (dense logits fit).
+    f32 = lambda x: x[:1, :, :2].astype(jnp.float32)
+    want = reference_attention(f32(q), f32(k), f32(v), segment_ids=seg[:1], causal=True,
+                               scale=scale)
+    result["rel_err_vs_reference_row0_heads01"] = _rel_err(out[:1, :, :2], want)
+    try:
+      result["rel_err_vs_triton"] = _rel_err(
+          out, np.asarray(_triton_forward(scale)(q, k, v, seg).astype(jnp.float32)))
+    except Exception as exc:  # noqa: BLE001
+      result["rel_err_vs_triton"] = f"triton failed: {type(exc).__name__}: {exc}"[:300]
+  ms = timing.median_ms(fn, *args, warmup=3, reps=20)
+  result.update(fwd_ms=ms, tflops=flops / (ms * 1e-3) / 1e12)
+  return result
+
+
+def worker(kind, names):
+  runner = dict(correct=run_correctness_case, time=run_timing_case)[kind]
+  for name in names:
+    print(json.dumps(dict(event="start", kind=kind, case=name)), flush=True)
+    try:
+      result = dict(status="ok", **runner(name))
+    except Exception as exc:  # noqa: BLE001 - a failure is a result
+      tb = traceback.format_exc()
+      result = dict(status="error", error=f"{type(exc).__name__}: {exc}"[:2000],
+                    traceback_tail=tb[-3000:])
+    print(json.dumps(dict(event="done", kind=kind, case=name, **result)), flush=True)
+
+
+# ----------------------------------------------------------------------------
+# Parent side (no JAX): workers, timeouts, summary
+
+
+def _pump(proc):
+  """(queue of the worker's stdout lines, then None at exit; deque of its last stderr lines)."""
+  lines: queue.Queue = queue.Queue()
+  stderr_tail: collections.deque = collections.deque(maxlen=40)
+
+  def pump_stdout():
+    for line in proc.stdout:
+      lines.put(line)
+    lines.put(None)
+
+  threading.Thread(target=pump_stdout, daemon=True).start()
+  threading.Thread(target=stderr_tail.extend, args=(proc.stderr,), daemon=True).start()
+  return lines, stderr_tail
+
+
+def _run_workers(kind, names, deadline, results):
+  """Runs `names` in workers, a fresh worker after a hang; fills results[name]."""
+  todo = list(names)
+  while todo:
+    if time.monotonic() > deadline:
+      for name in todo:
+        results[name] = dict(status="skipped", error="out of the total time budget")
+      return
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", kind, *todo]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, cwd=REPO_ROOT)
+    lines, stderr_tail = _pump(proc)
+    current, last = None, time.monotonic()
+    while True:
+      limit = min(last + CASE_TIMEOUT_S, deadline)
+      try:
+        line = lines.get(timeout=max(0.1, limit - time.monotonic()))
+      except queue.Empty:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        why = "hung" if time.monotonic() < deadline else "out of the total time budget"
+        if current is not None:
+          results[current] = dict(status="timeout", error=f"no result after "
+                                  f"{time.monotonic() - last:.0f} s ({why})")
+          todo.remove(current)
+          print(f"  {kind} {current}: TIMEOUT ({why})", flush=True)
+        else:
+          for name in todo:
+            results[name] = dict(status="timeout", error="worker never started a case")
+          todo = []
+        break
+      if line is None:  # worker exited
+        proc.wait()
+        if current is not None:  # crashed inside a case (e.g. a CUDA error abort)
+          results[current] = dict(status="crash", error=f"worker exited with "
+                                  f"{proc.returncode}", stderr_tail="".join(stderr_tail)[-3000:])
+          todo.remove(current)
+          print(f"  {kind} {current}: CRASH (exit {proc.returncode})", flush=True)
+        elif todo:
+          for name in todo:
+            results[name] = dict(status="crash", error=f"worker exited with "
+                                 f"{proc.returncode} before this case",
+                                 stderr_tail="".join(stderr_tail)[-3000:])
+          todo = []
+        break
+      try:
+        msg = json.loads(line)
+      except json.JSONDecodeError:
+        continue  # stray output
+      last = time.monotonic()
+      if msg.get("event") == "start":
+        current = msg["case"]
+      elif msg.get("event") == "done":
+        name = msg.pop("case")
+        for key in ("event", "kind"):
+          msg.pop(key)
+        results[name] = msg
+        todo.remove(name)
+        current = None
+        print(f"  {kind} {name}: {_one_line(msg)}", flush=True)
+
+
+def _one_line(r):
+  if r.get("status") != "ok":
+    return f"{r.get('status', '?').upper()}: {r.get('error', '')[:300]}"
+  keys = ("ok", "out_err", "lse_err", "nonfinite", "blind_out_exact_zero",
+          "blind_lse_is_empty", "fwd_ms", "tflops", "rel_err_vs_triton",
+          "rel_err_vs_reference_row0_heads01", "first_call_s")
+  fmt = lambda v: f"{v:.3g}" if isinstance(v, float) else str(v)
+  return " ".join(f"{k}={fmt(r[k])}" for k in keys if k in r)
+
+
+def _environment():
+  try:
+    out = subprocess.run([sys.executable, "-c",
+                          "import jax; d = jax.devices()[0]; print(jax.__version__); "
+                          "print(d.platform); print(getattr(d, 'device_kind', ''))"],
+                         capture_output=True, text=True, timeout=120, cwd=REPO_ROOT)
+    version, platform, kind = (out.stdout.splitlines() + ["?"] * 3)[:3]
+    return dict(jax=version, platform=platform, device=kind)
+  except Exception as exc:  # noqa: BLE001
+    return dict(error=str(exc))
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--worker", choices=("correct", "time"), help=argparse.SUPPRESS)
+  p.add_argument("--only", choices=("correct", "time"),
+                 help="run only the correctness or only the timing part")
+  p.add_argument("cases", nargs="*", help=argparse.SUPPRESS)
+  args = p.parse_args()
+  if args.worker:
+    worker(args.worker, args.cases)
+    return
+
+  start = time.monotonic()
+  deadline = start + TOTAL_BUDGET_S
+  summary = dict(environment=_environment(), tolerance=TOL, main_shape=MAIN,
+                 target_fwd_ms=TARGET_FWD_MS, correctness={}, timing={})
+  print(f"environment: {summary['environment']}", flush=True)
+  if args.only != "time":
+    print("correctness (Mosaic forward vs float32 reference):", flush=True)
+    _run_workers("correct", list(CORRECTNESS_CASES), deadline - 150, summary["correctness"])
+  if args.only != "correct":
+    print("timing on the main shape (forward, plan included):", flush=True)
+    _run_workers("time", ["triton", *TIMED_TILES], deadline, summary["timing"])
+
+  correct = summary["correctness"]
+  passed = [n for n, r in correct.items() if r.get("ok")]
+  timed = {n: r["fwd_ms"] for n, r in summary["timing"].items() if "fwd_ms" in r}
+  best = min((n for n in timed if n != "triton"), key=timed.get, default=None)
+  summary["summary"] = dict(
+      correctness_passed=f"{len(passed)}/{len(correct)}",
+      failed=sorted(set(correct) - set(passed)),
+      triton_fwd_ms=timed.get("triton"),
+      best_mosaic=best, best_mosaic_fwd_ms=timed.get(best),
+      meets_target=bool(best and timed[best] <= TARGET_FWD_MS),
+      wall_s=round(time.monotonic() - start, 1))
+  print(json.dumps(summary["summary"], indent=1))
+  if out_dir := os.environ.get("OUT"):
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, "mosaic_check.json")
+    with open(path, "w") as f:
+      json.dump(summary, f, indent=1)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,274 @@
+"""Segment-masked flash attention, forward: a Pallas kernel for Mosaic GPU (Hopper).
+
+Same contract as `pallas_kernels.segment_attention.forward` (the Triton
+lowering): same padded inputs, the same tile plan from `jpack.masks`, and the
+same outputs (out in q.dtype, lse float32 in natural log, EMPTY_LSE and exact
+zeros for rows that attend to nothing, never NaN).
+
+One CTA owns one q tile of one head: `tile.block_major` rows, 64 per consumer
+warpgroup (so 64 or 128), plus one producer warpgroup that streams K/V tiles
+(and their segment ids and positions) through `tile.num_stages` shared-memory
+slots with TMA. Each consumer warpgroup runs, for every kv tile j in the plan
+row's [lo, hi):
+
+    S = Q K_j^T (wgmma, Q and K from shared memory)
+    mask S only where j is outside [full_lo, full_hi)
+    online softmax in registers (base 2, as the Triton kernel)
+    acc = acc * alpha + P V_j (wgmma, P from registers)
+
+Shapes (all already padded by the caller):
+  q: [B, Tq, H, D]; k, v: [B, Tk, Hkv, D], H % Hkv == 0;
+  D in {64, 128}; dtype bfloat16 or float16;
+  q_seg, q_pos: int32 [B, Tq]; kv_seg, kv_pos: int32 [B, Tk];
+  q_ranges: int32 [B, Tq / block_major, 4], planned with
+  (block_q, block_k) = (tile.block_major, tile.block_minor).
+
+tile.num_warps is not used: the warpgroups follow from block_major.
+
+Synchronisation, per slot s of the K/V ring:
+  kv_ready[s]:    the producer's TMA of K, V, kv ids and kv positions landed
+                  (4 copies, so 4 arrivals, each with its expected bytes);
+  kv_consumed[s]: every consumer warpgroup is done reading the slot
+                  (one arrival per consumer).
+The producer and the consumers walk the same plan row, so they agree on the
+number of steps; step t (t = j - lo) uses slot t % num_stages.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels.config import TileConfig
+from pallas_kernels.segment_attention import EMPTY_LSE, LOG2E, MASKED_LOGIT
+
+__all__ = ["DEFAULT_TILE", "check_supported", "forward"]
+
+_LN2 = 1.0 / LOG2E
+_WG_ROWS = 64  # rows of one wgmma M tile, owned by one consumer warpgroup
+_SUPPORTED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+_SUPPORTED_HEAD_DIMS = (64, 128)
+_SUPPORTED_BLOCK_K = (64, 128)
+_PRODUCER_REGISTERS = 40
+_CONSUMER_REGISTERS = 232
+
+DEFAULT_TILE = TileConfig(128, 128, num_stages=2)
+"""Two consumer warpgroups, 128-key tiles, double-buffered (untuned starting point)."""
+
+
+def check_supported(q, k, tile: TileConfig) -> None:
+  """Raises ValueError if this kernel cannot run (q: [B, Tq, H, D], k: [B, Tk, Hkv, D])."""
+  if q.dtype not in _SUPPORTED_DTYPES:
+    raise ValueError(f"Mosaic GPU attention needs bfloat16 or float16, got {q.dtype}")
+  head_dim = q.shape[3]
+  if head_dim not in _SUPPORTED_HEAD_DIMS:
+    raise ValueError(f"Mosaic GPU attention supports head_dim in {_SUPPORTED_HEAD_DIMS}, "
+                     f"got {head_dim}")
+  if tile.block_major not in (_WG_ROWS, 2 * _WG_ROWS):
+    raise ValueError(f"tile.block_major must be 64 or 128 (64 rows per consumer "
+                     f"warpgroup), got {tile.block_major}")
+  if tile.block_minor not in _SUPPORTED_BLOCK_K:
+    raise ValueError(f"tile.block_minor must be one of {_SUPPORTED_BLOCK_K}, "
+                     f"got {tile.block_minor}")
+  if tile.num_stages < 1:
+    raise ValueError(f"tile.num_stages must be >= 1, got {tile.num_stages}")
+  if q.shape[1] % tile.block_major or k.shape[1] % tile.block_minor:
+    raise ValueError(f"sequence lengths ({q.shape[1]}, {k.shape[1]}) must be multiples "
+                     f"of the tile ({tile.block_major}, {tile.block_minor})")
+  # Too many stages for shared memory (227 KiB) is reported by Mosaic GPU
+  # itself when the kernel is lowered (a ValueError naming shared memory).
+
+
+def _mma_transforms(dtype):
+  """SMEM tiling + swizzle for wgmma operands whose rows are head_dim wide."""
+  swizzle = 128
+  return (plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)),
+          plgpu.SwizzleTransform(swizzle))
+
+
+def _row_vector(x):
+  """[64] array in the layout of one row statistic of a wgmma accumulator."""
+  return plgpu.layout_cast(x, plgpu.Layout.WGMMA.reduce(1))
+
+
+def _col_vector(x):
+  """[n] array in the layout of one column of a [64, n] wgmma accumulator."""
+  return plgpu.layout_cast(x, plgpu.Layout.WGMMA.reduce(0))
+
+
+def _rows(x, shape):
+  """[64] row statistic broadcast over the columns of a [64, n] accumulator."""
+  return lax.broadcast_in_dim(x, shape, (0,))
+
+
+def _cols(x, shape):
+  """[n] column vector broadcast over the rows of a [64, n] accumulator."""
+  return lax.broadcast_in_dim(x, shape, (1,))
+
+
+def _forward_kernel(ranges_ref, q_ref, k_ref, v_ref, q_seg_ref, q_pos_ref,
+                    kv_seg_ref, kv_pos_ref, o_ref, lse_ref, scratch, *, scale,
+                    causal, sliding_window, block_k, num_stages,
+                    num_consumers, group):
+  (qo_smem, q_ids_smem, lse_smem, k_smem, v_smem, kv_ids_smem), barriers = scratch
+  q_ready, kv_ready, kv_consumed = barriers
+  qt, b, h = (lax.axis_index(n) for n in ("q_tiles", "batch", "heads"))
+  wg = lax.axis_index("wg")
+  lo, full_lo, full_hi, hi = (ranges_ref[b, qt, n] for n in range(4))
+  head_dim = q_ref.shape[-1]
+  dtype = q_ref.dtype
+
+  # Moving registers from the producer to the consumers is only well defined
+  # when the launch allots fewer than the consumers ask for (3 warpgroups:
+  # 65536 / 384 = 170 per thread); with 2 warpgroups everyone has 255 anyway.
+  rebalance_registers = num_consumers > 1
+
+  @pl.when(wg == num_consumers)
+  def _producer():
+    if rebalance_registers:
+      plgpu.set_max_registers(_PRODUCER_REGISTERS, action="decrease")
+    kv_head = lax.div(h, jnp.int32(group))
+
+    def load(j):
+      t = j - lo
+      slot = lax.rem(t, jnp.int32(num_stages))
+
+      @pl.when(t >= num_stages)
+      def _wait_free():
+        plgpu.barrier_wait(kv_consumed.at[slot])
+
+      cols = pl.ds(j * block_k, block_k)
+      ready = kv_ready.at[slot]
+      plgpu.copy_gmem_to_smem(k_ref.at[b, cols, kv_head], k_smem.at[slot], ready)
+      plgpu.copy_gmem_to_smem(v_ref.at[b, cols, kv_head], v_smem.at[slot], ready)
+      plgpu.copy_gmem_to_smem(kv_seg_ref.at[b, cols], kv_ids_smem.at[slot, 0], ready)
+      plgpu.copy_gmem_to_smem(kv_pos_ref.at[b, cols], kv_ids_smem.at[slot, 1], ready)
+
+    pl.loop(lo, hi)(load)
+
+  @pl.when(wg < num_consumers)
+  def _consumer():
+    if rebalance_registers:
+      plgpu.set_max_registers(_CONSUMER_REGISTERS, action="increase")
+    q0 = qt * (num_consumers * _WG_ROWS) + wg * _WG_ROWS
+    rows = pl.ds(q0, _WG_ROWS)
+    q_smem = qo_smem.at[wg]
+    plgpu.copy_gmem_to_smem(q_ref.at[b, rows, h], q_smem, q_ready.at[wg])
+    plgpu.copy_gmem_to_smem(q_seg_ref.at[b, rows], q_ids_smem.at[wg, 0], q_ready.at[wg])
+    plgpu.copy_gmem_to_smem(q_pos_ref.at[b, rows], q_ids_smem.at[wg, 1], q_ready.at[wg])
+    plgpu.barrier_wait(q_ready.at[wg])
+    q_seg, q_pos = (_row_vector(q_ids_smem.at[wg, n][...]) for n in range(2))
+    logit_scale = scale * LOG2E
+    s_shape = (_WG_ROWS, block_k)
+
+    def tile_mask(slot):
+      # segment_attention._tile_mask's rule; broadcast explicitly, since a
+      # [64, 1] array (expand_dims) has no wgmma layout.
+      kv_seg, kv_pos = (_col_vector(kv_ids_smem.at[slot, n][...]) for n in range(2))
+      qs, ks = _rows(q_seg, s_shape), _cols(kv_seg, s_shape)
+      qp, kp = _rows(q_pos, s_shape), _cols(kv_pos, s_shape)
+      mask = (qs == ks) & (qs != 0)
+      if causal:
+        mask &= kp <= qp
+      if sliding_window is not None:
+        mask &= qp - kp < sliding_window
+      return mask
+
+    def visit(j, carry, *, masked):
+      acc, m, l = carry
+      slot = lax.rem(j - lo, jnp.int32(num_stages))
+      plgpu.barrier_wait(kv_ready.at[slot])
+
+      def qk(acc_ref):
+        plgpu.wgmma(acc_ref, q_smem, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
+        return acc_ref[...]
+
+      s = pl.run_scoped(qk, plgpu.ACC(s_shape, jnp.float32)) * logit_scale
+      if masked:
+        s = jnp.where(tile_mask(slot), s, MASKED_LOGIT)
+      m_new = jnp.maximum(m, jnp.max(s, axis=1))
+      # A row that has seen nothing keeps m_new == MASKED_LOGIT; shifting it
+      # by 0 instead makes its masked p exactly 0 (see segment_attention).
+      shift = jnp.where(m_new == MASKED_LOGIT, 0.0, m_new)
+      alpha = jnp.exp2(m - shift)
+      p = jnp.exp2(s - _rows(shift, s_shape))
+      l = l * alpha + jnp.sum(p, axis=1)
+      acc = acc * _rows(alpha, acc.shape)
+
+      def pv(acc_ref):
+        plgpu.wgmma(acc_ref, p.astype(dtype), v_smem.at[slot])
+
+      acc = pl.run_state(pv)(plgpu.ACC.init(acc))
+      plgpu.barrier_arrive(kv_consumed.at[slot])
+      return acc, m_new, l
+
+    carry = (plgpu.layout_cast(jnp.zeros((_WG_ROWS, head_dim), jnp.float32),
+                               plgpu.Layout.WGMMA),
+             _row_vector(jnp.full((_WG_ROWS,), MASKED_LOGIT, jnp.float32)),
+             _row_vector(jnp.zeros((_WG_ROWS,), jnp.float32)))
+    masked_visit = functools.partial(visit, masked=True)
+    carry = lax.fori_loop(lo, full_lo, masked_visit, carry)
+    carry = lax.fori_loop(full_lo, full_hi, functools.partial(visit, masked=False), carry)
+    acc, m, l = lax.fori_loop(full_hi, hi, masked_visit, carry)
+
+    seen = l > 0.0
+    l = jnp.where(seen, l, 1.0)
+    q_smem[...] = (acc * _rows(1.0 / l, acc.shape)).astype(dtype)
+    lse_smem.at[wg][...] = jnp.where(seen, m * _LN2 + jnp.log(l), EMPTY_LSE)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(q_smem, o_ref.at[b, rows, h])
+    plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[b, h, rows])
+    plgpu.wait_smem_to_gmem(0)
+
+
+def forward(q, k, v, q_seg, kv_seg, q_pos, kv_pos, q_ranges, *, tile: TileConfig,
+            scale, causal, sliding_window, interpret=False):
+  """Returns (out [B, Tq, H, D] in q.dtype, lse float32 [B, H, Tq]).
+
+  Same arguments as `segment_attention.forward`; `interpret` must be False
+  (the Mosaic GPU interpreter cannot run this kernel: see tests/test_mosaic.py).
+  """
+  if interpret:
+    raise NotImplementedError("the Mosaic GPU attention kernel has no interpret mode")
+  check_supported(q, k, tile)
+  batch, tq, heads, head_dim = q.shape
+  group = heads // k.shape[2]
+  num_consumers = tile.block_major // _WG_ROWS
+  bk, stages = tile.block_minor, tile.num_stages
+  transforms = _mma_transforms(q.dtype)
+  kernel = functools.partial(
+      _forward_kernel, scale=scale, causal=causal, sliding_window=sliding_window,
+      block_k=bk, num_stages=stages, num_consumers=num_consumers, group=group)
+
+  def entry(*refs):
+    scratch = (
+        plgpu.SMEM((num_consumers, _WG_ROWS, head_dim), q.dtype, transforms=transforms),
+        plgpu.SMEM((num_consumers, 2, _WG_ROWS), jnp.int32),
+        plgpu.SMEM((num_consumers, _WG_ROWS), jnp.float32),
+        plgpu.SMEM((stages, bk, head_dim), k.dtype, transforms=transforms),
+        plgpu.SMEM((stages, bk, head_dim), v.dtype, transforms=transforms),
+        plgpu.SMEM((stages, 2, bk), jnp.int32),
+    )
+    barriers = (
+        plgpu.Barrier(num_arrivals=3, num_barriers=num_consumers),
+        plgpu.Barrier(num_arrivals=4, num_barriers=stages),
+        plgpu.Barrier(num_arrivals=num_consumers, num_barriers=stages),
+    )
+    pl.run_scoped(lambda *s: kernel(*refs, (s[:len(scratch)], s[len(scratch):])),
+                  *scratch, *barriers, collective_axes="wg")
+
+  return plgpu.kernel(
+      entry,
+      out_type=(jax.ShapeDtypeStruct(q.shape, q.dtype),
+                jax.ShapeDtypeStruct((batch, heads, tq), jnp.float32)),
+      grid=(tq // tile.block_major, batch, heads),
+      grid_names=("q_tiles", "batch", "heads"),
+      num_threads=num_consumers + 1,
+      thread_name="wg",
+      compiler_params=plgpu.CompilerParams(approx_math=True),
+  )(q_ranges, q, k, v, q_seg, q_pos, kv_seg, kv_pos)

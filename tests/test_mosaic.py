@@ -1,0 +1,263 @@
+"""The Mosaic GPU forward kernel (pallas_kernels.mosaic_attention), against the reference.
+
+On every machine: the kernel lowers for CUDA for each supported option. Mosaic
+GPU builds its MLIR (layouts, wgmma shapes, TMA slices, barriers) at lowering
+time, so this catches most API and shape errors without a GPU; unsupported
+inputs are rejected with a message. The Mosaic GPU interpreter cannot run this
+kernel (JAX 0.10.2's has no plgpu.load, no wgmma with a register or transposed
+operand, no run_state), so its numbers are only checked on a GPU.
+
+On a GPU (marker `gpu`): out and lse against the float32 reference on the same
+rounded inputs (rel <= 2e-2 for bfloat16/float16), exact zeros and EMPTY_LSE
+for queries that see nothing, nothing NaN; fixed layouts at realistic sizes
+and hypothesis layouts at one small shape.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import zlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from helpers import (ALL_KINDS, Layout, allowed_np, assert_close, assert_finite,
+                     chunk_layouts, random_inputs, self_layouts)
+from test_gpu import GpuCase
+from jpack import masks
+from jpack.attention import EMPTY_LSE, reference_attention
+from pallas_kernels import mosaic_attention
+from pallas_kernels.config import TileConfig
+
+TOL = 2e-2  # bfloat16 / float16 against the float32 reference
+
+
+@functools.partial(jax.jit, static_argnames=("causal", "window", "scale", "tile"))
+def mosaic_forward(q, k, v, q_seg, kv_seg, q_pos, kv_pos, *, causal, window, scale,
+                   tile):
+  """(out, lse) of the Mosaic kernel, with its tile plan; lengths multiples of the tile."""
+  plan = masks.make_tile_plan(q_seg, kv_seg, q_pos, kv_pos, block_q=tile.block_major,
+                              block_k=tile.block_minor, causal=causal,
+                              sliding_window=window)
+  return mosaic_attention.forward(q, k, v, q_seg, kv_seg, q_pos, kv_pos, plan.q_ranges,
+                                  tile=tile, scale=scale, causal=causal,
+                                  sliding_window=window)
+
+
+# ----------------------------------------------------------------------------
+# CPU: lowering for CUDA, and input checks
+
+
+@dataclasses.dataclass(frozen=True)
+class LowerCase:
+  name: str
+  dtype: str = "bfloat16"
+  head_dim: int = 128
+  heads: int = 4
+  kv_heads: int = 4
+  causal: bool = True
+  window: int | None = None
+  tile: TileConfig = mosaic_attention.DEFAULT_TILE
+
+
+LOWER_CASES = [
+    LowerCase("default"),
+    LowerCase("d64", head_dim=64),
+    LowerCase("float16", dtype="float16"),
+    LowerCase("bidirectional", causal=False),
+    LowerCase("window", window=100),
+    LowerCase("window-bidirectional", window=100, causal=False),
+    LowerCase("gqa-4:1", kv_heads=1),
+    LowerCase("one-consumer-64x64", tile=TileConfig(64, 64, num_stages=2)),
+    LowerCase("128x64-3-stages", tile=TileConfig(128, 64, num_stages=3)),
+    LowerCase("one-stage", tile=TileConfig(128, 64, num_stages=1)),
+    LowerCase("d64-64x128", head_dim=64, tile=TileConfig(64, 128, num_stages=2)),
+]
+
+
+@pytest.mark.parametrize("case", LOWER_CASES, ids=lambda c: c.name)
+def test_lowers_for_cuda(case):
+  b, t = 2, 512
+  q = jax.ShapeDtypeStruct((b, t, case.heads, case.head_dim), jnp.dtype(case.dtype))
+  kv = jax.ShapeDtypeStruct((b, t, case.kv_heads, case.head_dim), jnp.dtype(case.dtype))
+  ids = jax.ShapeDtypeStruct((b, t), jnp.int32)
+  lowered = mosaic_forward.trace(
+      q, kv, kv, ids, ids, ids, ids, causal=case.causal, window=case.window,
+      scale=0.1, tile=case.tile).lower(lowering_platforms=("cuda",))
+  assert "mosaic_gpu" in lowered.as_text()
+
+
+@pytest.mark.parametrize("dtype, head_dim, tile, match", [
+    ("float32", 128, mosaic_attention.DEFAULT_TILE, "bfloat16 or float16"),
+    ("bfloat16", 32, mosaic_attention.DEFAULT_TILE, "head_dim"),
+    ("bfloat16", 256, mosaic_attention.DEFAULT_TILE, "head_dim"),
+    ("bfloat16", 128, TileConfig(32, 64), "block_major"),
+    ("bfloat16", 128, TileConfig(256, 64), "block_major"),
+    ("bfloat16", 128, TileConfig(128, 32), "block_minor"),
+])
+def test_unsupported_inputs_are_rejected(dtype, head_dim, tile, match):
+  q = jax.ShapeDtypeStruct((1, 256, 2, head_dim), jnp.dtype(dtype))
+  with pytest.raises(ValueError, match=match):
+    mosaic_attention.check_supported(q, q, tile)
+
+
+def test_tiles_beyond_shared_memory_fail_to_lower():
+  q = jax.ShapeDtypeStruct((1, 256, 2, 128), jnp.bfloat16)
+  ids = jax.ShapeDtypeStruct((1, 256), jnp.int32)
+  with pytest.raises(ValueError, match="shared memory"):
+    mosaic_forward.trace(q, q, q, ids, ids, ids, ids, causal=True, window=None, scale=0.1,
+                         tile=TileConfig(128, 128, num_stages=3)).lower(
+                             lowering_platforms=("cuda",))
+
+
+def test_interpret_mode_is_refused():
+  x = jnp.zeros((1, 128, 1, 64), jnp.bfloat16)
+  ids = jnp.zeros((1, 128), jnp.int32)
+  with pytest.raises(NotImplementedError, match="interpret"):
+    mosaic_attention.forward(x, x, x, ids, ids, ids, ids, jnp.zeros((1, 1, 4), jnp.int32),
+                             tile=mosaic_attention.DEFAULT_TILE, scale=0.1, causal=True,
+                             sliding_window=None, interpret=True)
+
+
+# ----------------------------------------------------------------------------
+# GPU: numbers against the reference
+
+
+@dataclasses.dataclass(frozen=True)
+class MosaicCase(GpuCase):
+  """A case of tests/test_gpu.py, with the Mosaic kernel's tiling."""
+  tile: TileConfig = mosaic_attention.DEFAULT_TILE
+
+
+GPU_CASES = [
+    MosaicCase("packed-d128"),
+    MosaicCase("packed-d64", head_dim=64),
+    MosaicCase("padded-d64", layout="padded", head_dim=64),
+    MosaicCase("empty-row-d128", layout="with_empty_row"),
+    MosaicCase("repeated-ids-d64", layout="repeated", head_dim=64, q_len=1024, kv_len=1024),
+    MosaicCase("gqa-4:1", heads=4, kv_heads=1),
+    MosaicCase("gqa-8:2-d64", heads=8, kv_heads=2, head_dim=64),
+    MosaicCase("bidirectional", causal=False),
+    MosaicCase("window-256-d64", window=256, head_dim=64),
+    MosaicCase("window-100-bidirectional", window=100, causal=False, head_dim=64),
+    MosaicCase("chunk-q1024-kv3072", q_len=1024, kv_len=3072, chunk_offset=1536),
+    MosaicCase("one-document-T4096", layout="one_document", batch=1, q_len=4096,
+               kv_len=4096),
+    MosaicCase("float16", dtype="float16"),
+    MosaicCase("large-logits-x50", layout="padded", scale_mult=50.0),
+    MosaicCase("tile-64x64-1-stage", layout="padded", tile=TileConfig(64, 64, num_stages=1)),
+    MosaicCase("tile-128x64-3-stages", layout="padded", tile=TileConfig(128, 64, num_stages=3)),
+    MosaicCase("tile-64x128-d64", layout="padded", head_dim=64,
+               tile=TileConfig(64, 128, num_stages=2)),
+]
+BY_NAME = {c.name: c for c in GPU_CASES}
+gpu_cases = pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: c.name)
+
+
+@functools.lru_cache(maxsize=None)
+def run_case(name):
+  """(kernel, reference, layout): dicts of float32 numpy out [B, Tq, H, D], lse [B, H, Tq]."""
+  case = BY_NAME[name]
+  layout = case.make_layout()
+  seed = zlib.crc32(name.encode()) & 0x7FFFFFFF
+  q, k, v, _, _ = random_inputs(
+      seed, batch=case.batch, q_len=case.q_len, kv_len=case.kv_len, heads=case.heads,
+      kv_heads=case.kv_heads, head_dim=case.head_dim, dtype=jnp.dtype(case.dtype))
+  scale = case.scale or 1.0 / np.sqrt(case.head_dim)
+  out, lse = mosaic_forward(q, k, v, *layout.arrays(), causal=case.causal,
+                            window=case.window, scale=scale, tile=case.tile)
+  f32 = lambda x: x.astype(jnp.float32)
+  want_out, want_lse = reference_attention(
+      f32(q), f32(k), f32(v), **layout.kwargs(), causal=case.causal,
+      sliding_window=case.window, scale=scale, return_residuals=True)
+  as_np = lambda x: np.asarray(f32(x))
+  return (dict(out=as_np(out), lse=as_np(lse)),
+          dict(out=as_np(want_out), lse=as_np(want_lse)), layout)
+
+
+def _allowed(case, layout):
+  return allowed_np(layout, causal=case.causal, sliding_window=case.window)
+
+
+@pytest.mark.gpu
+@gpu_cases
+def test_output_matches_reference(case):
+  got, want, _ = run_case(case.name)
+  assert_close("out", got["out"], want["out"], TOL)
+
+
+@pytest.mark.gpu
+@gpu_cases
+def test_lse_matches_reference(case):
+  got, want, layout = run_case(case.name)
+  seen = np.broadcast_to(_allowed(case, layout).any(axis=2)[:, None, :],
+                         got["lse"].shape)
+  assert_close("lse", got["lse"][seen], want["lse"][seen], TOL)
+  np.testing.assert_array_equal(got["lse"][~seen], np.float32(EMPTY_LSE))
+
+
+@pytest.mark.gpu
+@gpu_cases
+def test_nothing_is_nan_or_inf(case):
+  got, _, _ = run_case(case.name)
+  for name, x in got.items():
+    assert_finite(name, x)
+
+
+@pytest.mark.gpu
+@gpu_cases
+def test_queries_that_see_nothing_output_exactly_zero(case):
+  got, _, layout = run_case(case.name)
+  blind = ~_allowed(case, layout).any(axis=2)
+  assert np.all(got["out"][blind] == 0.0)
+
+
+# Hypothesis layouts at one small shape: the kernel compiles once per option set.
+B, T = 2, 256
+SEEDS = st.integers(0, 2**31 - 1)
+
+
+SMALL_TILE = TileConfig(64, 64, num_stages=2)
+
+
+def _check_layout(layout: Layout, seed, *, causal, window=None, heads=4, kv_heads=2,
+                  head_dim=64, tile=SMALL_TILE):
+  q_len, kv_len = layout.q_segment_ids.shape[1], layout.kv_segment_ids.shape[1]
+  q, k, v, _, _ = random_inputs(seed, batch=B, q_len=q_len, kv_len=kv_len, heads=heads,
+                                kv_heads=kv_heads, head_dim=head_dim,
+                                dtype=jnp.bfloat16)
+  scale = 1.0 / np.sqrt(head_dim)
+  out, lse = mosaic_forward(q, k, v, *layout.arrays(), causal=causal, window=window,
+                            scale=scale, tile=tile)
+  f32 = lambda x: x.astype(jnp.float32)
+  want_out, want_lse = reference_attention(
+      f32(q), f32(k), f32(v), **layout.kwargs(), causal=causal, sliding_window=window,
+      scale=scale, return_residuals=True)
+  out, lse = np.asarray(f32(out)), np.asarray(lse)
+  assert_finite("out", out)
+  assert_close("out", out, np.asarray(want_out), TOL)
+  seen = allowed_np(layout, causal=causal, sliding_window=window).any(axis=2)
+  assert np.all(out[~seen] == 0.0)
+  seen = np.broadcast_to(seen[:, None, :], lse.shape)
+  assert_close("lse", lse[seen], np.asarray(want_lse)[seen], TOL)
+  np.testing.assert_array_equal(lse[~seen], np.float32(EMPTY_LSE))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("causal", [True, False])
+@settings(max_examples=15)
+@given(layout=self_layouts(B, T, ALL_KINDS) | self_layouts(B, T, positions="custom"),
+       seed=SEEDS)
+def test_self_attention_layouts_match_reference(causal, layout, seed):
+  _check_layout(layout, seed, causal=causal)
+
+
+@pytest.mark.gpu
+@settings(max_examples=15)
+@given(layout=chunk_layouts(B, 128, 256), seed=SEEDS)
+def test_chunk_layouts_with_window_match_reference(layout, seed):
+  _check_layout(layout, seed, causal=True, window=64)
