@@ -612,8 +612,7 @@ def make_attention_plan(
     raise TypeError(f"config must be a KernelConfig, got {type(config).__name__}")
   ids, rule = _mask_inputs(q, k, segment_ids, q_segment_ids, kv_segment_ids,
                            q_positions, kv_positions, mask)
-  spec = _MaskSpec(bool(causal), None if sliding_window is None else int(sliding_window),
-                   rule)
+  spec = _mask_spec(causal, sliding_window, rule)
   return _plan(q.shape, k.shape, ids, spec, config or KernelConfig.for_head_dim(q.shape[3]))
 
 
@@ -697,9 +696,16 @@ def _mask_and_plan(q, k, id_args, *, causal, sliding_window, mask, plan, config)
                 dict(id_args, sliding_window=sliding_window, mask=mask))
     return plan.spec, plan.unpadded_ids(), plan, plan.config
   ids, rule = _mask_inputs(q, k, **id_args, mask=mask)
-  spec = _MaskSpec(bool(causal), None if sliding_window is None else int(sliding_window),
+  return _mask_spec(causal, sliding_window, rule), ids, None, config
+
+
+def _mask_spec(causal, sliding_window, rule) -> _MaskSpec:
+  if causal and rule is not None and rule.sees_ahead:
+    raise ValueError("mask: the rule lets queries see later keys (prefix_lm), which "
+                     "causal=True would hide again (leaving plain causal attention); "
+                     "pass causal=False: prefix_lm is causal after the prefix")
+  return _MaskSpec(bool(causal), None if sliding_window is None else int(sliding_window),
                    rule)
-  return spec, ids, None, config
 
 
 def _kernel_setup(q, k, ids, plan, spec, scale, config, interpret):

@@ -54,6 +54,9 @@ class MaskRule:
   broadcasting jnp operations only (they run inside the Pallas kernel).
   """
   needs_doc_start: bool = False
+  # True if the rule allows keys after the query (prefix_lm): pointless, and
+  # so refused, under flash_attention's causal=True, which would hide them.
+  sees_ahead: bool = False
 
   def __call__(self, q: Tokens, kv: Tokens) -> jax.Array:
     raise NotImplementedError
@@ -90,6 +93,10 @@ class _And(MaskRule):
   def needs_doc_start(self):
     return self.a.needs_doc_start or self.b.needs_doc_start
 
+  @property
+  def sees_ahead(self):
+    return self.a.sees_ahead or self.b.sees_ahead
+
   def __call__(self, q, kv):
     return self.a(q, kv) & self.b(q, kv)
 
@@ -103,6 +110,10 @@ class _Or(MaskRule):
   def needs_doc_start(self):
     return self.a.needs_doc_start or self.b.needs_doc_start
 
+  @property
+  def sees_ahead(self):
+    return self.a.sees_ahead or self.b.sees_ahead
+
   def __call__(self, q, kv):
     return self.a(q, kv) | self.b(q, kv)
 
@@ -114,6 +125,10 @@ class _Not(MaskRule):
   @property
   def needs_doc_start(self):
     return self.a.needs_doc_start
+
+  @property
+  def sees_ahead(self):
+    return self.a.sees_ahead
 
   def __call__(self, q, kv):
     return ~self.a(q, kv)
@@ -137,6 +152,7 @@ class _SlidingWindow(MaskRule):
 class _PrefixLM(MaskRule):
   prefix: int
   needs_doc_start = True
+  sees_ahead = True
 
   def __call__(self, q, kv):
     return (kv.pos <= q.pos) | (kv.pos - kv.doc_start < self.prefix)
@@ -176,7 +192,8 @@ def prefix_lm(prefix: int) -> MaskRule:
   A key is visible if it is at or before the query, or among the first
   `prefix` positions of its document (pos_kv - doc_start_kv < prefix). With
   segment ids ANDed in, a query sees only its own document's prefix. Pass
-  causal=False to flash_attention, or its causal mask hides the prefix again.
+  causal=False to flash_attention: with causal=True it raises, since the
+  causal mask would hide the prefix again.
   """
   return _PrefixLM(_positive_int("prefix_lm: prefix", prefix, 0))
 
