@@ -25,6 +25,7 @@ share compiled kernels.
 from __future__ import annotations
 
 import dataclasses
+import operator
 from typing import Callable, NamedTuple
 
 import jax
@@ -62,10 +63,10 @@ class MaskRule:
     raise NotImplementedError
 
   def __and__(self, other):
-    return _And(self, _as_rule(other, "&"))
+    return _Combined(operator.and_, self, _as_rule(other, "&"))
 
   def __or__(self, other):
-    return _Or(self, _as_rule(other, "|"))
+    return _Combined(operator.or_, self, _as_rule(other, "|"))
 
   def __invert__(self):
     return _Not(self)
@@ -85,7 +86,9 @@ def _positive_int(name, x, minimum):
 
 
 @dataclasses.dataclass(frozen=True)
-class _And(MaskRule):
+class _Combined(MaskRule):
+  """a & b or a | b (op: operator.and_ or operator.or_)."""
+  op: Callable
   a: MaskRule
   b: MaskRule
 
@@ -98,24 +101,7 @@ class _And(MaskRule):
     return self.a.sees_ahead or self.b.sees_ahead
 
   def __call__(self, q, kv):
-    return self.a(q, kv) & self.b(q, kv)
-
-
-@dataclasses.dataclass(frozen=True)
-class _Or(MaskRule):
-  a: MaskRule
-  b: MaskRule
-
-  @property
-  def needs_doc_start(self):
-    return self.a.needs_doc_start or self.b.needs_doc_start
-
-  @property
-  def sees_ahead(self):
-    return self.a.sees_ahead or self.b.sees_ahead
-
-  def __call__(self, q, kv):
-    return self.a(q, kv) | self.b(q, kv)
+    return self.op(self.a(q, kv), self.b(q, kv))
 
 
 @dataclasses.dataclass(frozen=True)
