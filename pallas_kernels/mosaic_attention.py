@@ -61,8 +61,12 @@ DEFAULT_TILE = TileConfig(128, 128, num_stages=2)
 """Two consumer warpgroups, 128-key tiles, double-buffered (untuned starting point)."""
 
 
-def check_supported(q, k, tile: TileConfig) -> None:
-  """Raises ValueError if this kernel cannot run (q: [B, Tq, H, D], k: [B, Tk, Hkv, D])."""
+def check_supported(q, k, tile: TileConfig, *, kv_major: bool = False) -> None:
+  """Raises ValueError if a Mosaic kernel cannot run (q: [B, Tq, H, D], k: [B, Tk, Hkv, D]).
+
+  kv_major: the tile's major axis runs over keys (the dK/dV kernel), so Tk
+  must be a multiple of block_major and Tq of block_minor.
+  """
   if q.dtype not in _SUPPORTED_DTYPES:
     raise ValueError(f"Mosaic GPU attention needs bfloat16 or float16, got {q.dtype}")
   head_dim = q.shape[3]
@@ -77,8 +81,10 @@ def check_supported(q, k, tile: TileConfig) -> None:
                      f"got {tile.block_minor}")
   if tile.num_stages < 1:
     raise ValueError(f"tile.num_stages must be >= 1, got {tile.num_stages}")
-  if q.shape[1] % tile.block_major or k.shape[1] % tile.block_minor:
-    raise ValueError(f"sequence lengths ({q.shape[1]}, {k.shape[1]}) must be multiples "
+  major, minor = (k.shape[1], q.shape[1]) if kv_major else (q.shape[1], k.shape[1])
+  if major % tile.block_major or minor % tile.block_minor:
+    names = "(Tk, Tq)" if kv_major else "(Tq, Tk)"
+    raise ValueError(f"sequence lengths {names} = ({major}, {minor}) must be multiples "
                      f"of the tile ({tile.block_major}, {tile.block_minor})")
   # Too many stages for shared memory (227 KiB) is reported by Mosaic GPU
   # itself when the kernel is lowered (a ValueError naming shared memory).
@@ -109,6 +115,26 @@ def _rows(x, shape):
 def _cols(x, shape):
   """[n] column vector broadcast over the rows of a [64, n] accumulator."""
   return lax.broadcast_in_dim(x, shape, (1,))
+
+
+def _doc_mask(q_seg, q_pos, kv_seg, kv_pos, shape, *, kv_major, causal,
+              sliding_window):
+  """bool `shape` of allowed pairs of one tile: [64, n] accumulator rows x columns.
+
+  q_seg, q_pos: [64] row vectors and kv_seg, kv_pos: [n] column vectors (or,
+  if kv_major, kv on the rows and q on the columns). segment_attention's
+  _tile_mask rule, broadcast explicitly: a [64, 1] array (expand_dims) has no
+  wgmma layout.
+  """
+  q_side, kv_side = (_cols, _rows) if kv_major else (_rows, _cols)
+  qs, ks = q_side(q_seg, shape), kv_side(kv_seg, shape)
+  qp, kp = q_side(q_pos, shape), kv_side(kv_pos, shape)
+  mask = (qs == ks) & (qs != 0)
+  if causal:
+    mask &= kp <= qp
+  if sliding_window is not None:
+    mask &= qp - kp < sliding_window
+  return mask
 
 
 def _forward_kernel(ranges_ref, q_ref, k_ref, v_ref, q_seg_ref, q_pos_ref,
@@ -167,17 +193,9 @@ def _forward_kernel(ranges_ref, q_ref, k_ref, v_ref, q_seg_ref, q_pos_ref,
     s_shape = (_WG_ROWS, block_k)
 
     def tile_mask(slot):
-      # segment_attention._tile_mask's rule; broadcast explicitly, since a
-      # [64, 1] array (expand_dims) has no wgmma layout.
       kv_seg, kv_pos = (_col_vector(kv_ids_smem.at[slot, n][...]) for n in range(2))
-      qs, ks = _rows(q_seg, s_shape), _cols(kv_seg, s_shape)
-      qp, kp = _rows(q_pos, s_shape), _cols(kv_pos, s_shape)
-      mask = (qs == ks) & (qs != 0)
-      if causal:
-        mask &= kp <= qp
-      if sliding_window is not None:
-        mask &= qp - kp < sliding_window
-      return mask
+      return _doc_mask(q_seg, q_pos, kv_seg, kv_pos, s_shape, kv_major=False,
+                       causal=causal, sliding_window=sliding_window)
 
     def visit(j, carry, *, masked):
       acc, m, l = carry
