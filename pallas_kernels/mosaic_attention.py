@@ -117,6 +117,58 @@ def _cols(x, shape):
   return lax.broadcast_in_dim(x, shape, (1,))
 
 
+def _wait_for_free_slot(t, consumed, num_stages):
+  """Slot of step t in a ring of num_stages; waits until the consumers freed it."""
+  slot = lax.rem(t, jnp.int32(num_stages))
+
+  @pl.when(t >= num_stages)
+  def _wait_free():
+    plgpu.barrier_wait(consumed.at[slot])
+
+  return slot
+
+
+def _stream_kv_tiles(gmem, smem, ready, consumed, *, b, kv_head, lo, hi, block_k,
+                     num_stages):
+  """Producer loop: kv tiles j in [lo, hi) into ring slot (j - lo) % num_stages.
+
+  gmem: (k, v [B, Tk, Hkv, D], kv_seg, kv_pos [B, Tk]); smem: (k, v
+  [stages, block_k, D], ids int32 [stages, 2, block_k]). Each slot's `ready`
+  barrier gets 4 arrivals (one per copy).
+  """
+  k_ref, v_ref, kv_seg_ref, kv_pos_ref = gmem
+  k_smem, v_smem, kv_ids_smem = smem
+
+  def load(j):
+    slot = _wait_for_free_slot(j - lo, consumed, num_stages)
+    cols = pl.ds(j * block_k, block_k)
+    done = ready.at[slot]
+    plgpu.copy_gmem_to_smem(k_ref.at[b, cols, kv_head], k_smem.at[slot], done)
+    plgpu.copy_gmem_to_smem(v_ref.at[b, cols, kv_head], v_smem.at[slot], done)
+    plgpu.copy_gmem_to_smem(kv_seg_ref.at[b, cols], kv_ids_smem.at[slot, 0], done)
+    plgpu.copy_gmem_to_smem(kv_pos_ref.at[b, cols], kv_ids_smem.at[slot, 1], done)
+
+  pl.loop(lo, hi)(load)
+
+
+def _launch(kernel, args, scratch, barriers, *, out_type, grid, grid_names,
+            num_consumers):
+  """plgpu.kernel of kernel(*arg_refs, *out_refs, (scratch_refs, barrier_refs)).
+
+  num_consumers + 1 warpgroups (the last one is the producer), named "wg";
+  scratch and barriers are shared by all of them.
+  """
+  def entry(*refs):
+    pl.run_scoped(lambda *s: kernel(*refs, (s[:len(scratch)], s[len(scratch):])),
+                  *scratch, *barriers, collective_axes="wg")
+
+  return plgpu.kernel(
+      entry, out_type=out_type, grid=grid, grid_names=grid_names,
+      num_threads=num_consumers + 1, thread_name="wg",
+      compiler_params=plgpu.CompilerParams(approx_math=True),
+  )(*args)
+
+
 def _doc_mask(q_seg, q_pos, kv_seg, kv_pos, shape, *, kv_major, causal,
               sliding_window):
   """bool `shape` of allowed pairs of one tile: [64, n] accumulator rows x columns.
@@ -158,24 +210,10 @@ def _forward_kernel(ranges_ref, q_ref, k_ref, v_ref, q_seg_ref, q_pos_ref,
   def _producer():
     if rebalance_registers:
       plgpu.set_max_registers(_PRODUCER_REGISTERS, action="decrease")
-    kv_head = lax.div(h, jnp.int32(group))
-
-    def load(j):
-      t = j - lo
-      slot = lax.rem(t, jnp.int32(num_stages))
-
-      @pl.when(t >= num_stages)
-      def _wait_free():
-        plgpu.barrier_wait(kv_consumed.at[slot])
-
-      cols = pl.ds(j * block_k, block_k)
-      ready = kv_ready.at[slot]
-      plgpu.copy_gmem_to_smem(k_ref.at[b, cols, kv_head], k_smem.at[slot], ready)
-      plgpu.copy_gmem_to_smem(v_ref.at[b, cols, kv_head], v_smem.at[slot], ready)
-      plgpu.copy_gmem_to_smem(kv_seg_ref.at[b, cols], kv_ids_smem.at[slot, 0], ready)
-      plgpu.copy_gmem_to_smem(kv_pos_ref.at[b, cols], kv_ids_smem.at[slot, 1], ready)
-
-    pl.loop(lo, hi)(load)
+    _stream_kv_tiles((k_ref, v_ref, kv_seg_ref, kv_pos_ref),
+                     (k_smem, v_smem, kv_ids_smem), kv_ready, kv_consumed,
+                     b=b, kv_head=lax.div(h, jnp.int32(group)), lo=lo, hi=hi,
+                     block_k=block_k, num_stages=num_stages)
 
   @pl.when(wg < num_consumers)
   def _consumer():
@@ -263,30 +301,23 @@ def forward(q, k, v, q_seg, kv_seg, q_pos, kv_pos, q_ranges, *, tile: TileConfig
       _forward_kernel, scale=scale, causal=causal, sliding_window=sliding_window,
       block_k=bk, num_stages=stages, num_consumers=num_consumers, group=group)
 
-  def entry(*refs):
-    scratch = (
-        plgpu.SMEM((num_consumers, _WG_ROWS, head_dim), q.dtype, transforms=transforms),
-        plgpu.SMEM((num_consumers, 2, _WG_ROWS), jnp.int32),
-        plgpu.SMEM((num_consumers, _WG_ROWS), jnp.float32),
-        plgpu.SMEM((stages, bk, head_dim), k.dtype, transforms=transforms),
-        plgpu.SMEM((stages, bk, head_dim), v.dtype, transforms=transforms),
-        plgpu.SMEM((stages, 2, bk), jnp.int32),
-    )
-    barriers = (
-        plgpu.Barrier(num_arrivals=3, num_barriers=num_consumers),
-        plgpu.Barrier(num_arrivals=4, num_barriers=stages),
-        plgpu.Barrier(num_arrivals=num_consumers, num_barriers=stages),
-    )
-    pl.run_scoped(lambda *s: kernel(*refs, (s[:len(scratch)], s[len(scratch):])),
-                  *scratch, *barriers, collective_axes="wg")
-
-  return plgpu.kernel(
-      entry,
+  scratch = (
+      plgpu.SMEM((num_consumers, _WG_ROWS, head_dim), q.dtype, transforms=transforms),
+      plgpu.SMEM((num_consumers, 2, _WG_ROWS), jnp.int32),
+      plgpu.SMEM((num_consumers, _WG_ROWS), jnp.float32),
+      plgpu.SMEM((stages, bk, head_dim), k.dtype, transforms=transforms),
+      plgpu.SMEM((stages, bk, head_dim), v.dtype, transforms=transforms),
+      plgpu.SMEM((stages, 2, bk), jnp.int32),
+  )
+  barriers = (
+      plgpu.Barrier(num_arrivals=3, num_barriers=num_consumers),
+      plgpu.Barrier(num_arrivals=4, num_barriers=stages),
+      plgpu.Barrier(num_arrivals=num_consumers, num_barriers=stages),
+  )
+  return _launch(
+      kernel, (q_ranges, q, k, v, q_seg, q_pos, kv_seg, kv_pos), scratch, barriers,
       out_type=(jax.ShapeDtypeStruct(q.shape, q.dtype),
                 jax.ShapeDtypeStruct((batch, heads, tq), jnp.float32)),
       grid=(tq // tile.block_major, batch, heads),
       grid_names=("q_tiles", "batch", "heads"),
-      num_threads=num_consumers + 1,
-      thread_name="wg",
-      compiler_params=plgpu.CompilerParams(approx_math=True),
-  )(q_ranges, q, k, v, q_seg, q_pos, kv_seg, kv_pos)
+      num_consumers=num_consumers)
