@@ -1,6 +1,7 @@
 """One-shot GPU check of the Mosaic GPU forward kernel: correctness, then timing.
 
-    PYTHONPATH=. python experiments/mosaic_check.py          # on an H100
+    PYTHONPATH=. python experiments/mosaic_check.py             # forward, on an H100
+    PYTHONPATH=. python experiments/mosaic_check.py --only bwd  # backward
 
 1. Correctness: `pallas_kernels.mosaic_attention.forward` against the float32
    reference (`jpack.attention.reference_attention`) on small layouts: bf16 and
@@ -14,6 +15,20 @@
    tilings, both jitted with their tile plan inside, median of samples of 10
    back-to-back calls (experiments/timing.py); plus the Mosaic output against
    Triton's on the whole main shape and against the reference on one row, 2 heads.
+
+3. Backward (`--only bwd`, or `bwd-correct` / `bwd-time` for one half):
+   `pallas_kernels.mosaic_backward.backward_dq` and `backward_dkdv` against
+   jax.vjp of the float32 reference (with an lse cotangent) on small layouts
+   like 1.; per case: rel errors of dq, dk, dv, NaN/inf counts, whether
+   queries that see nothing get dq exactly 0 and unseen keys dk = dv = 0.
+   Then on the main shape: the Triton backward (segment_attention.backward_dq
+   and backward_dkdv, default KernelConfig) and the Mosaic backward for a few
+   tilings, dq and dk/dv kernels timed separately (each with its tile plan,
+   lse and delta given), Mosaic grads against Triton's on the whole shape and
+   against the reference on one row, 2 heads.
+
+Without --only, 1. and 2. run (as before); each part runs on its own within
+the total budget, so run the backward as its own command.
 
 Every case runs in a worker subprocess that prints one JSON line per result, so
 an exception is a result and a hung kernel (a barrier that never completes)
@@ -74,6 +89,48 @@ CORRECTNESS_CASES = {
                        (64, 128, 2)),
 }
 TOL = 2e-2
+
+# Backward cases: as CORRECTNESS_CASES, the last field being the tilings
+# ((dq block_q, block_k, stages), (dkdv block_k, block_q, stages)) or None.
+_DQ64, _KV64 = (64, 64, 2), (64, 64, 2)
+BWD_CORRECTNESS_CASES = {
+    "bwd-packed-d128": ("packed", 2, 1024, 1024, 4, 4, 128, "bfloat16", True, None, None,
+                        None),
+    "bwd-packed-d64": ("packed", 2, 1024, 1024, 4, 4, 64, "bfloat16", True, None, None,
+                       None),
+    "bwd-padded-d128": ("padded", 2, 1024, 1024, 4, 4, 128, "bfloat16", True, None, None,
+                        None),
+    "bwd-empty-row-d64": ("empty_row", 2, 1024, 1024, 2, 2, 64, "bfloat16", True, None,
+                          None, None),
+    "bwd-float16-d128": ("padded", 2, 1024, 1024, 4, 4, 128, "float16", True, None, None,
+                         None),
+    "bwd-bidirectional": ("padded", 2, 1024, 1024, 4, 4, 128, "bfloat16", False, None,
+                          None, None),
+    "bwd-gqa-8:2-d64": ("padded", 2, 1024, 1024, 8, 2, 64, "bfloat16", True, None, None,
+                        None),
+    "bwd-gqa-8:2-d128": ("packed", 2, 1024, 1024, 8, 2, 128, "bfloat16", True, None, None,
+                         None),
+    "bwd-window-100": ("padded", 2, 1024, 1024, 4, 4, 64, "bfloat16", True, 100, None,
+                       None),
+    "bwd-window-100-bidir": ("packed", 2, 1024, 1024, 4, 4, 128, "bfloat16", False, 100,
+                             None, None),
+    "bwd-repeated-ids": ("repeated", 2, 512, 512, 2, 2, 64, "bfloat16", True, None, None,
+                         None),
+    "bwd-chunk-q512-kv1536": ("padded", 2, 512, 1536, 4, 4, 128, "bfloat16", True, None,
+                              768, None),
+    "bwd-tile-64x64": ("padded", 2, 1024, 1024, 4, 2, 128, "bfloat16", True, None, None,
+                       (_DQ64, _KV64)),
+    "bwd-tile-s1": ("padded", 2, 1024, 1024, 4, 4, 128, "bfloat16", True, None, None,
+                    ((128, 64, 1), (128, 64, 1))),
+    "bwd-tile-s3-d64": ("packed", 2, 1024, 1024, 4, 4, 64, "bfloat16", False, None, None,
+                        ((128, 128, 3), (128, 64, 3))),
+}
+BWD_TIMED_TILES = {f"mosaic-bwd-{name}": tiles for name, tiles in [
+    ("default", None),
+    ("dq128x128", ((128, 128, 2), (128, 64, 2))),
+    ("s3", ((128, 64, 3), (128, 64, 3))),
+    ("64x64", (_DQ64, _KV64)),
+]}
 
 MAIN = dict(batch=4, seq_len=8192, heads=16, head_dim=128, seed=0, mean_len=1024.0)
 TIMED_TILES = {f"mosaic-{bq}x{bk}-s{s}": (bq, bk, s) for bq, bk, s in [
@@ -256,8 +313,214 @@ def run_timing_case(name):
   return result
 
 
+def _bwd_tiles(spec):
+  """(dq tile, dkdv tile) of a BWD tiling spec (None = the defaults)."""
+  from pallas_kernels import mosaic_backward
+  from pallas_kernels.config import TileConfig
+  if spec is None:
+    return mosaic_backward.DEFAULT_DQ_TILE, mosaic_backward.DEFAULT_DKDV_TILE
+  return tuple(TileConfig(a, b, num_stages=s) for a, b, s in spec)
+
+
+@functools.lru_cache(maxsize=None)
+def _bwd_fns(kernels, causal, window, scale, dq_tile, dkdv_tile):
+  """jitted (dq_fn, dkdv_fn) of a kernel module (mosaic_backward or segment_attention).
+
+  Both take (q, k, v, do, lse, delta, q_seg, kv_seg, q_pos, kv_pos) and make
+  their tile plan inside.
+  """
+  import jax
+
+  from jpack import masks
+
+  def plan(q_seg, kv_seg, q_pos, kv_pos, block_q, block_k):
+    return masks.make_tile_plan(q_seg, kv_seg, q_pos, kv_pos, block_q=block_q,
+                                block_k=block_k, causal=causal, sliding_window=window)
+
+  opts = dict(scale=scale, causal=causal, sliding_window=window)
+
+  @jax.jit
+  def dq_fn(q, k, v, do, lse, delta, q_seg, kv_seg, q_pos, kv_pos):
+    ranges = plan(q_seg, kv_seg, q_pos, kv_pos, dq_tile.block_major,
+                  dq_tile.block_minor).q_ranges
+    return kernels.backward_dq(q, k, v, do, lse, delta, q_seg, kv_seg, q_pos, kv_pos,
+                               ranges, tile=dq_tile, **opts)
+
+  @jax.jit
+  def dkdv_fn(q, k, v, do, lse, delta, q_seg, kv_seg, q_pos, kv_pos):
+    ranges = plan(q_seg, kv_seg, q_pos, kv_pos, dkdv_tile.block_minor,
+                  dkdv_tile.block_major).kv_ranges
+    return kernels.backward_dkdv(q, k, v, do, lse, delta, q_seg, kv_seg, q_pos, kv_pos,
+                                 ranges, tile=dkdv_tile, **opts)
+
+  return dq_fn, dkdv_fn
+
+
+def _reference_grads(q, k, v, do, dlse, ids, causal, window, scale):
+  """(dict of float32 numpy dq, dk, dv; lse; delta) from jax.vjp of the float32 reference."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  from jpack.attention import reference_attention
+
+  f32 = lambda x: x.astype(jnp.float32)
+
+  def f(q, k, v):
+    return reference_attention(q, k, v, q_segment_ids=ids[0], kv_segment_ids=ids[1],
+                               q_positions=ids[2], kv_positions=ids[3], causal=causal,
+                               sliding_window=window, scale=scale, return_residuals=True)
+
+  (out, lse), vjp = jax.vjp(f, f32(q), f32(k), f32(v))
+  dq, dk, dv = vjp((f32(do), dlse))
+  delta = jnp.einsum("bqhd,bqhd->bhq", out, f32(do)) - dlse
+  return {n: np.asarray(x) for n, x in dict(dq=dq, dk=dk, dv=dv).items()}, lse, delta
+
+
+def run_bwd_correctness_case(name):
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  from jpack.masks import allowed_mask
+  from pallas_kernels import mosaic_backward
+
+  (kind, batch, q_len, kv_len, heads, kv_heads, head_dim, dtype, causal, window, off,
+   tiles_spec) = BWD_CORRECTNESS_CASES[name]
+  dq_tile, dkdv_tile = _bwd_tiles(tiles_spec)
+  kv_seg = _segment_ids(kind, batch, kv_len, seed=7)
+  kv_pos = np.broadcast_to(np.arange(kv_len, dtype=np.int32), (batch, kv_len))
+  off = off or 0
+  q_seg, q_pos = kv_seg[:, off:off + q_len], kv_pos[:, off:off + q_len]
+  ids = [jnp.asarray(np.ascontiguousarray(x), jnp.int32)
+         for x in (q_seg, kv_seg, q_pos, kv_pos)]
+  keys = jax.random.split(jax.random.key(len(name) + 1000), 5)
+  dt = jnp.dtype(dtype)
+  normal = lambda key, shape: jax.random.normal(key, shape, jnp.float32)
+  q = normal(keys[0], (batch, q_len, heads, head_dim)).astype(dt)
+  k = normal(keys[1], (batch, kv_len, kv_heads, head_dim)).astype(dt)
+  v = normal(keys[2], (batch, kv_len, kv_heads, head_dim)).astype(dt)
+  do = normal(keys[3], (batch, q_len, heads, head_dim)).astype(dt)
+  dlse = normal(keys[4], (batch, heads, q_len))
+  scale = 1.0 / np.sqrt(head_dim)
+  want, lse, delta = _reference_grads(q, k, v, do, dlse, ids, causal, window, scale)
+  dq_fn, dkdv_fn = _bwd_fns(mosaic_backward, causal, window, scale, dq_tile, dkdv_tile)
+  t0 = time.perf_counter()
+  dq = jax.block_until_ready(dq_fn(q, k, v, do, lse, delta, *ids))
+  dk, dv = jax.block_until_ready(dkdv_fn(q, k, v, do, lse, delta, *ids))
+  seconds = time.perf_counter() - t0
+  got = {n: np.asarray(x.astype(jnp.float32)) for n, x in dict(dq=dq, dk=dk, dv=dv).items()}
+  allowed = np.asarray(allowed_mask(*ids, causal=causal, sliding_window=window))
+  blind_q, unseen_k = ~allowed.any(axis=2), ~allowed.any(axis=1)  # [B, Tq], [B, Tk]
+  result = dict(
+      tiles=[list((t.block_major, t.block_minor, t.num_stages))
+             for t in (dq_tile, dkdv_tile)],
+      first_call_s=round(seconds, 2),
+      **{f"{n}_err": _rel_err(got[n], want[n]) for n in ("dq", "dk", "dv")},
+      nonfinite=int(sum((~np.isfinite(x)).sum() for x in got.values())),
+      blind_rows=int(blind_q.sum()), unseen_keys=int(unseen_k.sum()),
+      blind_dq_exact_zero=bool(np.all(got["dq"][blind_q] == 0.0)),
+      unseen_dkdv_exact_zero=bool(np.all(got["dk"][unseen_k] == 0.0)
+                                  and np.all(got["dv"][unseen_k] == 0.0)),
+  )
+  result["ok"] = bool(all(result[f"{n}_err"] <= TOL for n in ("dq", "dk", "dv"))
+                      and result["nonfinite"] == 0 and result["blind_dq_exact_zero"]
+                      and result["unseen_dkdv_exact_zero"])
+  return result
+
+
+@functools.lru_cache(maxsize=None)
+def _main_bwd_inputs():
+  """(do, lse, delta) of the main shape: lse from the Triton forward, dlse = 0."""
+  import jax
+  import jax.numpy as jnp
+
+  from jpack.attention import flash_attention
+
+  q, k, v, seg, _, _ = _main_inputs()
+  scale = 1.0 / (q.shape[-1] ** 0.5)
+  do = jax.random.normal(jax.random.key(MAIN["seed"] + 1), q.shape, jnp.bfloat16)
+  out, lse = jax.jit(lambda q, k, v, seg: flash_attention(
+      q, k, v, segment_ids=seg, causal=True, scale=scale, implementation="pallas",
+      return_residuals=True))(q, k, v, seg)
+  delta = jnp.einsum("bqhd,bqhd->bhq", out.astype(jnp.float32), do.astype(jnp.float32))
+  return do, lse, delta
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_main_grads():
+  """dict of float32 numpy dq, dk, dv of the Triton backward on the main shape."""
+  import jax.numpy as jnp
+  import numpy as np
+
+  from pallas_kernels import segment_attention
+  from pallas_kernels.config import KernelConfig
+
+  q, k, v, seg, pos, _ = _main_inputs()
+  do, lse, delta = _main_bwd_inputs()
+  config = KernelConfig.for_head_dim(q.shape[-1])
+  dq_fn, dkdv_fn = _bwd_fns(segment_attention, True, None, 1.0 / np.sqrt(q.shape[-1]),
+                            config.dq, config.dkdv)
+  args = (q, k, v, do, lse, delta, seg, seg, pos, pos)
+  grads = (dq_fn(*args), *dkdv_fn(*args))
+  return {n: np.asarray(x.astype(jnp.float32)) for n, x in zip(("dq", "dk", "dv"), grads)}
+
+
+def run_bwd_timing_case(name):
+  """name: "triton-bwd" or a key of BWD_TIMED_TILES."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  from experiments import timing
+  from pallas_kernels import mosaic_backward, segment_attention
+  from pallas_kernels.config import KernelConfig
+
+  q, k, v, seg, pos, flops = _main_inputs()
+  do, lse, delta = _main_bwd_inputs()
+  scale = 1.0 / np.sqrt(q.shape[-1])
+  args = (q, k, v, do, lse, delta, seg, seg, pos, pos)
+  if name == "triton-bwd":
+    config = KernelConfig.for_head_dim(q.shape[-1])
+    kernels, tiles = segment_attention, (config.dq, config.dkdv)
+  else:
+    kernels, tiles = mosaic_backward, _bwd_tiles(BWD_TIMED_TILES[name])
+  dq_fn, dkdv_fn = _bwd_fns(kernels, True, None, scale, *tiles)
+  result = dict(tiles=[list((t.block_major, t.block_minor, t.num_stages)) for t in tiles])
+  if name != "triton-bwd":
+    as_np = lambda x: np.asarray(x.astype(jnp.float32))
+    got = dict(zip(("dq", "dk", "dv"), map(as_np, (dq_fn(*args), *dkdv_fn(*args)))))
+    result["nonfinite"] = int(sum((~np.isfinite(x)).sum() for x in got.values()))
+    try:
+      want = _triton_main_grads()
+      for n in got:
+        result[f"{n}_err_vs_triton"] = _rel_err(got[n], want[n])
+    except Exception as exc:  # noqa: BLE001
+      result["err_vs_triton"] = f"triton failed: {type(exc).__name__}: {exc}"[:300]
+    # Against the float32 reference on one row and two heads (dense logits fit).
+    cut = lambda x: x[:1, :, :2]
+    ids = (seg[:1], seg[:1], pos[:1], pos[:1])
+    sub = [cut(x) for x in (q, k, v, do)]
+    dlse = jnp.zeros((1, 2, q.shape[1]), jnp.float32)
+    ref, sub_lse, sub_delta = _reference_grads(*sub, dlse, ids, True, None, scale)
+    sub_dq = dq_fn(*sub, sub_lse, sub_delta, *ids)
+    sub_dk, sub_dv = dkdv_fn(*sub, sub_lse, sub_delta, *ids)
+    for n, x in zip(("dq", "dk", "dv"), (sub_dq, sub_dk, sub_dv)):
+      result[f"{n}_err_vs_reference_row0_heads01"] = _rel_err(as_np(x), ref[n])
+  dq_ms = timing.median_ms(dq_fn, *args, warmup=3, reps=20)
+  dkdv_ms = timing.median_ms(dkdv_fn, *args, warmup=3, reps=20)
+  bwd_flops = 2.5 * flops  # experiments.layouts.BACKWARD_FLOPS_FACTOR
+  result.update(dq_ms=dq_ms, dkdv_ms=dkdv_ms, bwd_ms=dq_ms + dkdv_ms,
+                bwd_tflops=bwd_flops / ((dq_ms + dkdv_ms) * 1e-3) / 1e12)
+  return result
+
+
+RUNNERS = {"correct": "run_correctness_case", "time": "run_timing_case",
+           "bwd-correct": "run_bwd_correctness_case", "bwd-time": "run_bwd_timing_case"}
+
+
 def worker(kind, names):
-  runner = dict(correct=run_correctness_case, time=run_timing_case)[kind]
+  runner = globals()[RUNNERS[kind]]
   for name in names:
     print(json.dumps(dict(event="start", kind=kind, case=name)), flush=True)
     try:
@@ -353,9 +616,12 @@ def _run_workers(kind, names, deadline, results):
 def _one_line(r):
   if r.get("status") != "ok":
     return f"{r.get('status', '?').upper()}: {r.get('error', '')[:300]}"
-  keys = ("ok", "out_err", "lse_err", "nonfinite", "blind_out_exact_zero",
-          "blind_lse_is_empty", "fwd_ms", "tflops", "rel_err_vs_triton",
-          "rel_err_vs_reference_row0_heads01", "first_call_s")
+  keys = ("ok", "out_err", "lse_err", "dq_err", "dk_err", "dv_err", "nonfinite",
+          "blind_out_exact_zero", "blind_lse_is_empty", "blind_dq_exact_zero",
+          "unseen_dkdv_exact_zero", "fwd_ms", "tflops", "dq_ms", "dkdv_ms", "bwd_ms",
+          "bwd_tflops", "rel_err_vs_triton", "rel_err_vs_reference_row0_heads01",
+          *(f"{n}_err_vs_{w}" for w in ("triton", "reference_row0_heads01")
+            for n in ("dq", "dk", "dv")), "first_call_s")
   fmt = lambda v: f"{v:.3g}" if isinstance(v, float) else str(v)
   return " ".join(f"{k}={fmt(r[k])}" for k in keys if k in r)
 
@@ -372,11 +638,56 @@ def _environment():
     return dict(error=str(exc))
 
 
+PARTS = {  # --only value -> the parts it runs, in order
+    "correct": ("correct",), "time": ("time",), "bwd-correct": ("bwd-correct",),
+    "bwd-time": ("bwd-time",), "bwd": ("bwd-correct", "bwd-time"),
+}
+# part -> (summary key, title, case names)
+PART_INFO = {
+    "correct": ("correctness", "correctness (Mosaic forward vs float32 reference)",
+                list(CORRECTNESS_CASES)),
+    "time": ("timing", "timing on the main shape (forward, plan included)",
+             ["triton", *TIMED_TILES]),
+    "bwd-correct": ("bwd_correctness", "correctness (Mosaic backward vs jax.vjp of the "
+                    "float32 reference)", list(BWD_CORRECTNESS_CASES)),
+    "bwd-time": ("bwd_timing", "timing on the main shape (backward kernels, plan "
+                 "included, lse and delta given)", ["triton-bwd", *BWD_TIMED_TILES]),
+}
+PART_RESERVE_S = 150  # kept for each later part when an earlier one runs long
+
+
+def _summarise(summary, parts):
+  out = {}
+  if "correctness" in summary:
+    correct = summary["correctness"]
+    passed = [n for n, r in correct.items() if r.get("ok")]
+    out.update(correctness_passed=f"{len(passed)}/{len(correct)}",
+               failed=sorted(set(correct) - set(passed)))
+  if "timing" in summary:
+    timed = {n: r["fwd_ms"] for n, r in summary["timing"].items() if "fwd_ms" in r}
+    best = min((n for n in timed if n != "triton"), key=timed.get, default=None)
+    out.update(triton_fwd_ms=timed.get("triton"), best_mosaic=best,
+               best_mosaic_fwd_ms=timed.get(best),
+               meets_target=bool(best and timed[best] <= TARGET_FWD_MS))
+  if "bwd_correctness" in summary:
+    correct = summary["bwd_correctness"]
+    passed = [n for n, r in correct.items() if r.get("ok")]
+    out.update(bwd_correctness_passed=f"{len(passed)}/{len(correct)}",
+               bwd_failed=sorted(set(correct) - set(passed)))
+  if "bwd_timing" in summary:
+    timed = {n: r["bwd_ms"] for n, r in summary["bwd_timing"].items() if "bwd_ms" in r}
+    best = min((n for n in timed if n != "triton-bwd"), key=timed.get, default=None)
+    out.update(triton_bwd_ms=timed.get("triton-bwd"), best_mosaic_bwd=best,
+               best_mosaic_bwd_ms=timed.get(best))
+  return out
+
+
 def main():
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  p.add_argument("--worker", choices=("correct", "time"), help=argparse.SUPPRESS)
-  p.add_argument("--only", choices=("correct", "time"),
-                 help="run only the correctness or only the timing part")
+  p.add_argument("--worker", choices=tuple(RUNNERS), help=argparse.SUPPRESS)
+  p.add_argument("--only", choices=tuple(PARTS),
+                 help="run one part: forward correctness or timing, or the backward "
+                      "(bwd = bwd-correct then bwd-time); default: both forward parts")
   p.add_argument("cases", nargs="*", help=argparse.SUPPRESS)
   args = p.parse_args()
   if args.worker:
@@ -385,31 +696,25 @@ def main():
 
   start = time.monotonic()
   deadline = start + TOTAL_BUDGET_S
+  parts = PARTS[args.only] if args.only else ("correct", "time")
   summary = dict(environment=_environment(), tolerance=TOL, main_shape=MAIN,
-                 target_fwd_ms=TARGET_FWD_MS, correctness={}, timing={})
+                 target_fwd_ms=TARGET_FWD_MS)
   print(f"environment: {summary['environment']}", flush=True)
-  if args.only != "time":
-    print("correctness (Mosaic forward vs float32 reference):", flush=True)
-    _run_workers("correct", list(CORRECTNESS_CASES), deadline - 150, summary["correctness"])
-  if args.only != "correct":
-    print("timing on the main shape (forward, plan included):", flush=True)
-    _run_workers("time", ["triton", *TIMED_TILES], deadline, summary["timing"])
+  for n, part in enumerate(parts):
+    key, title, names = PART_INFO[part]
+    summary[key] = {}
+    print(f"{title}:", flush=True)
+    later = len(parts) - n - 1
+    _run_workers(part, names, deadline - PART_RESERVE_S * later, summary[key])
 
-  correct = summary["correctness"]
-  passed = [n for n, r in correct.items() if r.get("ok")]
-  timed = {n: r["fwd_ms"] for n, r in summary["timing"].items() if "fwd_ms" in r}
-  best = min((n for n in timed if n != "triton"), key=timed.get, default=None)
-  summary["summary"] = dict(
-      correctness_passed=f"{len(passed)}/{len(correct)}",
-      failed=sorted(set(correct) - set(passed)),
-      triton_fwd_ms=timed.get("triton"),
-      best_mosaic=best, best_mosaic_fwd_ms=timed.get(best),
-      meets_target=bool(best and timed[best] <= TARGET_FWD_MS),
-      wall_s=round(time.monotonic() - start, 1))
+  summary["summary"] = dict(_summarise(summary, parts),
+                            wall_s=round(time.monotonic() - start, 1))
   print(json.dumps(summary["summary"], indent=1))
   if out_dir := os.environ.get("OUT"):
     os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, "mosaic_check.json")
+    backward = all(part.startswith("bwd") for part in parts)
+    path = os.path.join(out_dir, "mosaic_check_bwd.json" if backward
+                        else "mosaic_check.json")
     with open(path, "w") as f:
       json.dump(summary, f, indent=1)
     print(f"wrote {path}")

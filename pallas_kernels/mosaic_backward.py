@@ -230,7 +230,7 @@ def backward_dq(q, k, v, do, lse, delta, q_seg, kv_seg, q_pos, kv_pos, q_ranges,
   bk, stages = tile.block_minor, tile.num_stages
   transforms = _mma_transforms(q.dtype)
   kernel = functools.partial(
-      _dq_kernel, scale=scale, causal=causal, sliding_window=sliding_window,
+      _dq_kernel, scale=float(scale), causal=causal, sliding_window=sliding_window,
       block_k=bk, num_stages=stages, num_consumers=num_consumers,
       group=heads // k.shape[2])
   per_consumer = (num_consumers, _WG_ROWS, head_dim)
@@ -392,7 +392,7 @@ def backward_dkdv(q, k, v, do, lse, delta, q_seg, kv_seg, q_pos, kv_pos, kv_rang
   bq, stages = tile.block_minor, tile.num_stages
   transforms = _mma_transforms(q.dtype)
   kernel = functools.partial(
-      _dkdv_kernel, scale=scale, causal=causal, sliding_window=sliding_window,
+      _dkdv_kernel, scale=float(scale), causal=causal, sliding_window=sliding_window,
       block_q=bq, num_stages=stages, num_consumers=num_consumers,
       group=q.shape[2] // kv_heads)
   per_consumer = (num_consumers, _WG_ROWS, head_dim)
