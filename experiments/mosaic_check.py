@@ -468,7 +468,6 @@ def _triton_main_grads():
 
 def run_bwd_timing_case(name):
   """name: "triton-bwd" or a key of BWD_TIMED_TILES."""
-  import jax
   import jax.numpy as jnp
   import numpy as np
 
