@@ -104,14 +104,13 @@ def check_backward_inputs(q, k, plan, tile: TileConfig, *, kv_major: bool, rule=
     raise ValueError("the Mosaic GPU backward supports document masks only (segment "
                      "ids, positions, causal, sliding_window); a mask rule or dense "
                      "mask needs the Triton kernels (pallas_kernels.segment_attention)")
+  check_supported(q, k, tile, kv_major=kv_major)
   major_len = k.shape[1] if kv_major else q.shape[1]
-  n_major = major_len // tile.block_major if tile.block_major else 0
-  expected = (q.shape[0], n_major, 4)
+  expected = (q.shape[0], major_len // tile.block_major, 4)
   if plan.ndim != 3 or tuple(plan.shape) != expected:
     raise ValueError(f"{'kv' if kv_major else 'q'}_ranges must be a range plan int32 "
                      f"[B, n_tiles, 4] = {expected} (tile lists of general masks are "
                      f"not supported), got shape {tuple(plan.shape)}")
-  check_supported(q, k, tile, kv_major=kv_major)
 
 
 def _scores_and_grads(a_smem, b_smem, c_smem, d_smem, shape):
