@@ -324,7 +324,7 @@ def run_torch_flex(check: Check, main: MaskProblem, args) -> ba.PeerResult:
         spec = {"peers": ["torch_flex"], "heads": main.heads, "kv_heads": main.heads,
                 "head_dim": main.head_dim, "causal": False, "scale": main.scale,
                 "warmup": args.warmup, "reps": args.reps, "seed": args.seed,
-                "mask": main.torch_mask}
+                "mask": main.torch_mask, "check_mask": check.problem.torch_mask}
         with open(os.path.join(workdir, "spec.json"), "w") as f:
             json.dump(spec, f)
         np.save(os.path.join(workdir, "main_segment_ids.npy"), main.segment_ids)

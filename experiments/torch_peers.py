@@ -27,7 +27,8 @@ Peers:
                   its cost is reported in the note. spec["mask"] (from bench_masks.py)
                   ANDs a general mask into the mask_mod: {"kind": "dense"} (the
                   mask arrays above), {"kind": "prefix_lm", "prefix": p} or
-                  {"kind": "causal_window", "window": w}.
+                  {"kind": "causal_window", "window": w}; spec["check_mask"], when
+                  given, is the same for the (smaller) check case.
     torch_varlen  ``torch.nn.attention.varlen.varlen_attn`` (FlashAttention varlen) on
                   [B*T, H, D] with cumulative document offsets; forward only through
                   ``aten._flash_attention_forward`` where varlen_attn is missing.
@@ -253,7 +254,9 @@ def run_peer(name: str, spec: dict, main_seg: np.ndarray, check: dict, workdir: 
 
     result = {"status": "ok", "fwd_ms": None, "fwd_bwd_ms": None, "note": ""}
     try:
-        attend, layout, _ = make_attend(name, check["segment_ids"], spec, check.get("mask"))
+        # The check case is smaller: its prefix/window are scaled to it (spec["check_mask"]).
+        check_spec = dict(spec, mask=spec.get("check_mask", spec.get("mask")))
+        attend, layout, _ = make_attend(name, check["segment_ids"], check_spec, check.get("mask"))
         out, grads, check_note = run_check(attend, layout, check, spec)
         np.savez(os.path.join(workdir, f"check_{name}.npz"), out=out, **grads)
         del attend
