@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from collections.abc import Callable
 from typing import Literal
 
 import jax
@@ -46,7 +47,9 @@ Finite so that merging partial results through lse (ring attention) never
 meets inf - inf; exp(EMPTY_LSE - anything real) is exactly 0.
 """
 
-Implementation = Literal["auto", "pallas", "xla"]
+Implementation = Literal["auto", "pallas", "mosaic", "xla"]
+_AUTO_ON_GPU = "pallas"
+"""The kernels "auto" runs on a GPU (the Mosaic forward is opt-in until GPU timings say)."""
 _FLOAT_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
 _MAX_KERNEL_HEAD_DIM = 256
 
@@ -201,27 +204,63 @@ def _check_config(config, interpret):
                      "smaller tiles only run with interpret=True")
 
 
-def _resolve_implementation(implementation, head_dim, interpret, config):
-  """'pallas' or 'xla', plus whether the kernel runs in the Pallas interpreter."""
-  if implementation not in ("auto", "pallas", "xla"):
-    raise ValueError(f"implementation must be 'auto', 'pallas' or 'xla', got {implementation!r}")
-  backend = jax.default_backend()
+def _resolve_implementation(implementation):
+  """'pallas', 'mosaic' or 'xla': what a call runs, "auto" resolved by the backend."""
+  if implementation not in ("auto", "pallas", "mosaic", "xla"):
+    raise ValueError("implementation must be 'auto', 'pallas', 'mosaic' or 'xla', got "
+                     f"{implementation!r}")
   if implementation == "auto":
-    implementation = "pallas" if backend == "gpu" else "xla"
-  if implementation == "xla":
-    return "xla", False
+    return _AUTO_ON_GPU if jax.default_backend() == "gpu" else "xla"
+  return implementation
+
+
+def _check_mosaic(q, config, general_mask):
+  """Raises, naming the argument, for what the Mosaic GPU forward cannot do."""
+  if q.dtype == jnp.float32:
+    raise ValueError("q, k, v: implementation='mosaic' needs bfloat16 or float16, got "
+                     "float32; use implementation='pallas' for float32")
+  if q.shape[3] not in (64, 128):
+    raise ValueError(f"q: implementation='mosaic' supports head_dim 64 or 128, got "
+                     f"{q.shape[3]}; use implementation='pallas'")
+  if general_mask:
+    raise ValueError("mask: implementation='mosaic' supports document masks only "
+                     "(segment ids, positions, causal, sliding_window); use "
+                     "implementation='pallas' for mask=")
+  if config is not None:
+    from pallas_kernels import mosaic_attention  # lazily, see _kernels
+    tile, d = config.forward, q.shape[3]
+    try:  # lengths are padded to the tile, so only the tile itself is checked
+      mosaic_attention.check_supported(
+          jax.ShapeDtypeStruct((1, tile.block_major, 1, d), q.dtype),
+          jax.ShapeDtypeStruct((1, tile.block_minor, 1, d), q.dtype), tile)
+    except ValueError as exc:
+      raise ValueError(f"config: with implementation='mosaic', config.forward is the "
+                       f"Mosaic forward's tile: {exc}") from None
+
+
+def _check_kernel_call(implementation, q, config, general_mask, interpret):
+  """Raises unless the kernels can run this call; returns whether they are interpreted."""
+  head_dim = q.shape[3]
   if head_dim > _MAX_KERNEL_HEAD_DIM:
     raise ValueError(f"head_dim {head_dim} is larger than the Pallas kernel supports "
                      f"({_MAX_KERNEL_HEAD_DIM}); use implementation='xla'")
   _check_config(config, interpret)
+  if implementation == "mosaic":
+    _check_mosaic(q, config, general_mask)
+    if interpret:
+      raise ValueError("interpret: implementation='mosaic' has no interpreter (the Mosaic "
+                       "GPU interpreter cannot run its kernel); use implementation="
+                       "'pallas' with interpret=True off-GPU")
   if interpret:
-    return "pallas", True
+    return True
+  backend = jax.default_backend()
   if backend != "gpu":
-    raise ValueError(
-        f"implementation='pallas' needs a CUDA GPU, but JAX's backend is {backend!r}; "
-        "use implementation='xla', or interpret=True to run the kernel in the "
-        "(slow) Pallas interpreter")
-  return "pallas", False
+    hint = ("use implementation='xla', or interpret=True to run the kernel in the "
+            "(slow) Pallas interpreter" if implementation == "pallas" else
+            "use implementation='xla', or 'pallas' with interpret=True, off-GPU")
+    raise ValueError(f"implementation={implementation!r} needs a CUDA GPU, but JAX's "
+                     f"backend is {backend!r}; {hint}")
+  return False
 
 
 # ----------------------------------------------------------------------------
@@ -288,7 +327,31 @@ def _reference_backward(q, k, v, out, lse, do, dlse, ids: MaskInputs,
 
 
 # ----------------------------------------------------------------------------
-# Pallas path
+# Kernel path
+
+
+@dataclasses.dataclass(frozen=True)
+class _Kernels:
+  """The kernels of one implementation, with segment_attention's signatures."""
+  forward: Callable  # -> (out, lse), tiled by config.forward
+  backward_dq: Callable  # -> dq, tiled by config.dq
+  backward_dkdv: Callable  # -> (dk, dv), tiled by config.dkdv
+  default_config: Callable[[int], KernelConfig]  # head_dim -> tilings
+
+
+@functools.cache
+def _kernels(implementation) -> _Kernels:
+  """The kernels behind "pallas" and "mosaic": the one place a Mosaic backward plugs in."""
+  if implementation == "pallas":
+    return _Kernels(kernels.forward, kernels.backward_dq, kernels.backward_dkdv,
+                    KernelConfig.for_head_dim)
+  # Imported on first use: Mosaic GPU's MLIR bindings add ~0.2 s to `import jpack.attention`.
+  from pallas_kernels import mosaic_attention
+  # No Mosaic backward yet: gradients run the Triton dQ and dK/dV kernels.
+  return _Kernels(
+      mosaic_attention.forward, kernels.backward_dq, kernels.backward_dkdv,
+      lambda head_dim: dataclasses.replace(KernelConfig.for_head_dim(head_dim),
+                                           forward=mosaic_attention.DEFAULT_TILE))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -297,22 +360,24 @@ class _KernelOptions:
   spec: MaskSpec
   config: KernelConfig
   interpret: bool
+  implementation: str  # "pallas" or "mosaic": a key of _kernels
 
   def kernel_kwargs(self, ids: MaskInputs):
-    """Keyword arguments of the kernels: options, and the general mask of `ids`."""
+    """Keyword arguments of the kernels: options, and the general mask of `ids` if any."""
     rule = self.spec.rule
     kernel_rule = None if rule is None else (
         lambda q_pos, q_seg, kv_pos, kv_seg, kv_doc: rule(
             mask_rules.Tokens(q_pos, q_seg), mask_rules.Tokens(kv_pos, kv_seg, kv_doc)))
+    general = dict(rule=kernel_rule, kv_doc=ids.kv_doc_starts, dense=ids.dense)
     return dict(scale=self.scale, causal=self.spec.causal,
-                sliding_window=self.spec.sliding_window, rule=kernel_rule,
-                kv_doc=ids.kv_doc_starts, dense=ids.dense, interpret=self.interpret)
+                sliding_window=self.spec.sliding_window, interpret=self.interpret,
+                **{name: x for name, x in general.items() if x is not None})
 
 
 def _kernel_forward(opts, q, k, v, ids, tiles):
-  return kernels.forward(q, k, v, ids.q_segment_ids, ids.kv_segment_ids,
-                         ids.q_positions, ids.kv_positions, plans.q_major(tiles.forward),
-                         tile=opts.config.forward, **opts.kernel_kwargs(ids))
+  return _kernels(opts.implementation).forward(
+      q, k, v, ids.q_segment_ids, ids.kv_segment_ids, ids.q_positions, ids.kv_positions,
+      plans.q_major(tiles.forward), tile=opts.config.forward, **opts.kernel_kwargs(ids))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -331,10 +396,11 @@ def _kernel_backward(opts, q, k, v, ids, tiles, out, lse, do, dlse):
                      do.astype(jnp.float32)) - dlse
   args = (q, k, v, do.astype(q.dtype), lse, delta, ids.q_segment_ids,
           ids.kv_segment_ids, ids.q_positions, ids.kv_positions)
-  dq = kernels.backward_dq(*args, plans.q_major(tiles.dq), tile=opts.config.dq,
-                           **opts.kernel_kwargs(ids))
-  dk, dv = kernels.backward_dkdv(*args, plans.kv_major(tiles.dkdv),
-                                 tile=opts.config.dkdv, **opts.kernel_kwargs(ids))
+  impl = _kernels(opts.implementation)
+  dq = impl.backward_dq(*args, plans.q_major(tiles.dq), tile=opts.config.dq,
+                        **opts.kernel_kwargs(ids))
+  dk, dv = impl.backward_dkdv(*args, plans.kv_major(tiles.dkdv),
+                              tile=opts.config.dkdv, **opts.kernel_kwargs(ids))
   return dq, dk, dv
 
 
@@ -400,6 +466,7 @@ def make_attention_plan(
     causal: bool = True,
     sliding_window: int | None = None,
     config: KernelConfig | None = None,
+    implementation: Literal["auto", "pallas", "mosaic"] = "auto",
 ) -> AttentionPlan:
   """The mask and tile plan of flash_attention, computed once for many layers.
 
@@ -410,7 +477,11 @@ def make_attention_plan(
   Args:
     q, k: arrays (or jax.ShapeDtypeStruct) of the shapes the layers pass.
     segment_ids ... sliding_window: as for `flash_attention`.
-    config: the kernel tiling (default KernelConfig.for_head_dim(D)).
+    config: the kernel tiling (default: as for `flash_attention`).
+    implementation: the kernels to plan for, as `flash_attention`'s:
+      "pallas", "mosaic", or "auto" (what "auto" runs on a GPU: "pallas").
+      A plan only runs with the kernels it was made for; the reference
+      ("xla") takes any plan.
 
   Cost: O(B * Tq/bq * Tk/bk) for document masks; a general mask evaluates
   every (query, key) pair once (O(B * H_mask * Tq * Tk) elementwise work, in
@@ -420,11 +491,17 @@ def make_attention_plan(
   _check_options(causal, sliding_window, None)
   if config is not None and not isinstance(config, KernelConfig):
     raise TypeError(f"config must be a KernelConfig, got {type(config).__name__}")
+  if implementation not in ("auto", "pallas", "mosaic"):
+    raise ValueError("implementation must be 'auto', 'pallas' or 'mosaic' (the kernels "
+                     f"to plan for), got {implementation!r}")
+  target = _AUTO_ON_GPU if implementation == "auto" else implementation
   ids, rule = _mask_inputs(q, k, segment_ids, q_segment_ids, kv_segment_ids,
                            q_positions, kv_positions, mask)
+  if target == "mosaic":
+    _check_mosaic(q, config, general_mask=rule is not None or ids.dense is not None)
   spec = _mask_spec(causal, sliding_window, rule)
   return plans.make_plan(q.shape, k.shape, ids, spec,
-                         config or KernelConfig.for_head_dim(q.shape[3]))
+                         config or _kernels(target).default_config(q.shape[3]), target)
 
 
 def flash_attention(
@@ -468,35 +545,44 @@ def flash_attention(
       positions, sliding_window and mask (which it holds) and config; causal
       must be what the plan was made with. Saves planning in every layer.
     scale: logit scale, default 1/sqrt(D).
-    implementation: "pallas" (GPU kernel), "xla" (the plain-jnp reference,
-      float32 math, memory O(Tq*Tk)), or "auto" (pallas on GPU, else xla).
+    implementation: "pallas" (the GPU kernels, Triton lowering), "mosaic"
+      (experimental: the Mosaic GPU forward kernel, Hopper; for gradients,
+      until a Mosaic backward exists, the Triton dQ and dK/dV kernels), "xla"
+      (the plain-jnp reference, float32 math, memory O(Tq*Tk)), or "auto"
+      (pallas on GPU, else xla). "mosaic" needs a GPU, bfloat16 or float16,
+      head_dim 64 or 128 and no `mask`; anything else raises ValueError.
     return_residuals: also return lse, float32 [B, H, Tq], natural log,
       EMPTY_LSE for rows that attend to nothing.
-    config: kernel tiling (default: KernelConfig.for_head_dim(D)).
-    interpret: run the Pallas kernel in the Pallas interpreter (CPU tests).
+    config: kernel tiling (default: KernelConfig.for_head_dim(D); for
+      "mosaic", the same with forward=mosaic_attention.DEFAULT_TILE, the
+      Mosaic forward's tile: block_major 64 or 128, block_minor 64 or 128).
+    interpret: run the Pallas kernel in the Pallas interpreter (CPU tests;
+      "pallas" only).
 
   Returns:
     out [B, Tq, H, D] in q.dtype, or (out, lse) with return_residuals.
   """
   _check_qkv(q, k, v)
   _check_options(causal, sliding_window, scale)
+  impl = _resolve_implementation(implementation)
   spec, ids, plan, config = _mask_and_plan(
       q, k, dict(segment_ids=segment_ids, q_segment_ids=q_segment_ids,
                  kv_segment_ids=kv_segment_ids, q_positions=q_positions,
                  kv_positions=kv_positions),
-      causal=causal, sliding_window=sliding_window, mask=mask, plan=plan, config=config)
+      causal=causal, sliding_window=sliding_window, mask=mask, plan=plan, config=config,
+      implementation=impl)
   head_dim = q.shape[3]
   scale = float(1.0 / math.sqrt(head_dim) if scale is None else scale)
-  impl, interpret = _resolve_implementation(implementation, head_dim, interpret, config)
   if impl == "xla":
     out, lse = _reference(q, k, v, ids, spec, scale=scale)
   else:
-    opts, plan = _kernel_setup(q, k, ids, plan, spec, scale, config, interpret)
+    opts, plan = _kernel_setup(q, k, ids, plan, spec, scale, config, interpret, impl)
     out, lse = _pallas(q, k, v, plan, opts)
   return (out, lse) if return_residuals else out
 
 
-def _mask_and_plan(q, k, id_args, *, causal, sliding_window, mask, plan, config):
+def _mask_and_plan(q, k, id_args, *, causal, sliding_window, mask, plan, config,
+                   implementation):
   """(spec, unpadded mask inputs, plan or None, config) of a call's mask arguments.
 
   With a plan, the ids and mask come from it (after checking it fits the call);
@@ -504,7 +590,8 @@ def _mask_and_plan(q, k, id_args, *, causal, sliding_window, mask, plan, config)
   """
   if plan is not None:
     plans.check_plan(plan, q, k, causal, config,
-                dict(id_args, sliding_window=sliding_window, mask=mask))
+                     dict(id_args, sliding_window=sliding_window, mask=mask),
+                     implementation)
     return plan.spec, plan.unpadded_ids(), plan, plan.config
   ids, rule = _mask_inputs(q, k, **id_args, mask=mask)
   return _mask_spec(causal, sliding_window, rule), ids, None, config
@@ -516,15 +603,21 @@ def _mask_spec(causal, sliding_window, rule) -> MaskSpec:
                      "causal=True would hide again (leaving plain causal attention); "
                      "pass causal=False: prefix_lm is causal after the prefix")
   return MaskSpec(bool(causal), None if sliding_window is None else int(sliding_window),
-                   rule)
+                  rule)
 
 
-def _kernel_setup(q, k, ids, plan, spec, scale, config, interpret):
-  """(kernel options, plan): the given plan, or one made from the mask inputs."""
-  config = config or KernelConfig.for_head_dim(q.shape[3])
+def _kernel_setup(q, k, ids, plan, spec, scale, config, interpret, implementation):
+  """(kernel options, plan) once the kernels are known to fit the call.
+
+  The plan is the given one, or one made from the mask inputs.
+  """
+  general_mask = spec.rule is not None or ids.dense is not None
+  interpret = _check_kernel_call(implementation, q, config, general_mask, interpret)
+  config = config or _kernels(implementation).default_config(q.shape[3])
   if plan is None:
-    plan = plans.make_plan(q.shape, k.shape, ids, spec, config)
-  return _KernelOptions(scale=scale, spec=spec, config=config, interpret=interpret), plan
+    plan = plans.make_plan(q.shape, k.shape, ids, spec, config, implementation)
+  return _KernelOptions(scale=scale, spec=spec, config=config, interpret=interpret,
+                        implementation=implementation), plan
 
 
 def _check_residual(name, x, shape):
@@ -565,8 +658,10 @@ def flash_attention_bwd(
   (the backward of ring attention).
 
   Args:
-    q, k, v and the mask arguments (mask and plan included): as for
-      `flash_attention`.
+    q, k, v, the mask arguments (mask and plan included), implementation,
+      config, interpret: as for `flash_attention`. implementation="mosaic"
+      runs the Triton dQ and dK/dV kernels (tiles config.dq, config.dkdv)
+      until a Mosaic backward exists, with the Mosaic restrictions.
     out: [B, Tq, H, D]; lse: float32 [B, H, Tq] (EMPTY_LSE: the row sees nothing).
     do: [B, Tq, H, D] cotangent of out; dlse: float32 [B, H, Tq] or None (zeros).
 
@@ -582,18 +677,19 @@ def flash_attention_bwd(
   if dlse is None:
     dlse = jnp.zeros(row_stat, jnp.float32)
   _check_residual("dlse", dlse, row_stat)
+  impl = _resolve_implementation(implementation)
   spec, ids, plan, config = _mask_and_plan(
       q, k, dict(segment_ids=segment_ids, q_segment_ids=q_segment_ids,
                  kv_segment_ids=kv_segment_ids, q_positions=q_positions,
                  kv_positions=kv_positions),
-      causal=causal, sliding_window=sliding_window, mask=mask, plan=plan, config=config)
+      causal=causal, sliding_window=sliding_window, mask=mask, plan=plan, config=config,
+      implementation=impl)
   head_dim = q.shape[3]
   scale = float(1.0 / math.sqrt(head_dim) if scale is None else scale)
-  impl, interpret = _resolve_implementation(implementation, head_dim, interpret, config)
   lse, dlse = lse.astype(jnp.float32), dlse.astype(jnp.float32)
   if impl == "xla":
     return _reference_backward(q, k, v, out, lse, do, dlse, ids, spec, scale=scale)
-  opts, plan = _kernel_setup(q, k, ids, plan, spec, scale, config, interpret)
+  opts, plan = _kernel_setup(q, k, ids, plan, spec, scale, config, interpret, impl)
   return _pallas_backward(q, k, v, out, lse, do, dlse, plan, opts)
 
 

@@ -48,6 +48,8 @@ class AttentionPlan:
     tiles: the tile plans of the forward, dQ and dK/dV tilings.
     spec, config: the static mask options and the kernel tiling.
     q_shape, k_shape: the q and k shapes it was made for.
+    implementation: the kernels it was planned for, "pallas" or "mosaic"
+      (for "mosaic", config.forward is the Mosaic forward's tile).
   """
   ids: MaskInputs
   tiles: _Plans
@@ -55,6 +57,7 @@ class AttentionPlan:
   config: KernelConfig = dataclasses.field(metadata=dict(static=True))
   q_shape: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
   k_shape: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
+  implementation: str = dataclasses.field(metadata=dict(static=True))
 
   def unpadded_ids(self) -> MaskInputs:
     """The mask inputs cut back to the q and k lengths, dense mask as bool."""
@@ -130,8 +133,11 @@ def _make_plans(ids: MaskInputs, spec: MaskSpec, config: KernelConfig) -> _Plans
 
 
 def make_plan(q_shape, k_shape, ids: MaskInputs, spec: MaskSpec,
-              config: KernelConfig) -> AttentionPlan:
+              config: KernelConfig, implementation: str) -> AttentionPlan:
   """Pads the mask inputs to the kernels' granularity and plans the tiles.
+
+  Every tiling of `config` is planned; `implementation` only labels the plan
+  (the kernels' choice of tiles is already in config).
 
   Sequence padding gets segment id 0 (so it is masked out); the dense mask
   becomes int8 (the kernels load it as bytes).
@@ -149,7 +155,7 @@ def make_plan(q_shape, k_shape, ids: MaskInputs, spec: MaskSpec,
       pad_axis(ids.q_positions, 1, tq_pad), pad_axis(ids.kv_positions, 1, tk_pad),
       kv_doc_starts, dense)
   return AttentionPlan(ids, _make_plans(ids, spec, config), spec, config,
-                       tuple(q_shape), tuple(k_shape))
+                       tuple(q_shape), tuple(k_shape), implementation)
 
 
 def q_major(plan):
@@ -169,10 +175,12 @@ _PLAN_HOLDS = ("segment_ids", "q_segment_ids", "kv_segment_ids", "q_positions",
                "kv_positions", "sliding_window", "mask")
 
 
-def check_plan(plan, q, k, causal, config, given):
+def check_plan(plan, q, k, causal, config, given, implementation):
   """Raises unless `plan` was made for these shapes and options.
 
   given: the call's mask arguments by name (those the plan holds must be None).
+  implementation: what the call runs, "auto" resolved; "xla" (the reference)
+    reads only the plan's mask inputs, so it takes a plan made for any kernels.
   """
   if not isinstance(plan, AttentionPlan):
     raise TypeError(f"plan must be an AttentionPlan (from make_attention_plan), "
@@ -187,6 +195,10 @@ def check_plan(plan, q, k, causal, config, given):
   if (tuple(q.shape), tuple(k.shape)) != (plan.q_shape, plan.k_shape):
     raise ValueError(f"plan: it was made for q {plan.q_shape} and k {plan.k_shape}, "
                      f"got q {tuple(q.shape)} and k {tuple(k.shape)}")
+  if implementation != "xla" and implementation != plan.implementation:
+    raise ValueError(f"plan: it was made for implementation={plan.implementation!r}, but "
+                     f"this call runs implementation={implementation!r}; make it with "
+                     f"make_attention_plan(..., implementation={implementation!r})")
   if config is not None and config != plan.config:
     raise ValueError("plan: it was made for another config; pass config to "
                      "make_attention_plan only")
