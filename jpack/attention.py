@@ -22,13 +22,16 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from collections.abc import Callable
 from typing import Literal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jpack import mask_rules, masks
+from jpack import mask_rules, plans
+from jpack._mask_inputs import MaskInputs, MaskSpec
+from jpack.plans import AttentionPlan, pad_axis
 from pallas_kernels import segment_attention as kernels
 from pallas_kernels.config import KernelConfig, TileConfig
 
@@ -44,42 +47,11 @@ Finite so that merging partial results through lse (ring attention) never
 meets inf - inf; exp(EMPTY_LSE - anything real) is exactly 0.
 """
 
-Implementation = Literal["auto", "pallas", "xla"]
+Implementation = Literal["auto", "pallas", "mosaic", "xla"]
+_AUTO_ON_GPU = "pallas"
+"""The kernels "auto" runs on a GPU (the Mosaic forward is opt-in until GPU timings say)."""
 _FLOAT_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
 _MAX_KERNEL_HEAD_DIM = 256
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class _MaskInputs:
-  """The arrays the mask is computed from.
-
-  Segment ids and positions, int32: q_* [B, Tq], kv_* [B, Tk]; and, for a
-  general mask, kv_doc_starts int32 [B, Tk] (for rules that need it) and the
-  dense mask [B or 1, 1 or H, Tq, Tk] (bool; int8 once padded for the kernels).
-  """
-  q_segment_ids: jax.Array
-  kv_segment_ids: jax.Array
-  q_positions: jax.Array
-  kv_positions: jax.Array
-  kv_doc_starts: jax.Array | None = None
-  dense: jax.Array | None = None
-
-  def allowed(self, spec: _MaskSpec):
-    """bool [B, Hm, Tq, Tk] of allowed pairs (Hm: the dense mask's heads, else 1)."""
-    return masks.general_allowed(
-        self.q_segment_ids, self.kv_segment_ids, self.q_positions,
-        self.kv_positions, causal=spec.causal, sliding_window=spec.sliding_window,
-        dense=None if self.dense is None else self.dense.astype(bool),
-        rule=spec.rule, kv_doc_starts=self.kv_doc_starts)
-
-
-@dataclasses.dataclass(frozen=True)
-class _MaskSpec:
-  """The static part of the mask: options and the rule (hashable)."""
-  causal: bool
-  sliding_window: int | None
-  rule: mask_rules.MaskRule | None = None
 
 
 # ----------------------------------------------------------------------------
@@ -175,7 +147,7 @@ def _general_mask(mask, batch, heads, tq, tk):
 
 def _mask_inputs(q, k, segment_ids, q_segment_ids, kv_segment_ids,
                  q_positions, kv_positions, mask=None):
-  """(_MaskInputs, rule or None) of the arguments, checked."""
+  """(MaskInputs, rule or None) of the arguments, checked."""
   batch, tq, tk = q.shape[0], q.shape[1], k.shape[1]
   if segment_ids is not None:
     if q_segment_ids is not None or kv_segment_ids is not None:
@@ -205,7 +177,7 @@ def _mask_inputs(q, k, segment_ids, q_segment_ids, kv_segment_ids,
   rule, dense = _general_mask(mask, batch, q.shape[2], tq, tk)
   kv_doc_starts = (mask_rules.document_starts(kv_seg, kv_pos)
                    if rule is not None and rule.needs_doc_start else None)
-  return _MaskInputs(q_seg, kv_seg, q_pos, kv_pos, kv_doc_starts, dense), rule
+  return MaskInputs(q_seg, kv_seg, q_pos, kv_pos, kv_doc_starts, dense), rule
 
 
 def _check_options(causal, sliding_window, scale):
@@ -232,41 +204,77 @@ def _check_config(config, interpret):
                      "smaller tiles only run with interpret=True")
 
 
-def _resolve_implementation(implementation, head_dim, interpret, config):
-  """'pallas' or 'xla', plus whether the kernel runs in the Pallas interpreter."""
-  if implementation not in ("auto", "pallas", "xla"):
-    raise ValueError(f"implementation must be 'auto', 'pallas' or 'xla', got {implementation!r}")
-  backend = jax.default_backend()
+def _resolve_implementation(implementation):
+  """'pallas', 'mosaic' or 'xla': what a call runs, "auto" resolved by the backend."""
+  if implementation not in ("auto", "pallas", "mosaic", "xla"):
+    raise ValueError("implementation must be 'auto', 'pallas', 'mosaic' or 'xla', got "
+                     f"{implementation!r}")
   if implementation == "auto":
-    implementation = "pallas" if backend == "gpu" else "xla"
-  if implementation == "xla":
-    return "xla", False
+    return _AUTO_ON_GPU if jax.default_backend() == "gpu" else "xla"
+  return implementation
+
+
+def _check_mosaic(q, config, general_mask):
+  """Raises, naming the argument, for what the Mosaic GPU forward cannot do."""
+  if q.dtype == jnp.float32:
+    raise ValueError("q, k, v: implementation='mosaic' needs bfloat16 or float16, got "
+                     "float32; use implementation='pallas' for float32")
+  if q.shape[3] not in (64, 128):
+    raise ValueError(f"q: implementation='mosaic' supports head_dim 64 or 128, got "
+                     f"{q.shape[3]}; use implementation='pallas'")
+  if general_mask:
+    raise ValueError("mask: implementation='mosaic' supports document masks only "
+                     "(segment ids, positions, causal, sliding_window); use "
+                     "implementation='pallas' for mask=")
+  if config is not None:
+    from pallas_kernels import mosaic_attention  # lazily, see _kernels
+    tile, d = config.forward, q.shape[3]
+    try:  # lengths are padded to the tile, so only the tile itself is checked
+      mosaic_attention.check_supported(
+          jax.ShapeDtypeStruct((1, tile.block_major, 1, d), q.dtype),
+          jax.ShapeDtypeStruct((1, tile.block_minor, 1, d), q.dtype), tile)
+    except ValueError as exc:
+      raise ValueError(f"config: with implementation='mosaic', config.forward is the "
+                       f"Mosaic forward's tile: {exc}") from None
+
+
+def _check_kernel_call(implementation, q, config, general_mask, interpret):
+  """Raises unless the kernels can run this call; returns whether they are interpreted."""
+  head_dim = q.shape[3]
   if head_dim > _MAX_KERNEL_HEAD_DIM:
     raise ValueError(f"head_dim {head_dim} is larger than the Pallas kernel supports "
                      f"({_MAX_KERNEL_HEAD_DIM}); use implementation='xla'")
   _check_config(config, interpret)
+  if implementation == "mosaic":
+    _check_mosaic(q, config, general_mask)
+    if interpret:
+      raise ValueError("interpret: implementation='mosaic' has no interpreter (the Mosaic "
+                       "GPU interpreter cannot run its kernel); use implementation="
+                       "'pallas' with interpret=True off-GPU")
   if interpret:
-    return "pallas", True
+    return True
+  backend = jax.default_backend()
   if backend != "gpu":
-    raise ValueError(
-        f"implementation='pallas' needs a CUDA GPU, but JAX's backend is {backend!r}; "
-        "use implementation='xla', or interpret=True to run the kernel in the "
-        "(slow) Pallas interpreter")
-  return "pallas", False
+    hint = ("use implementation='xla', or interpret=True to run the kernel in the "
+            "(slow) Pallas interpreter" if implementation == "pallas" else
+            "use implementation='xla', or 'pallas' with interpret=True, off-GPU")
+    raise ValueError(f"implementation={implementation!r} needs a CUDA GPU, but JAX's "
+                     f"backend is {backend!r}; {hint}")
+  return False
 
 
 # ----------------------------------------------------------------------------
 # Reference
 
 
-def _allowed_by_group(ids: _MaskInputs, spec: _MaskSpec, group):
+def _allowed_by_group(ids: MaskInputs, spec: MaskSpec, group):
   """bool [B, Hkv or 1, group or 1, Tq, Tk]: allowed pairs, heads split as the logits'."""
   allowed = ids.allowed(spec)  # [B, 1 or H, Tq, Tk]
   return allowed.reshape(allowed.shape[0], -1, group if allowed.shape[1] > 1 else 1,
                          *allowed.shape[2:])
 
 
-def _reference(q, k, v, ids: _MaskInputs, spec: _MaskSpec, *, scale):
+def _reference(q, k, v, ids: MaskInputs, spec: MaskSpec, *, scale):
   """Plain-jnp attention in float32. Returns (out [B, Tq, H, D], lse [B, H, Tq])."""
   batch, tq, heads, head_dim = q.shape
   kv_heads = k.shape[2]
@@ -290,8 +298,8 @@ def _reference(q, k, v, ids: _MaskInputs, spec: _MaskSpec, *, scale):
           lse.reshape(batch, heads, tq))
 
 
-def _reference_backward(q, k, v, out, lse, do, dlse, ids: _MaskInputs,
-                        spec: _MaskSpec, *, scale):
+def _reference_backward(q, k, v, out, lse, do, dlse, ids: MaskInputs,
+                        spec: MaskSpec, *, scale):
   """(dq, dk, dv) in plain jnp, float32 math, given out and lse [B, H, Tq].
 
   p = exp(s - lse) on allowed pairs, so an lse taken over more keys than
@@ -319,196 +327,87 @@ def _reference_backward(q, k, v, out, lse, do, dlse, ids: _MaskInputs,
 
 
 # ----------------------------------------------------------------------------
-# Pallas path
+# Kernel path
+
+
+@dataclasses.dataclass(frozen=True)
+class _Kernels:
+  """The kernels of one implementation, with segment_attention's signatures."""
+  forward: Callable  # -> (out, lse), tiled by config.forward
+  backward_dq: Callable  # -> dq, tiled by config.dq
+  backward_dkdv: Callable  # -> (dk, dv), tiled by config.dkdv
+  default_config: Callable[[int], KernelConfig]  # head_dim -> tilings
+
+
+@functools.cache
+def _kernels(implementation) -> _Kernels:
+  """The kernels behind "pallas" and "mosaic": the one place a Mosaic backward plugs in."""
+  if implementation == "pallas":
+    return _Kernels(kernels.forward, kernels.backward_dq, kernels.backward_dkdv,
+                    KernelConfig.for_head_dim)
+  # Imported on first use: Mosaic GPU's MLIR bindings add ~0.2 s to `import jpack.attention`.
+  from pallas_kernels import mosaic_attention
+  # No Mosaic backward yet: gradients run the Triton dQ and dK/dV kernels.
+  return _Kernels(
+      mosaic_attention.forward, kernels.backward_dq, kernels.backward_dkdv,
+      lambda head_dim: dataclasses.replace(KernelConfig.for_head_dim(head_dim),
+                                           forward=mosaic_attention.DEFAULT_TILE))
 
 
 @dataclasses.dataclass(frozen=True)
 class _KernelOptions:
   scale: float
-  spec: _MaskSpec
+  spec: MaskSpec
   config: KernelConfig
   interpret: bool
+  implementation: str  # "pallas" or "mosaic": a key of _kernels
 
-  def kernel_kwargs(self, ids: _MaskInputs):
-    """Keyword arguments of the kernels: options, and the general mask of `ids`."""
+  def kernel_kwargs(self, ids: MaskInputs):
+    """Keyword arguments of the kernels: options, and the general mask of `ids` if any."""
     rule = self.spec.rule
     kernel_rule = None if rule is None else (
         lambda q_pos, q_seg, kv_pos, kv_seg, kv_doc: rule(
             mask_rules.Tokens(q_pos, q_seg), mask_rules.Tokens(kv_pos, kv_seg, kv_doc)))
+    general = dict(rule=kernel_rule, kv_doc=ids.kv_doc_starts, dense=ids.dense)
     return dict(scale=self.scale, causal=self.spec.causal,
-                sliding_window=self.spec.sliding_window, rule=kernel_rule,
-                kv_doc=ids.kv_doc_starts, dense=ids.dense, interpret=self.interpret)
+                sliding_window=self.spec.sliding_window, interpret=self.interpret,
+                **{name: x for name, x in general.items() if x is not None})
 
 
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class _Plans:
-  """Tile plans for the three kernels' tilings: ranges for document masks,
-  lists for general masks."""
-  forward: masks.TilePlan | masks.TileLists
-  dq: masks.TilePlan | masks.TileLists
-  dkdv: masks.TilePlan | masks.TileLists
-
-
-def _tilings(config: KernelConfig):
-  """(block_q, block_k) of the forward, dQ and dK/dV kernels."""
-  return ((config.forward.block_major, config.forward.block_minor),
-          (config.dq.block_major, config.dq.block_minor),
-          (config.dkdv.block_minor, config.dkdv.block_major))
-
-
-def _q_rows(ids: _MaskInputs, start, n) -> _MaskInputs:
-  """The mask inputs of query rows [start, start + n) (start may be traced)."""
-  rows = lambda x, axis: jax.lax.dynamic_slice_in_dim(x, start, n, axis)  # noqa: E731
-  return dataclasses.replace(
-      ids, q_segment_ids=rows(ids.q_segment_ids, 1), q_positions=rows(ids.q_positions, 1),
-      dense=None if ids.dense is None else rows(ids.dense, 2))
-
-
-def _make_plans(ids: _MaskInputs, spec: _MaskSpec, config: KernelConfig) -> _Plans:
-  """Tile plans of padded mask inputs, one per distinct tiling.
-
-  Document masks get range plans from per-tile statistics. A general mask is
-  evaluated pair by pair once, at the finest of the three tilings (q tiles in
-  chunks, so memory stays bounded), and coarsened for the others.
-  """
-  tilings = _tilings(config)
-  general = spec.rule is not None or ids.dense is not None
-  if general:
-    fine = (min(b[0] for b in tilings), min(b[1] for b in tilings))
-    any_, all_ = masks.tile_any_all(
-        lambda start, n: _q_rows(ids, start, n).allowed(spec),
-        q_len=ids.q_segment_ids.shape[1], block_q=fine[0], block_k=fine[1])
-  cache = {}
-  for blocks in tilings:
-    if blocks in cache:
-      continue
-    if general:
-      cache[blocks] = masks.make_tile_lists(any_, all_, block=fine, block_q=blocks[0],
-                                            block_k=blocks[1])
-    else:
-      cache[blocks] = masks.make_tile_plan(
-          ids.q_segment_ids, ids.kv_segment_ids, ids.q_positions, ids.kv_positions,
-          block_q=blocks[0], block_k=blocks[1], causal=spec.causal,
-          sliding_window=spec.sliding_window)
-  return _Plans(*(cache[b] for b in tilings))
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class AttentionPlan:
-  """The mask of one attention shape, ready for the kernels; reusable across layers.
-
-  Made by `make_attention_plan`; pass it as flash_attention(q, k, v,
-  plan=plan, causal=...) in every layer that shares the mask, so the tile plan
-  (for a general mask: one evaluation of every pair) is computed once. It is a
-  pytree: pass it through jit and scan like any array argument.
-
-  Attributes:
-    ids: segment ids, positions and the general mask, padded to the kernels'
-      tile multiple (the dense mask as int8).
-    tiles: the tile plans of the forward, dQ and dK/dV tilings.
-    spec, config: the static mask options and the kernel tiling.
-    q_shape, k_shape: the q and k shapes it was made for.
-  """
-  ids: _MaskInputs
-  tiles: _Plans
-  spec: _MaskSpec = dataclasses.field(metadata=dict(static=True))
-  config: KernelConfig = dataclasses.field(metadata=dict(static=True))
-  q_shape: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
-  k_shape: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
-
-  def unpadded_ids(self) -> _MaskInputs:
-    """The mask inputs cut back to the q and k lengths, dense mask as bool."""
-    tq, tk = self.q_shape[1], self.k_shape[1]
-    ids = self.ids
-    return _MaskInputs(
-        ids.q_segment_ids[:, :tq], ids.kv_segment_ids[:, :tk],
-        ids.q_positions[:, :tq], ids.kv_positions[:, :tk],
-        None if ids.kv_doc_starts is None else ids.kv_doc_starts[:, :tk],
-        None if ids.dense is None else ids.dense[..., :tq, :tk].astype(bool))
-
-
-def _pad_axis(x, axis, size):
-  """x zero-padded at the end of `axis` to `size`."""
-  pad = size - x.shape[axis]
-  if pad == 0:
-    return x
-  widths = [(0, 0)] * x.ndim
-  widths[axis] = (0, pad)
-  return jnp.pad(x, widths)
-
-
-def _round_up(n, m):
-  return -(-n // m) * m
-
-
-def _plan(q_shape, k_shape, ids: _MaskInputs, spec: _MaskSpec,
-          config: KernelConfig) -> AttentionPlan:
-  """Pads the mask inputs to the kernels' granularity and plans the tiles.
-
-  Sequence padding gets segment id 0 (so it is masked out); the dense mask
-  becomes int8 (the kernels load it as bytes).
-  """
-  tq_pad = _round_up(q_shape[1], config.row_multiple)
-  tk_pad = _round_up(k_shape[1], config.row_multiple)
-  dense = ids.dense
-  if dense is not None:
-    dense = _pad_axis(_pad_axis(dense.astype(jnp.int8), 2, tq_pad), 3, tk_pad)
-  kv_doc_starts = ids.kv_doc_starts
-  if kv_doc_starts is not None:
-    kv_doc_starts = _pad_axis(kv_doc_starts, 1, tk_pad)
-  ids = _MaskInputs(
-      _pad_axis(ids.q_segment_ids, 1, tq_pad), _pad_axis(ids.kv_segment_ids, 1, tk_pad),
-      _pad_axis(ids.q_positions, 1, tq_pad), _pad_axis(ids.kv_positions, 1, tk_pad),
-      kv_doc_starts, dense)
-  return AttentionPlan(ids, _make_plans(ids, spec, config), spec, config,
-                       tuple(q_shape), tuple(k_shape))
-
-
-def _q_major(plan):
-  """The plan rows of q tiles: ranges or lists."""
-  return plan.q_lists if isinstance(plan, masks.TileLists) else plan.q_ranges
-
-
-def _kv_major(plan):
-  """The plan rows of kv tiles: ranges or lists."""
-  return plan.kv_lists if isinstance(plan, masks.TileLists) else plan.kv_ranges
-
-
-def _kernel_forward(opts, q, k, v, ids, plans):
-  return kernels.forward(q, k, v, ids.q_segment_ids, ids.kv_segment_ids,
-                         ids.q_positions, ids.kv_positions, _q_major(plans.forward),
-                         tile=opts.config.forward, **opts.kernel_kwargs(ids))
+def _kernel_forward(opts, q, k, v, ids, tiles):
+  return _kernels(opts.implementation).forward(
+      q, k, v, ids.q_segment_ids, ids.kv_segment_ids, ids.q_positions, ids.kv_positions,
+      plans.q_major(tiles.forward), tile=opts.config.forward, **opts.kernel_kwargs(ids))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _kernel_attention(opts, q, k, v, ids, plans):
-  return _kernel_forward(opts, q, k, v, ids, plans)
+def _kernel_attention(opts, q, k, v, ids, tiles):
+  return _kernel_forward(opts, q, k, v, ids, tiles)
 
 
-def _kernel_attention_fwd(opts, q, k, v, ids, plans):
-  out, lse = _kernel_forward(opts, q, k, v, ids, plans)
-  return (out, lse), (q, k, v, ids, plans, out, lse)
+def _kernel_attention_fwd(opts, q, k, v, ids, tiles):
+  out, lse = _kernel_forward(opts, q, k, v, ids, tiles)
+  return (out, lse), (q, k, v, ids, tiles, out, lse)
 
 
-def _kernel_backward(opts, q, k, v, ids, plans, out, lse, do, dlse):
+def _kernel_backward(opts, q, k, v, ids, tiles, out, lse, do, dlse):
   # d lse_i / d s_ij = p_ij, so an lse cotangent folds into delta.
   delta = jnp.einsum("bqhd,bqhd->bhq", out.astype(jnp.float32),
                      do.astype(jnp.float32)) - dlse
   args = (q, k, v, do.astype(q.dtype), lse, delta, ids.q_segment_ids,
           ids.kv_segment_ids, ids.q_positions, ids.kv_positions)
-  dq = kernels.backward_dq(*args, _q_major(plans.dq), tile=opts.config.dq,
-                           **opts.kernel_kwargs(ids))
-  dk, dv = kernels.backward_dkdv(*args, _kv_major(plans.dkdv),
-                                 tile=opts.config.dkdv, **opts.kernel_kwargs(ids))
+  impl = _kernels(opts.implementation)
+  dq = impl.backward_dq(*args, plans.q_major(tiles.dq), tile=opts.config.dq,
+                        **opts.kernel_kwargs(ids))
+  dk, dv = impl.backward_dkdv(*args, plans.kv_major(tiles.dkdv),
+                              tile=opts.config.dkdv, **opts.kernel_kwargs(ids))
   return dq, dk, dv
 
 
 def _kernel_attention_bwd(opts, residuals, cotangents):
-  q, k, v, ids, plans, out, lse = residuals
+  q, k, v, ids, tiles, out, lse = residuals
   do, dlse = cotangents
-  return _kernel_backward(opts, q, k, v, ids, plans, out, lse, do, dlse) + (None, None)
+  return _kernel_backward(opts, q, k, v, ids, tiles, out, lse, do, dlse) + (None, None)
 
 
 _kernel_attention.defvjp(_kernel_attention_fwd, _kernel_attention_bwd)
@@ -522,9 +421,9 @@ def _padded_qkv(q, k, v, plan: AttentionPlan):
   """
   tq_pad, tk_pad = plan.ids.q_segment_ids.shape[1], plan.ids.kv_segment_ids.shape[1]
   d = max(16, 1 << (q.shape[3] - 1).bit_length())
-  q = _pad_axis(_pad_axis(q, 1, tq_pad), 3, d)
-  k = _pad_axis(_pad_axis(k, 1, tk_pad), 3, d)
-  v = _pad_axis(_pad_axis(v, 1, tk_pad), 3, d)
+  q = pad_axis(pad_axis(q, 1, tq_pad), 3, d)
+  k = pad_axis(pad_axis(k, 1, tk_pad), 3, d)
+  v = pad_axis(pad_axis(v, 1, tk_pad), 3, d)
   return q, k, v
 
 
@@ -540,10 +439,10 @@ def _pallas_backward(q, k, v, out, lse, do, dlse, plan: AttentionPlan,
   """The kernels' backward from given residuals, padded like `_pallas`."""
   tq, tk, head_dim = q.shape[1], k.shape[1], q.shape[3]
   qp, k, v = _padded_qkv(q, k, v, plan)
-  like_q = lambda x: _pad_axis(_pad_axis(x, 1, qp.shape[1]), 3, qp.shape[3])  # noqa: E731
+  like_q = lambda x: pad_axis(pad_axis(x, 1, qp.shape[1]), 3, qp.shape[3])  # noqa: E731
   # Padded rows: segment id 0, so they see nothing; EMPTY_LSE says the same.
   lse = jnp.pad(lse, ((0, 0), (0, 0), (0, qp.shape[1] - tq)), constant_values=EMPTY_LSE)
-  dlse = _pad_axis(dlse, 2, qp.shape[1])
+  dlse = pad_axis(dlse, 2, qp.shape[1])
   dq, dk, dv = _kernel_backward(opts, qp, k, v, plan.ids, plan.tiles,
                                 like_q(out), lse, like_q(do), dlse)
   return (dq[:, :tq, :, :head_dim], dk[:, :tk, :, :head_dim],
@@ -552,29 +451,6 @@ def _pallas_backward(q, k, v, out, lse, do, dlse, plan: AttentionPlan,
 
 # ----------------------------------------------------------------------------
 # Public API
-
-_PLAN_HOLDS = ("segment_ids", "q_segment_ids", "kv_segment_ids", "q_positions",
-               "kv_positions", "sliding_window", "mask")
-
-
-def _check_plan(plan, q, k, causal, config, given):
-  """Raises unless `plan` was made for these shapes and options."""
-  if not isinstance(plan, AttentionPlan):
-    raise TypeError(f"plan must be an AttentionPlan (from make_attention_plan), "
-                    f"got {type(plan).__name__}")
-  passed = [name for name in _PLAN_HOLDS if given[name] is not None]
-  if passed:
-    raise ValueError(f"plan: {', '.join(passed)} must be given to make_attention_plan "
-                     "only; the plan holds them")
-  if bool(causal) != plan.spec.causal:
-    raise ValueError(f"plan: it was made with causal={plan.spec.causal}, but "
-                     f"flash_attention got causal={causal}")
-  if (tuple(q.shape), tuple(k.shape)) != (plan.q_shape, plan.k_shape):
-    raise ValueError(f"plan: it was made for q {plan.q_shape} and k {plan.k_shape}, "
-                     f"got q {tuple(q.shape)} and k {tuple(k.shape)}")
-  if config is not None and config != plan.config:
-    raise ValueError("plan: it was made for another config; pass config to "
-                     "make_attention_plan only")
 
 
 def make_attention_plan(
@@ -590,6 +466,7 @@ def make_attention_plan(
     causal: bool = True,
     sliding_window: int | None = None,
     config: KernelConfig | None = None,
+    implementation: Literal["auto", "pallas", "mosaic"] = "auto",
 ) -> AttentionPlan:
   """The mask and tile plan of flash_attention, computed once for many layers.
 
@@ -600,7 +477,11 @@ def make_attention_plan(
   Args:
     q, k: arrays (or jax.ShapeDtypeStruct) of the shapes the layers pass.
     segment_ids ... sliding_window: as for `flash_attention`.
-    config: the kernel tiling (default KernelConfig.for_head_dim(D)).
+    config: the kernel tiling (default: as for `flash_attention`).
+    implementation: the kernels to plan for, as `flash_attention`'s:
+      "pallas", "mosaic", or "auto" (what "auto" runs on a GPU: "pallas").
+      A plan only runs with the kernels it was made for; the reference
+      ("xla") takes any plan.
 
   Cost: O(B * Tq/bq * Tk/bk) for document masks; a general mask evaluates
   every (query, key) pair once (O(B * H_mask * Tq * Tk) elementwise work, in
@@ -610,10 +491,17 @@ def make_attention_plan(
   _check_options(causal, sliding_window, None)
   if config is not None and not isinstance(config, KernelConfig):
     raise TypeError(f"config must be a KernelConfig, got {type(config).__name__}")
+  if implementation not in ("auto", "pallas", "mosaic"):
+    raise ValueError("implementation must be 'auto', 'pallas' or 'mosaic' (the kernels "
+                     f"to plan for), got {implementation!r}")
+  target = _AUTO_ON_GPU if implementation == "auto" else implementation
   ids, rule = _mask_inputs(q, k, segment_ids, q_segment_ids, kv_segment_ids,
                            q_positions, kv_positions, mask)
+  if target == "mosaic":
+    _check_mosaic(q, config, general_mask=rule is not None or ids.dense is not None)
   spec = _mask_spec(causal, sliding_window, rule)
-  return _plan(q.shape, k.shape, ids, spec, config or KernelConfig.for_head_dim(q.shape[3]))
+  return plans.make_plan(q.shape, k.shape, ids, spec,
+                         config or _kernels(target).default_config(q.shape[3]), target)
 
 
 def flash_attention(
@@ -657,63 +545,79 @@ def flash_attention(
       positions, sliding_window and mask (which it holds) and config; causal
       must be what the plan was made with. Saves planning in every layer.
     scale: logit scale, default 1/sqrt(D).
-    implementation: "pallas" (GPU kernel), "xla" (the plain-jnp reference,
-      float32 math, memory O(Tq*Tk)), or "auto" (pallas on GPU, else xla).
+    implementation: "pallas" (the GPU kernels, Triton lowering), "mosaic"
+      (experimental: the Mosaic GPU forward kernel, Hopper; for gradients,
+      until a Mosaic backward exists, the Triton dQ and dK/dV kernels), "xla"
+      (the plain-jnp reference, float32 math, memory O(Tq*Tk)), or "auto"
+      (pallas on GPU, else xla). "mosaic" needs a GPU, bfloat16 or float16,
+      head_dim 64 or 128 and no `mask`; anything else raises ValueError.
     return_residuals: also return lse, float32 [B, H, Tq], natural log,
       EMPTY_LSE for rows that attend to nothing.
-    config: kernel tiling (default: KernelConfig.for_head_dim(D)).
-    interpret: run the Pallas kernel in the Pallas interpreter (CPU tests).
+    config: kernel tiling (default: KernelConfig.for_head_dim(D); for
+      "mosaic", the same with forward=mosaic_attention.DEFAULT_TILE, the
+      Mosaic forward's tile: block_major 64 or 128, block_minor 64 or 128).
+    interpret: run the Pallas kernel in the Pallas interpreter (CPU tests;
+      "pallas" only).
 
   Returns:
     out [B, Tq, H, D] in q.dtype, or (out, lse) with return_residuals.
   """
   _check_qkv(q, k, v)
   _check_options(causal, sliding_window, scale)
+  impl = _resolve_implementation(implementation)
   spec, ids, plan, config = _mask_and_plan(
       q, k, dict(segment_ids=segment_ids, q_segment_ids=q_segment_ids,
                  kv_segment_ids=kv_segment_ids, q_positions=q_positions,
                  kv_positions=kv_positions),
-      causal=causal, sliding_window=sliding_window, mask=mask, plan=plan, config=config)
+      causal=causal, sliding_window=sliding_window, mask=mask, plan=plan, config=config,
+      implementation=impl)
   head_dim = q.shape[3]
   scale = float(1.0 / math.sqrt(head_dim) if scale is None else scale)
-  impl, interpret = _resolve_implementation(implementation, head_dim, interpret, config)
   if impl == "xla":
     out, lse = _reference(q, k, v, ids, spec, scale=scale)
   else:
-    opts, plan = _kernel_setup(q, k, ids, plan, spec, scale, config, interpret)
+    opts, plan = _kernel_setup(q, k, ids, plan, spec, scale, config, interpret, impl)
     out, lse = _pallas(q, k, v, plan, opts)
   return (out, lse) if return_residuals else out
 
 
-def _mask_and_plan(q, k, id_args, *, causal, sliding_window, mask, plan, config):
+def _mask_and_plan(q, k, id_args, *, causal, sliding_window, mask, plan, config,
+                   implementation):
   """(spec, unpadded mask inputs, plan or None, config) of a call's mask arguments.
 
   With a plan, the ids and mask come from it (after checking it fits the call);
   without, from the arguments.
   """
   if plan is not None:
-    _check_plan(plan, q, k, causal, config,
-                dict(id_args, sliding_window=sliding_window, mask=mask))
+    plans.check_plan(plan, q, k, causal, config,
+                     dict(id_args, sliding_window=sliding_window, mask=mask),
+                     implementation)
     return plan.spec, plan.unpadded_ids(), plan, plan.config
   ids, rule = _mask_inputs(q, k, **id_args, mask=mask)
   return _mask_spec(causal, sliding_window, rule), ids, None, config
 
 
-def _mask_spec(causal, sliding_window, rule) -> _MaskSpec:
+def _mask_spec(causal, sliding_window, rule) -> MaskSpec:
   if causal and rule is not None and rule.sees_ahead:
     raise ValueError("mask: the rule lets queries see later keys (prefix_lm), which "
                      "causal=True would hide again (leaving plain causal attention); "
                      "pass causal=False: prefix_lm is causal after the prefix")
-  return _MaskSpec(bool(causal), None if sliding_window is None else int(sliding_window),
-                   rule)
+  return MaskSpec(bool(causal), None if sliding_window is None else int(sliding_window),
+                  rule)
 
 
-def _kernel_setup(q, k, ids, plan, spec, scale, config, interpret):
-  """(kernel options, plan): the given plan, or one made from the mask inputs."""
-  config = config or KernelConfig.for_head_dim(q.shape[3])
+def _kernel_setup(q, k, ids, plan, spec, scale, config, interpret, implementation):
+  """(kernel options, plan) once the kernels are known to fit the call.
+
+  The plan is the given one, or one made from the mask inputs.
+  """
+  general_mask = spec.rule is not None or ids.dense is not None
+  interpret = _check_kernel_call(implementation, q, config, general_mask, interpret)
+  config = config or _kernels(implementation).default_config(q.shape[3])
   if plan is None:
-    plan = _plan(q.shape, k.shape, ids, spec, config)
-  return _KernelOptions(scale=scale, spec=spec, config=config, interpret=interpret), plan
+    plan = plans.make_plan(q.shape, k.shape, ids, spec, config, implementation)
+  return _KernelOptions(scale=scale, spec=spec, config=config, interpret=interpret,
+                        implementation=implementation), plan
 
 
 def _check_residual(name, x, shape):
@@ -754,8 +658,10 @@ def flash_attention_bwd(
   (the backward of ring attention).
 
   Args:
-    q, k, v and the mask arguments (mask and plan included): as for
-      `flash_attention`.
+    q, k, v, the mask arguments (mask and plan included), implementation,
+      config, interpret: as for `flash_attention`. implementation="mosaic"
+      runs the Triton dQ and dK/dV kernels (tiles config.dq, config.dkdv)
+      until a Mosaic backward exists, with the Mosaic restrictions.
     out: [B, Tq, H, D]; lse: float32 [B, H, Tq] (EMPTY_LSE: the row sees nothing).
     do: [B, Tq, H, D] cotangent of out; dlse: float32 [B, H, Tq] or None (zeros).
 
@@ -771,18 +677,19 @@ def flash_attention_bwd(
   if dlse is None:
     dlse = jnp.zeros(row_stat, jnp.float32)
   _check_residual("dlse", dlse, row_stat)
+  impl = _resolve_implementation(implementation)
   spec, ids, plan, config = _mask_and_plan(
       q, k, dict(segment_ids=segment_ids, q_segment_ids=q_segment_ids,
                  kv_segment_ids=kv_segment_ids, q_positions=q_positions,
                  kv_positions=kv_positions),
-      causal=causal, sliding_window=sliding_window, mask=mask, plan=plan, config=config)
+      causal=causal, sliding_window=sliding_window, mask=mask, plan=plan, config=config,
+      implementation=impl)
   head_dim = q.shape[3]
   scale = float(1.0 / math.sqrt(head_dim) if scale is None else scale)
-  impl, interpret = _resolve_implementation(implementation, head_dim, interpret, config)
   lse, dlse = lse.astype(jnp.float32), dlse.astype(jnp.float32)
   if impl == "xla":
     return _reference_backward(q, k, v, out, lse, do, dlse, ids, spec, scale=scale)
-  opts, plan = _kernel_setup(q, k, ids, plan, spec, scale, config, interpret)
+  opts, plan = _kernel_setup(q, k, ids, plan, spec, scale, config, interpret, impl)
   return _pallas_backward(q, k, v, out, lse, do, dlse, plan, opts)
 
 

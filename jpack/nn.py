@@ -123,8 +123,8 @@ class Attention(nnx.Module):
     _check_positive("head_dim", head_dim)
     if rope_theta is not None and head_dim % 2:
       raise ValueError(f"head_dim must be even for RoPE, got {head_dim}")
-    if implementation not in ("auto", "pallas", "xla"):
-      raise ValueError(f"implementation must be 'auto', 'pallas' or 'xla', got "
+    if implementation not in ("auto", "pallas", "mosaic", "xla"):
+      raise ValueError(f"implementation must be 'auto', 'pallas', 'mosaic' or 'xla', got "
                        f"{implementation!r}")
     self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
     self.rope_theta, self.causal = rope_theta, bool(causal)

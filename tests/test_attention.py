@@ -504,7 +504,7 @@ def _bad_calls():
   yield "only kv_segment_ids", lambda: flash_attention(q, k, v, kv_segment_ids=_ids()), ValueError, r"q_segment_ids and kv_segment_ids must be given together"
   yield "segment_ids with Tq != Tk", lambda: flash_attention(*_qkv(tq=16), segment_ids=_ids()), ValueError, r"segment_ids needs equal q and kv lengths.*q_segment_ids and kv_segment_ids"
   yield "head_dim 512 with pallas", lambda: flash_attention(*_qkv(d=512), **q_cpu_pallas), ValueError, r"head_dim 512 .*implementation='xla'"
-  yield "unknown implementation", lambda: flash_attention(q, k, v, implementation="triton"), ValueError, r"implementation must be 'auto', 'pallas' or 'xla', got 'triton'"
+  yield "unknown implementation", lambda: flash_attention(q, k, v, implementation="triton"), ValueError, r"implementation must be 'auto', 'pallas', 'mosaic' or 'xla', got 'triton'"
   yield "sliding_window=0", lambda: flash_attention(q, k, v, sliding_window=0), ValueError, r"sliding_window must be a positive int"
   yield "sliding_window float", lambda: flash_attention(q, k, v, sliding_window=8.0), ValueError, r"sliding_window must be a positive int"
   yield "causal not a bool", lambda: flash_attention(q, k, v, causal=1), TypeError, r"causal must be a bool"

@@ -126,14 +126,18 @@ CASES = [
 BY_NAME = {c.name: c for c in CASES}
 
 
-@functools.lru_cache(maxsize=None)
 def run_case(name):
   """(kernel, reference, allowed): dicts of float32 numpy out, lse, dq, dk, dv,
   and the whole mask, bool [B, H, Tq, Tk]."""
-  case = BY_NAME[name]
+  return case_results(BY_NAME[name], "pallas")
+
+
+@functools.lru_cache(maxsize=None)
+def case_results(case: GpuCase, implementation: str):
+  """run_case's results for any case and kernel implementation ("pallas", "mosaic")."""
   layout = case.make_layout()
   mask = None if case.mask is None else GENERAL_MASKS[case.mask](case)
-  seed = zlib.crc32(name.encode()) & 0x7FFFFFFF
+  seed = zlib.crc32(case.name.encode()) & 0x7FFFFFFF
   q, k, v, do, dlse = random_inputs(
       seed, batch=case.batch, q_len=case.q_len, kv_len=case.kv_len,
       heads=case.heads, kv_heads=case.kv_heads, head_dim=case.head_dim,
@@ -150,7 +154,7 @@ def run_case(name):
     return dict(out=out, lse=lse, dq=dq, dk=dk, dv=dv)
 
   as_np = lambda d: {n: np.asarray(x.astype(jnp.float32)) for n, x in d.items()}
-  got = as_np(jax.jit(functools.partial(results, "pallas"))(q, k, v, do))
+  got = as_np(jax.jit(functools.partial(results, implementation))(q, k, v, do))
   f32 = lambda x: x.astype(jnp.float32)
   want = as_np(jax.jit(functools.partial(results, "xla"))(
       f32(q), f32(k), f32(v), f32(do)))

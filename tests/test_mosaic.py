@@ -11,6 +11,11 @@ On a GPU (marker `gpu`): out and lse against the float32 reference on the same
 rounded inputs (rel <= 2e-2 for bfloat16/float16), exact zeros and EMPTY_LSE
 for queries that see nothing, nothing NaN; fixed layouts at realistic sizes
 and hypothesis layouts at one small shape.
+
+Through the public API, flash_attention(implementation="mosaic") (the Mosaic
+forward, the Triton kernels for gradients): on every machine, its input checks
+and its lowering for CUDA under jit, forward and jax.grad; on a GPU, forward
+and gradients against the reference on a few layouts.
 """
 
 from __future__ import annotations
@@ -27,9 +32,10 @@ from hypothesis import given, settings, strategies as st
 
 from helpers import (ALL_KINDS, Layout, allowed_np, assert_close, assert_finite,
                      chunk_layouts, random_inputs, self_layouts)
-from test_gpu import GpuCase
-from jpack import masks
-from jpack.attention import EMPTY_LSE, reference_attention
+from test_gpu import GpuCase, case_results
+from jpack import mask_rules, masks
+from jpack.attention import (EMPTY_LSE, KernelConfig, flash_attention, flash_attention_bwd,
+                             make_attention_plan, reference_attention)
 from pallas_kernels import mosaic_attention
 from pallas_kernels.config import TileConfig
 
@@ -261,3 +267,202 @@ def test_self_attention_layouts_match_reference(causal, layout, seed):
 @given(layout=chunk_layouts(B, 128, 256), seed=SEEDS)
 def test_chunk_layouts_with_window_match_reference(layout, seed):
   _check_layout(layout, seed, causal=True, window=64)
+
+
+# ----------------------------------------------------------------------------
+# The public API: flash_attention(implementation="mosaic")
+
+
+def _api_inputs(b=2, t=1000, heads=4, kv_heads=2, d=128, dtype=jnp.bfloat16):
+  """Shapes of a call: q, k (= v) and ids; T = 1000 is padded to the tiles."""
+  return (jax.ShapeDtypeStruct((b, t, heads, d), jnp.dtype(dtype)),
+          jax.ShapeDtypeStruct((b, t, kv_heads, d), jnp.dtype(dtype)),
+          jax.ShapeDtypeStruct((b, t), jnp.int32))
+
+
+def _custom_calls(lowered):
+  text = lowered.as_text()
+  return {name for name in ("mosaic_gpu", "xla.gpu.triton") if name in text}
+
+
+@pytest.fixture
+def pretend_gpu(monkeypatch):
+  """jax.default_backend() says "gpu", so that flash_attention plans for CUDA on CPU."""
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+
+
+@pytest.mark.parametrize("options", [
+    dict(),
+    dict(causal=False),
+    dict(sliding_window=100),
+], ids=["causal", "bidirectional", "window"])
+def test_api_lowers_for_cuda_forward_and_grad(pretend_gpu, options):
+  q, kv, ids = _api_inputs()
+
+  def fwd(q, k, v, seg):
+    return flash_attention(q, k, v, segment_ids=seg, implementation="mosaic", **options)
+
+  def loss(q, k, v, seg):
+    return jnp.sum(fwd(q, k, v, seg).astype(jnp.float32))
+
+  lower = lambda f: jax.jit(f).trace(q, kv, kv, ids).lower(  # noqa: E731
+      lowering_platforms=("cuda",))
+  assert _custom_calls(lower(fwd)) == {"mosaic_gpu"}
+  # Gradients: the Mosaic forward, then the Triton dQ and dK/dV kernels.
+  assert _custom_calls(lower(jax.grad(loss, argnums=(0, 1, 2)))) == {
+      "mosaic_gpu", "xla.gpu.triton"}
+
+
+def test_api_lowers_for_cuda_with_a_plan_and_d64(pretend_gpu):
+  q, kv, ids = _api_inputs(t=512, d=64, kv_heads=1, dtype=jnp.float16)
+
+  def loss(q, k, v, seg):
+    plan = make_attention_plan(q, k, segment_ids=seg, implementation="mosaic")
+    out = flash_attention(q, k, v, plan=plan, implementation="mosaic")
+    return jnp.sum(out.astype(jnp.float32))
+
+  lowered = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2))).trace(
+      q, kv, kv, ids).lower(lowering_platforms=("cuda",))
+  assert _custom_calls(lowered) == {"mosaic_gpu", "xla.gpu.triton"}
+
+
+def test_a_mosaic_plan_tiles_the_forward_with_the_mosaic_tile():
+  q, kv, ids = _api_inputs(t=1000)
+  plan = jax.eval_shape(lambda seg: make_attention_plan(
+      q, kv, segment_ids=seg, implementation="mosaic"), ids)
+  triton = KernelConfig.for_head_dim(128)
+  assert plan.implementation == "mosaic"
+  assert plan.config == dataclasses.replace(triton, forward=mosaic_attention.DEFAULT_TILE)
+  assert (plan.tiles.forward.block_q, plan.tiles.forward.block_k) == (128, 128)
+  assert plan.tiles.dq.block_q == triton.dq.block_major
+  assert plan.ids.q_segment_ids.shape == (2, 1024)  # padded to the largest tile
+
+
+def _mosaic_bad_calls():
+  x = lambda d=128, dtype=jnp.bfloat16: jnp.zeros((1, 256, 2, d), dtype)  # noqa: E731
+  q = x()
+  seg = jnp.ones((1, 256), jnp.int32)
+  mosaic = dict(implementation="mosaic")
+  dense = jnp.ones((1, 256, 256), bool)
+  pallas_plan = make_attention_plan(q, q, segment_ids=seg)
+  mosaic_plan = make_attention_plan(q, q, segment_ids=seg, **mosaic)
+  yield ("float32", lambda: flash_attention(*[x(dtype=jnp.float32)] * 3, **mosaic),
+         r"q, k, v: implementation='mosaic' needs bfloat16 or float16, got float32")
+  yield ("head_dim 96", lambda: flash_attention(*[x(96)] * 3, **mosaic),
+         r"q: implementation='mosaic' supports head_dim 64 or 128, got 96")
+  yield ("head_dim 32", lambda: flash_attention(*[x(32)] * 3, **mosaic),
+         r"head_dim 64 or 128, got 32")
+  yield ("dense mask", lambda: flash_attention(q, q, q, mask=dense, **mosaic),
+         r"mask: implementation='mosaic' supports document masks only")
+  yield ("mask rule", lambda: flash_attention(q, q, q, causal=False, **mosaic,
+                                              mask=mask_rules.prefix_lm(16)),
+         r"mask: implementation='mosaic' supports document masks only")
+  yield ("interpret", lambda: flash_attention(q, q, q, interpret=True, **mosaic),
+         r"interpret: implementation='mosaic' has no interpreter")
+  yield ("config tile", lambda: flash_attention(
+      q, q, q, config=KernelConfig.uniform(32), **mosaic),
+         r"config: with implementation='mosaic', config.forward is the Mosaic "
+         r"forward's tile: tile.block_major must be 64 or 128")
+  yield ("pallas plan", lambda: flash_attention(q, q, q, plan=pallas_plan, **mosaic),
+         r"plan: it was made for implementation='pallas', but this call runs "
+         r"implementation='mosaic'")
+  yield ("mosaic plan", lambda: flash_attention(q, q, q, plan=mosaic_plan,
+                                                implementation="pallas", interpret=True),
+         r"plan: it was made for implementation='mosaic', but this call runs "
+         r"implementation='pallas'")
+  yield ("plan with a mask", lambda: make_attention_plan(q, q, mask=dense, **mosaic),
+         r"mask: implementation='mosaic' supports document masks only")
+  yield ("plan float32", lambda: make_attention_plan(*[x(dtype=jnp.float32)] * 2, **mosaic),
+         r"needs bfloat16 or float16, got float32")
+  yield ("plan for xla", lambda: make_attention_plan(q, q, implementation="xla"),
+         r"implementation must be 'auto', 'pallas' or 'mosaic' \(the kernels to plan "
+         r"for\), got 'xla'")
+  lse = jnp.zeros((1, 2, 256), jnp.float32)
+  yield ("bwd float32", lambda: flash_attention_bwd(
+      *[x(dtype=jnp.float32)] * 4, lse, x(dtype=jnp.float32), **mosaic),
+         r"needs bfloat16 or float16, got float32")
+  yield ("bwd interpret", lambda: flash_attention_bwd(
+      q, q, q, q, lse, q, interpret=True, **mosaic),
+         r"interpret: implementation='mosaic' has no interpreter")
+
+
+MOSAIC_BAD_CALLS = list(_mosaic_bad_calls())
+
+
+@pytest.mark.parametrize("call,match", [c[1:] for c in MOSAIC_BAD_CALLS],
+                         ids=[c[0] for c in MOSAIC_BAD_CALLS])
+def test_api_rejects_what_mosaic_cannot_do(call, match):
+  with pytest.raises(ValueError, match=match):
+    call()
+
+
+@pytest.mark.skipif(jax.default_backend() == "gpu", reason="needs a backend without a GPU")
+def test_api_mosaic_off_gpu_says_it_needs_a_gpu():
+  x = jnp.zeros((1, 256, 2, 128), jnp.bfloat16)
+  with pytest.raises(ValueError, match=r"implementation='mosaic' needs a CUDA GPU, but "
+                     r"JAX's backend is 'cpu'"):
+    flash_attention(x, x, x, implementation="mosaic")
+
+
+def test_the_reference_runs_a_mosaic_plan():
+  q, k, v, _, _ = random_inputs(0, batch=1, q_len=200, kv_len=200, heads=2, kv_heads=2,
+                                head_dim=64, dtype=jnp.bfloat16)
+  seg = jnp.asarray(np.repeat([[1, 2]], 100, axis=1), jnp.int32)
+  plan = make_attention_plan(q, k, segment_ids=seg, implementation="mosaic")
+  np.testing.assert_array_equal(
+      flash_attention(q, k, v, plan=plan, implementation="xla"),
+      reference_attention(q, k, v, segment_ids=seg))
+
+
+# On a GPU: forward and gradients against the reference (tests/test_gpu.py's
+# checks, on a few of its layouts; T = 1000 exercises the sequence padding).
+API_CASES = [
+    GpuCase("api-packed-d128"),
+    GpuCase("api-padded-odd-T1000-d64", layout="padded", head_dim=64, q_len=1000,
+            kv_len=1000),
+    GpuCase("api-empty-row-gqa-4:1", layout="with_empty_row", heads=4, kv_heads=1),
+    GpuCase("api-window-256-d64", window=256, head_dim=64),
+    GpuCase("api-bidirectional-float16", causal=False, dtype="float16"),
+    GpuCase("api-chunk-q1024-kv3072", q_len=1024, kv_len=3072, chunk_offset=1536),
+]
+api_cases = pytest.mark.parametrize("case", API_CASES, ids=lambda c: c.name)
+
+
+@pytest.mark.gpu
+@api_cases
+def test_api_output_and_lse_match_reference(case):
+  got, want, allowed = case_results(case, "mosaic")
+  assert_close("out", got["out"], want["out"], TOL)
+  seen = allowed.any(axis=3)
+  assert_close("lse", got["lse"][seen], want["lse"][seen], TOL)
+  np.testing.assert_array_equal(got["lse"][~seen], np.float32(EMPTY_LSE))
+
+
+@pytest.mark.gpu
+@api_cases
+def test_api_gradients_match_reference(case):
+  got, want, _ = case_results(case, "mosaic")
+  for name in ("dq", "dk", "dv"):
+    assert_close(name, got[name], want[name], TOL)
+
+
+@pytest.mark.gpu
+@api_cases
+def test_api_nothing_is_nan_or_inf(case):
+  got, _, _ = case_results(case, "mosaic")
+  for name, x in got.items():
+    assert_finite(name, x)
+
+
+@pytest.mark.gpu
+@api_cases
+def test_api_rows_that_see_nothing_get_exact_zeros(case):
+  got, _, allowed = case_results(case, "mosaic")
+  blind = ~allowed.any(axis=3)  # [B, H, Tq]: padding and empty rows
+  assert np.all(got["out"].transpose(0, 2, 1, 3)[blind] == 0.0)
+  assert np.all(got["dq"].transpose(0, 2, 1, 3)[blind] == 0.0)
+  group = case.heads // case.kv_heads
+  unseen = ~allowed.reshape(case.batch, case.kv_heads, group, case.q_len,
+                            case.kv_len).any(axis=(2, 3))  # [B, Hkv, Tk]
+  assert np.all(got["dk"].transpose(0, 2, 1, 3)[unseen] == 0.0)
+  assert np.all(got["dv"].transpose(0, 2, 1, 3)[unseen] == 0.0)
