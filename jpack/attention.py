@@ -48,7 +48,8 @@ meets inf - inf; exp(EMPTY_LSE - anything real) is exactly 0.
 """
 
 Implementation = Literal["auto", "pallas", "mosaic", "xla"]
-_AUTO_ON_GPU = "pallas"
+_MOSAIC_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+_MOSAIC_HEAD_DIMS = (64, 128)
 """The kernels "auto" runs on a GPU (the Mosaic forward is opt-in until GPU timings say)."""
 _FLOAT_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
 _MAX_KERNEL_HEAD_DIM = 256
@@ -204,22 +205,45 @@ def _check_config(config, interpret):
                      "smaller tiles only run with interpret=True")
 
 
-def _resolve_implementation(implementation):
-  """'pallas', 'mosaic' or 'xla': what a call runs, "auto" resolved by the backend."""
+def _is_hopper() -> bool:
+  """Whether JAX's first device is an sm90 GPU (the Mosaic kernels use wgmma, sm90a only)."""
+  return getattr(jax.devices()[0], "compute_capability", None) == "9.0"
+
+
+def _auto_on_gpu(q, mask, plan, config) -> str:
+  """What "auto" runs on a GPU.
+
+  The plan's kernels if a plan is given; else Mosaic GPU on a Hopper GPU for
+  what it covers (bf16/fp16, head_dim 64/128, document masks, default tiles:
+  faster there, experiments/perf_notes.md), else the Triton kernels. A
+  config holds one implementation's tiles, so with one "auto" means "pallas".
+  """
+  if plan is not None:
+    return plan.implementation
+  if (config is None and mask is None and q.dtype in _MOSAIC_DTYPES
+      and q.shape[3] in _MOSAIC_HEAD_DIMS and _is_hopper()):
+    return "mosaic"
+  return "pallas"
+
+
+def _resolve_implementation(implementation, q, mask, plan, config):
+  """'pallas', 'mosaic' or 'xla': what a call runs, "auto" resolved (see _auto_on_gpu)."""
   if implementation not in ("auto", "pallas", "mosaic", "xla"):
     raise ValueError("implementation must be 'auto', 'pallas', 'mosaic' or 'xla', got "
                      f"{implementation!r}")
   if implementation == "auto":
-    return _AUTO_ON_GPU if jax.default_backend() == "gpu" else "xla"
+    if jax.default_backend() != "gpu":
+      return "xla"
+    return _auto_on_gpu(q, mask, plan, config)
   return implementation
 
 
 def _check_mosaic(q, config, general_mask):
   """Raises, naming the argument, for what the Mosaic GPU forward cannot do."""
-  if q.dtype == jnp.float32:
+  if q.dtype not in _MOSAIC_DTYPES:
     raise ValueError("q, k, v: implementation='mosaic' needs bfloat16 or float16, got "
-                     "float32; use implementation='pallas' for float32")
-  if q.shape[3] not in (64, 128):
+                     f"{q.dtype}; use implementation='pallas' for float32")
+  if q.shape[3] not in _MOSAIC_HEAD_DIMS:
     raise ValueError(f"q: implementation='mosaic' supports head_dim 64 or 128, got "
                      f"{q.shape[3]}; use implementation='pallas'")
   if general_mask:
@@ -228,14 +252,18 @@ def _check_mosaic(q, config, general_mask):
                      "implementation='pallas' for mask=")
   if config is not None:
     from pallas_kernels import mosaic_attention  # lazily, see _kernels
-    tile, d = config.forward, q.shape[3]
-    try:  # lengths are padded to the tile, so only the tile itself is checked
-      mosaic_attention.check_supported(
-          jax.ShapeDtypeStruct((1, tile.block_major, 1, d), q.dtype),
-          jax.ShapeDtypeStruct((1, tile.block_minor, 1, d), q.dtype), tile)
-    except ValueError as exc:
-      raise ValueError(f"config: with implementation='mosaic', config.forward is the "
-                       f"Mosaic forward's tile: {exc}") from None
+    d = q.shape[3]
+    for name, kv_major in (("forward", False), ("dq", False), ("dkdv", True)):
+      tile = getattr(config, name)
+      q_len, k_len = ((tile.block_minor, tile.block_major) if kv_major
+                      else (tile.block_major, tile.block_minor))
+      try:  # lengths are padded to the tile, so only the tile itself is checked
+        mosaic_attention.check_supported(
+            jax.ShapeDtypeStruct((1, q_len, 1, d), q.dtype),
+            jax.ShapeDtypeStruct((1, k_len, 1, d), q.dtype), tile, kv_major=kv_major)
+      except ValueError as exc:
+        raise ValueError(f"config: with implementation='mosaic', config.{name} is a "
+                         f"Mosaic kernel's tile: {exc}") from None
 
 
 def _check_kernel_call(implementation, q, config, general_mask, interpret):
@@ -341,17 +369,17 @@ class _Kernels:
 
 @functools.cache
 def _kernels(implementation) -> _Kernels:
-  """The kernels behind "pallas" and "mosaic": the one place a Mosaic backward plugs in."""
+  """The kernels behind "pallas" and "mosaic"."""
   if implementation == "pallas":
     return _Kernels(kernels.forward, kernels.backward_dq, kernels.backward_dkdv,
                     KernelConfig.for_head_dim)
   # Imported on first use: Mosaic GPU's MLIR bindings add ~0.2 s to `import jpack.attention`.
-  from pallas_kernels import mosaic_attention
-  # No Mosaic backward yet: gradients run the Triton dQ and dK/dV kernels.
+  from pallas_kernels import mosaic_attention, mosaic_backward
   return _Kernels(
-      mosaic_attention.forward, kernels.backward_dq, kernels.backward_dkdv,
-      lambda head_dim: dataclasses.replace(KernelConfig.for_head_dim(head_dim),
-                                           forward=mosaic_attention.DEFAULT_TILE))
+      mosaic_attention.forward, mosaic_backward.backward_dq, mosaic_backward.backward_dkdv,
+      lambda head_dim: KernelConfig(forward=mosaic_attention.DEFAULT_TILE,
+                                    dq=mosaic_backward.DEFAULT_DQ_TILE,
+                                    dkdv=mosaic_backward.DEFAULT_DKDV_TILE))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -479,7 +507,9 @@ def make_attention_plan(
     segment_ids ... sliding_window: as for `flash_attention`.
     config: the kernel tiling (default: as for `flash_attention`).
     implementation: the kernels to plan for, as `flash_attention`'s:
-      "pallas", "mosaic", or "auto" (what "auto" runs on a GPU: "pallas").
+      "pallas", "mosaic", or "auto" (what `flash_attention`'s "auto" would
+      run on a GPU for these q, mask and config: "mosaic" on Hopper where it
+      can, else "pallas").
       A plan only runs with the kernels it was made for; the reference
       ("xla") takes any plan.
 
@@ -494,7 +524,8 @@ def make_attention_plan(
   if implementation not in ("auto", "pallas", "mosaic"):
     raise ValueError("implementation must be 'auto', 'pallas' or 'mosaic' (the kernels "
                      f"to plan for), got {implementation!r}")
-  target = _AUTO_ON_GPU if implementation == "auto" else implementation
+  target = (_auto_on_gpu(q, mask, None, config) if implementation == "auto"
+            else implementation)
   ids, rule = _mask_inputs(q, k, segment_ids, q_segment_ids, kv_segment_ids,
                            q_positions, kv_positions, mask)
   if target == "mosaic":
@@ -546,16 +577,18 @@ def flash_attention(
       must be what the plan was made with. Saves planning in every layer.
     scale: logit scale, default 1/sqrt(D).
     implementation: "pallas" (the GPU kernels, Triton lowering), "mosaic"
-      (experimental: the Mosaic GPU forward kernel, Hopper; for gradients,
-      until a Mosaic backward exists, the Triton dQ and dK/dV kernels), "xla"
-      (the plain-jnp reference, float32 math, memory O(Tq*Tk)), or "auto"
-      (pallas on GPU, else xla). "mosaic" needs a GPU, bfloat16 or float16,
-      head_dim 64 or 128 and no `mask`; anything else raises ValueError.
+      (the Mosaic GPU kernels, forward and backward: Hopper, sm90), "xla"
+      (the plain-jnp reference, float32 math, memory O(Tq*Tk)), or "auto":
+      off GPU "xla"; on GPU the plan's kernels if a plan is given, else
+      "mosaic" on a Hopper GPU for what it covers (bfloat16/float16, head_dim
+      64 or 128, no `mask`, no `config`), else "pallas". Naming "mosaic" for
+      anything it does not cover raises ValueError.
     return_residuals: also return lse, float32 [B, H, Tq], natural log,
       EMPTY_LSE for rows that attend to nothing.
     config: kernel tiling (default: KernelConfig.for_head_dim(D); for
-      "mosaic", the same with forward=mosaic_attention.DEFAULT_TILE, the
-      Mosaic forward's tile: block_major 64 or 128, block_minor 64 or 128).
+      "mosaic", the Mosaic kernels' tiles mosaic_attention.DEFAULT_TILE,
+      mosaic_backward.DEFAULT_DQ_TILE and DEFAULT_DKDV_TILE: block_major 64
+      or 128, block_minor 64 or 128).
     interpret: run the Pallas kernel in the Pallas interpreter (CPU tests;
       "pallas" only).
 
@@ -564,7 +597,7 @@ def flash_attention(
   """
   _check_qkv(q, k, v)
   _check_options(causal, sliding_window, scale)
-  impl = _resolve_implementation(implementation)
+  impl = _resolve_implementation(implementation, q, mask, plan, config)
   spec, ids, plan, config = _mask_and_plan(
       q, k, dict(segment_ids=segment_ids, q_segment_ids=q_segment_ids,
                  kv_segment_ids=kv_segment_ids, q_positions=q_positions,
@@ -659,9 +692,8 @@ def flash_attention_bwd(
 
   Args:
     q, k, v, the mask arguments (mask and plan included), implementation,
-      config, interpret: as for `flash_attention`. implementation="mosaic"
-      runs the Triton dQ and dK/dV kernels (tiles config.dq, config.dkdv)
-      until a Mosaic backward exists, with the Mosaic restrictions.
+      config, interpret: as for `flash_attention` (the dQ and dK/dV kernels
+      of the implementation run, tiled by config.dq and config.dkdv).
     out: [B, Tq, H, D]; lse: float32 [B, H, Tq] (EMPTY_LSE: the row sees nothing).
     do: [B, Tq, H, D] cotangent of out; dlse: float32 [B, H, Tq] or None (zeros).
 
@@ -677,7 +709,7 @@ def flash_attention_bwd(
   if dlse is None:
     dlse = jnp.zeros(row_stat, jnp.float32)
   _check_residual("dlse", dlse, row_stat)
-  impl = _resolve_implementation(implementation)
+  impl = _resolve_implementation(implementation, q, mask, plan, config)
   spec, ids, plan, config = _mask_and_plan(
       q, k, dict(segment_ids=segment_ids, q_segment_ids=q_segment_ids,
                  kv_segment_ids=kv_segment_ids, q_positions=q_positions,

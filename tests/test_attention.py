@@ -319,7 +319,7 @@ def test_xla_implementation_is_the_reference(causal, layout, seed):
     np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
 
 
-@pytest.mark.skipif(jax.default_backend() == "gpu", reason="auto means pallas on GPU")
+@pytest.mark.skipif(jax.default_backend() == "gpu", reason="auto runs the GPU kernels on a GPU")
 @given(layout=self_layouts(B, 64), seed=SEEDS)
 def test_auto_on_cpu_is_the_reference(layout, seed):
   q, k, v = _xla_inputs(seed)

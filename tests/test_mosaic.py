@@ -13,9 +13,10 @@ for queries that see nothing, nothing NaN; fixed layouts at realistic sizes
 and hypothesis layouts at one small shape.
 
 Through the public API, flash_attention(implementation="mosaic") (the Mosaic
-forward, the Triton kernels for gradients): on every machine, its input checks
-and its lowering for CUDA under jit, forward and jax.grad; on a GPU, forward
-and gradients against the reference on a few layouts.
+forward and backward kernels; what "auto" runs on a Hopper GPU): on every
+machine, its input checks, what "auto" picks, and its lowering for CUDA under
+jit, forward and jax.grad; on a GPU, forward and gradients against the
+reference on a few layouts.
 """
 
 from __future__ import annotations
@@ -33,10 +34,10 @@ from hypothesis import given, settings, strategies as st
 from helpers import (ALL_KINDS, Layout, allowed_np, assert_close, assert_finite,
                      chunk_layouts, random_inputs, self_layouts)
 from test_gpu import GpuCase, case_results
-from jpack import mask_rules, masks
+from jpack import attention, mask_rules, masks
 from jpack.attention import (EMPTY_LSE, KernelConfig, flash_attention, flash_attention_bwd,
                              make_attention_plan, reference_attention)
-from pallas_kernels import mosaic_attention
+from pallas_kernels import mosaic_attention, mosaic_backward
 from pallas_kernels.config import TileConfig
 
 TOL = 2e-2  # bfloat16 / float16 against the float32 reference
@@ -308,9 +309,8 @@ def test_api_lowers_for_cuda_forward_and_grad(pretend_gpu, options):
   lower = lambda f: jax.jit(f).trace(q, kv, kv, ids).lower(  # noqa: E731
       lowering_platforms=("cuda",))
   assert _custom_calls(lower(fwd)) == {"mosaic_gpu"}
-  # Gradients: the Mosaic forward, then the Triton dQ and dK/dV kernels.
-  assert _custom_calls(lower(jax.grad(loss, argnums=(0, 1, 2)))) == {
-      "mosaic_gpu", "xla.gpu.triton"}
+  # Gradients: the Mosaic forward, then the Mosaic dQ and dK/dV kernels.
+  assert _custom_calls(lower(jax.grad(loss, argnums=(0, 1, 2)))) == {"mosaic_gpu"}
 
 
 def test_api_lowers_for_cuda_with_a_plan_and_d64(pretend_gpu):
@@ -323,18 +323,69 @@ def test_api_lowers_for_cuda_with_a_plan_and_d64(pretend_gpu):
 
   lowered = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2))).trace(
       q, kv, kv, ids).lower(lowering_platforms=("cuda",))
-  assert _custom_calls(lowered) == {"mosaic_gpu", "xla.gpu.triton"}
+  assert _custom_calls(lowered) == {"mosaic_gpu"}
+
+
+@pytest.fixture
+def pretend_hopper(pretend_gpu, monkeypatch):
+  """As pretend_gpu, and the device is an sm90 GPU: "auto" may pick Mosaic."""
+  monkeypatch.setattr(attention, "_is_hopper", lambda: True)
+
+
+def _auto_calls(q, kv, ids, **kw):
+  """Custom calls of flash_attention(implementation="auto") and its gradient, for CUDA."""
+  def loss(q, k, v, seg):
+    out = flash_attention(q, k, v, segment_ids=seg, **kw)
+    return jnp.sum(out.astype(jnp.float32))
+
+  return _custom_calls(jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(
+      q, kv, kv, ids).lower(lowering_platforms=("cuda",)))
+
+
+def test_auto_on_hopper_runs_mosaic_where_it_can(pretend_hopper):
+  q, kv, ids = _api_inputs()
+  assert _auto_calls(q, kv, ids) == {"mosaic_gpu"}
+  f32 = [jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in (q, kv)]
+  assert _auto_calls(*f32, ids) == {"xla.gpu.triton"}  # float32: Triton
+  q96, kv96, _ = _api_inputs(d=96)
+  assert _auto_calls(q96, kv96, ids) == {"xla.gpu.triton"}  # head_dim 96: Triton
+  assert _auto_calls(q, kv, ids, causal=False,  # a general mask: Triton
+                     mask=mask_rules.prefix_lm(16)) == {"xla.gpu.triton"}
+  assert _auto_calls(q, kv, ids, config=KernelConfig.for_head_dim(128)) == {
+      "xla.gpu.triton"}  # a config holds Triton tiles unless "mosaic" is named
+
+
+def test_auto_off_hopper_runs_triton(pretend_gpu, monkeypatch):
+  monkeypatch.setattr(attention, "_is_hopper", lambda: False)
+  q, kv, ids = _api_inputs()
+  assert _auto_calls(q, kv, ids) == {"xla.gpu.triton"}
+
+
+def test_auto_follows_the_plan(pretend_hopper):
+  q, kv, ids = _api_inputs(t=512)
+
+  def calls(plan_implementation):
+    def loss(q, k, v, seg):
+      plan = make_attention_plan(q, k, segment_ids=seg, implementation=plan_implementation)
+      return jnp.sum(flash_attention(q, k, v, plan=plan).astype(jnp.float32))
+
+    return _custom_calls(jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(
+        q, kv, kv, ids).lower(lowering_platforms=("cuda",)))
+
+  assert calls("auto") == {"mosaic_gpu"}
+  assert calls("pallas") == {"xla.gpu.triton"}
 
 
 def test_a_mosaic_plan_tiles_the_forward_with_the_mosaic_tile():
   q, kv, ids = _api_inputs(t=1000)
   plan = jax.eval_shape(lambda seg: make_attention_plan(
       q, kv, segment_ids=seg, implementation="mosaic"), ids)
-  triton = KernelConfig.for_head_dim(128)
   assert plan.implementation == "mosaic"
-  assert plan.config == dataclasses.replace(triton, forward=mosaic_attention.DEFAULT_TILE)
+  assert plan.config == KernelConfig(forward=mosaic_attention.DEFAULT_TILE,
+                                     dq=mosaic_backward.DEFAULT_DQ_TILE,
+                                     dkdv=mosaic_backward.DEFAULT_DKDV_TILE)
   assert (plan.tiles.forward.block_q, plan.tiles.forward.block_k) == (128, 128)
-  assert plan.tiles.dq.block_q == triton.dq.block_major
+  assert plan.tiles.dq.block_q == mosaic_backward.DEFAULT_DQ_TILE.block_major
   assert plan.ids.q_segment_ids.shape == (2, 1024)  # padded to the largest tile
 
 
@@ -361,8 +412,13 @@ def _mosaic_bad_calls():
          r"interpret: implementation='mosaic' has no interpreter")
   yield ("config tile", lambda: flash_attention(
       q, q, q, config=KernelConfig.uniform(32), **mosaic),
-         r"config: with implementation='mosaic', config.forward is the Mosaic "
-         r"forward's tile: tile.block_major must be 64 or 128")
+         r"config: with implementation='mosaic', config.forward is a Mosaic "
+         r"kernel's tile: tile.block_major must be 64 or 128")
+  yield ("config dkdv tile", lambda: flash_attention(q, q, q, config=KernelConfig(
+      forward=mosaic_attention.DEFAULT_TILE, dq=mosaic_backward.DEFAULT_DQ_TILE,
+      dkdv=TileConfig(128, 32)), **mosaic),
+         r"config: with implementation='mosaic', config.dkdv is a Mosaic kernel's "
+         r"tile: tile.block_minor must be one of")
   yield ("pallas plan", lambda: flash_attention(q, q, q, plan=pallas_plan, **mosaic),
          r"plan: it was made for implementation='pallas', but this call runs "
          r"implementation='mosaic'")
