@@ -17,7 +17,10 @@ Shapes:
            ||a - b|| / ||b|| over valid (non-padding) rows; > --tol marks the peer WRONG.
 
 Peers (``--peers``, comma list):
-  jpack          jpack.attention.flash_attention(implementation="pallas"; "xla" off GPU)
+  jpack          jpack.attention.flash_attention(implementation="auto"): what a user gets;
+                 on an H100 the Mosaic GPU kernels, on other GPUs the Triton ones, "xla" off GPU
+  jpack_triton   flash_attention(implementation="pallas"): the Triton kernels
+  jpack_mosaic   flash_attention(implementation="mosaic"): the Mosaic GPU kernels (Hopper)
   reference      jpack.attention.reference_attention (float32 jnp oracle)
   cudnn_dense    jax.nn.dot_product_attention(implementation="cudnn") with a dense
                  [B, 1, T, T] boolean document-causal mask built inside the jitted call
@@ -48,6 +51,7 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402
 import datetime  # noqa: E402
+import functools  # noqa: E402
 import importlib.metadata  # noqa: E402
 import importlib.util  # noqa: E402
 import json  # noqa: E402
@@ -75,10 +79,10 @@ from experiments.layouts import (  # noqa: E402
     segment_runs,
 )
 
-JAX_PEERS = ("jpack", "reference", "cudnn_dense", "cudnn_packed", "pallas_mha")
+JAX_PEERS = ("jpack", "jpack_triton", "jpack_mosaic", "reference", "cudnn_dense", "cudnn_packed", "pallas_mha")
 TORCH_PEERS = ("torch_flex", "torch_varlen")
 ALL_PEERS = JAX_PEERS + TORCH_PEERS
-GPU_ONLY_PEERS = ("cudnn_dense", "cudnn_packed", "pallas_mha") + TORCH_PEERS
+GPU_ONLY_PEERS = ("jpack_triton", "jpack_mosaic", "cudnn_dense", "cudnn_packed", "pallas_mha") + TORCH_PEERS
 LONG_SEQ_LENS = (16384, 32768, 65536, 131072)
 SMOKE_LONG_SEQ_LENS = (256, 512)
 LONG_RESULT_TAG = "JPACK_LONG_RESULT "
@@ -164,17 +168,20 @@ def on_gpu() -> bool:
     return jax.devices()[0].platform == "gpu"
 
 
-def build_jpack(problem: Problem, seg: jax.Array):
-    """jpack.attention.flash_attention: "pallas" on GPU, "xla" elsewhere."""
-    from jpack.attention import flash_attention
-
-    implementation = "pallas" if on_gpu() else "xla"
+def build_jpack(problem: Problem, seg: jax.Array, implementation: str = "auto"):
+    """jpack.attention.flash_attention with this implementation."""
+    from jpack import attention
 
     def attend(q, k, v, segment_ids):
-        return flash_attention(q, k, v, segment_ids=segment_ids, causal=problem.causal,
-                               scale=problem.scale, implementation=implementation)
+        return attention.flash_attention(q, k, v, segment_ids=segment_ids,
+                                         causal=problem.causal, scale=problem.scale,
+                                         implementation=implementation)
 
-    return attend, (seg,), f"implementation={implementation}"
+    note = f"implementation={implementation}"
+    if implementation == "auto":  # say what "auto" ran
+        q = jax.ShapeDtypeStruct((1, 1, problem.heads, problem.head_dim), jnp.bfloat16)
+        note += f" (runs {attention._resolve_implementation('auto', q, None, None, None)!r})"
+    return attend, (seg,), note
 
 
 def build_reference(problem: Problem, seg: jax.Array):
@@ -272,6 +279,8 @@ def build_pallas_mha(problem: Problem, seg: jax.Array):
 
 JAX_BUILDERS: dict[str, Callable] = {
     "jpack": build_jpack,
+    "jpack_triton": functools.partial(build_jpack, implementation="pallas"),
+    "jpack_mosaic": functools.partial(build_jpack, implementation="mosaic"),
     "reference": build_reference,
     "cudnn_dense": build_cudnn_dense,
     "cudnn_packed": build_cudnn_packed,
