@@ -9,12 +9,16 @@
    all-padding row, GQA, a q chunk against a longer kv row, several tilings.
    Per case: rel errors of out and lse (rows that see something), NaN/inf
    counts, whether rows that see nothing have out exactly 0 and lse EMPTY_LSE.
+   Cases named "<schedule>:<case>" run a non-default consumer schedule
+   (mosaic_attention.SCHEDULES: "pipelined", "pingpong").
 2. Timing on the main shape (B=4, T=8192, H=16, D=128, bf16, causal, lognormal
    packed documents as in experiments/bench_attention.py): the Triton forward
-   (flash_attention(implementation="pallas")) and the Mosaic forward for a few
-   tilings, both jitted with their tile plan inside, median of samples of 10
+   (flash_attention(implementation="pallas")) and the Mosaic forward for every
+   schedule x tiling (128x128 2 stages, 128x64 2 and 3 stages; serial 64x64
+   too), both jitted with their tile plan inside, median of samples of 10
    back-to-back calls (experiments/timing.py); plus the Mosaic output against
    Triton's on the whole main shape and against the reference on one row, 2 heads.
+   `--only time` runs this part alone (about 10 kernels to compile).
 
 3. Backward (`--only bwd`, or `bwd-correct` / `bwd-time` for one half):
    `pallas_kernels.mosaic_backward.backward_dq` and `backward_dkdv` against
@@ -88,6 +92,13 @@ CORRECTNESS_CASES = {
     "tile-64x128-s2": ("packed", 2, 1024, 1024, 4, 4, 64, "bfloat16", False, None, None,
                        (64, 128, 2)),
 }
+# The new schedules on a few of those cases (both consumer counts, one stage,
+# an empty row, a q chunk, a window, float16): name "<schedule>:<case>".
+SCHEDULED_CASES = ("packed-d128", "empty-row-d64", "chunk-q512-kv1536", "tile-128x64-s1",
+                   "tile-64x64-s2", "window-100-bidir", "float16-d64")
+for _schedule in ("pipelined", "pingpong"):
+  for _case in SCHEDULED_CASES:
+    CORRECTNESS_CASES[f"{_schedule}:{_case}"] = CORRECTNESS_CASES[_case]
 TOL = 2e-2
 
 # Backward cases: as CORRECTNESS_CASES, the last field being the tilings
@@ -133,8 +144,15 @@ BWD_TIMED_TILES = {f"mosaic-bwd-{name}": tiles for name, tiles in [
 ]}
 
 MAIN = dict(batch=4, seq_len=8192, heads=16, head_dim=128, seed=0, mean_len=1024.0)
-TIMED_TILES = {f"mosaic-{bq}x{bk}-s{s}": (bq, bk, s) for bq, bk, s in [
-    (128, 128, 2), (128, 64, 2), (128, 64, 3), (64, 64, 2), (64, 128, 2)]}
+# name -> (block_q, block_k, stages, schedule), tiling-major so that a run cut
+# short still compares the schedules; the serial names are as before.
+TIMED_TILES = {
+    (f"mosaic-{bq}x{bk}-s{s}" if sched == "serial" else f"mosaic-{sched}-{bq}x{bk}-s{s}"):
+    (bq, bk, s, sched)
+    for bq, bk, s in [(128, 128, 2), (128, 64, 2), (128, 64, 3)]
+    for sched in ("serial", "pipelined", "pingpong")
+}
+TIMED_TILES["mosaic-64x64-s2"] = (64, 64, 2, "serial")
 TARGET_FWD_MS = 0.45
 
 
@@ -170,7 +188,7 @@ def _rel_err(a, b):
   return float(num / den) if den > 0 else float(num)
 
 
-def _mosaic_fn(causal, window, scale, tile):
+def _mosaic_fn(causal, window, scale, tile, schedule="serial"):
   """jitted (q, k, v, q_seg, kv_seg, q_pos, kv_pos) -> (out, lse), plan included."""
   import jax
 
@@ -184,7 +202,7 @@ def _mosaic_fn(causal, window, scale, tile):
                                 sliding_window=window)
     return mosaic_attention.forward(q, k, v, q_seg, kv_seg, q_pos, kv_pos, plan.q_ranges,
                                     tile=tile, scale=scale, causal=causal,
-                                    sliding_window=window)
+                                    sliding_window=window, schedule=schedule)
 
   return run
 
@@ -206,6 +224,8 @@ def run_correctness_case(name):
 
   (kind, batch, q_len, kv_len, heads, kv_heads, head_dim, dtype, causal, window, off,
    tile_spec) = CORRECTNESS_CASES[name]
+  prefix = name.split(":")[0]
+  schedule = prefix if prefix in ("pipelined", "pingpong") else "serial"
   tile = _tile(tile_spec)
   kv_seg = _segment_ids(kind, batch, kv_len, seed=7)
   kv_pos = np.broadcast_to(np.arange(kv_len, dtype=np.int32), (batch, kv_len))
@@ -220,7 +240,8 @@ def run_correctness_case(name):
   v = jax.random.normal(keys[2], (batch, kv_len, kv_heads, head_dim), jnp.float32).astype(dt)
   scale = 1.0 / np.sqrt(head_dim)
   t0 = time.perf_counter()
-  out, lse = jax.block_until_ready(_mosaic_fn(causal, window, scale, tile)(q, k, v, *ids))
+  out, lse = jax.block_until_ready(
+      _mosaic_fn(causal, window, scale, tile, schedule)(q, k, v, *ids))
   seconds = time.perf_counter() - t0
   f32 = lambda x: x.astype(jnp.float32)
   want_out, want_lse = reference_attention(
@@ -234,7 +255,7 @@ def run_correctness_case(name):
   out_err = _rel_err(out, want_out)
   lse_err = _rel_err(lse[seen], want_lse[seen])
   result = dict(
-      tile=list((tile.block_major, tile.block_minor, tile.num_stages)),
+      tile=list((tile.block_major, tile.block_minor, tile.num_stages)), schedule=schedule,
       first_call_s=round(seconds, 2),
       out_err=out_err, lse_err=lse_err,
       nonfinite=int((~np.isfinite(out)).sum() + (~np.isfinite(lse)).sum()),
@@ -278,6 +299,16 @@ def _triton_forward(scale):
       q, k, v, segment_ids=seg, causal=True, scale=scale, implementation="pallas"))
 
 
+@functools.lru_cache(maxsize=None)
+def _triton_main_out(scale):
+  """float32 numpy out of the Triton forward on the main shape, computed once per worker."""
+  import jax.numpy as jnp
+  import numpy as np
+
+  q, k, v, seg, _, _ = _main_inputs()
+  return np.asarray(_triton_forward(scale)(q, k, v, seg).astype(jnp.float32))
+
+
 def run_timing_case(name):
   """name: "triton" or a key of TIMED_TILES."""
   import jax
@@ -293,7 +324,9 @@ def run_timing_case(name):
   if name == "triton":
     fn, args = _triton_forward(scale), (q, k, v, seg)
   else:
-    mosaic = _mosaic_fn(True, None, scale, _tile(TIMED_TILES[name]))
+    *spec, schedule = TIMED_TILES[name]
+    result.update(tile=spec, schedule=schedule)
+    mosaic = _mosaic_fn(True, None, scale, _tile(spec), schedule)
     fn = jax.jit(lambda q, k, v, seg, pos: mosaic(q, k, v, seg, seg, pos, pos)[0])
     args = (q, k, v, seg, pos)
     out = np.asarray(fn(*args).astype(jnp.float32))
@@ -304,8 +337,7 @@ def run_timing_case(name):
                                scale=scale)
     result["rel_err_vs_reference_row0_heads01"] = _rel_err(out[:1, :, :2], want)
     try:
-      result["rel_err_vs_triton"] = _rel_err(
-          out, np.asarray(_triton_forward(scale)(q, k, v, seg).astype(jnp.float32)))
+      result["rel_err_vs_triton"] = _rel_err(out, _triton_main_out(scale))
     except Exception as exc:  # noqa: BLE001
       result["rel_err_vs_triton"] = f"triton failed: {type(exc).__name__}: {exc}"[:300]
   ms = timing.median_ms(fn, *args, warmup=3, reps=20)

@@ -32,6 +32,42 @@ Synchronisation, per slot s of the K/V ring:
                   (one arrival per consumer).
 The producer and the consumers walk the same plan row, so they agree on the
 number of steps; step t (t = j - lo) uses slot t % num_stages.
+
+Schedules (`forward(..., schedule=...)`, see SCHEDULES), same contract and
+outputs; they differ only in how a consumer orders its work:
+
+  "serial"    the loop above, one kv tile at a time: QK^T, wait, softmax, PV,
+              wait (tensor cores idle during the softmax). The baseline.
+  "pipelined" software pipelining inside each consumer warpgroup (as FA3):
+              step j issues QK^T_j and then PV_{j-1} (P_{j-1} from registers)
+              back to back, waits only for QK^T_j (wgmma_wait(1)), and runs
+              the softmax of S_j while PV_{j-1} is still on the tensor cores;
+              the acc rescale by alpha_j waits for PV_{j-1}. One QK^T before
+              the loop (prologue) and one PV after it (epilogue).
+  "pingpong"  the serial loop per warpgroup, but the two consumers take turns
+              on the tensor cores through a shared schedule barrier, so one
+              warpgroup's softmax runs under the other's matmuls (as JAX's
+              attention_mgpu). With one consumer (64-row tiles) it is the
+              serial loop with the split barriers below.
+
+The two new schedules split every slot's barriers into K and V halves, so a
+consumer can start QK^T before V lands and the producer can refill K as soon
+as QK^T (and the mask, which reads the kv ids) is done:
+  k_ready[s]:    TMA of K, kv ids and kv positions landed (3 arrivals);
+  v_ready[s]:    TMA of V landed (1 arrival);
+  k_consumed[s]: every consumer is done with K and the ids of the slot
+                 (one arrival per consumer, after the softmax read the ids);
+  v_consumed[s]: every consumer's PV reading V of the slot completed
+                 (one arrival per consumer).
+Every consumer waits each ready barrier exactly once per step and arrives at
+each consumed barrier exactly once per step; the producer waits a consumed
+barrier only for steps t >= num_stages (the completion of step t - num_stages)
+and loads K before waiting for V's slot, so one stage is enough to make
+progress. A barrier never runs two phases ahead of a waiter: its next
+completion needs that waiter's own later arrival (or the producer's next copy,
+issued after its wait), which keeps the parity tracking of barrier_wait exact.
+An empty plan row (lo == hi) issues no copies and no waits: consumers write
+zeros and EMPTY_LSE straight away.
 """
 
 from __future__ import annotations
@@ -47,7 +83,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from pallas_kernels.config import TileConfig
 from pallas_kernels.segment_attention import EMPTY_LSE, LOG2E, MASKED_LOGIT
 
-__all__ = ["DEFAULT_TILE", "check_supported", "forward"]
+__all__ = ["DEFAULT_TILE", "SCHEDULES", "check_supported", "forward"]
 
 _LN2 = 1.0 / LOG2E
 _WG_ROWS = 64  # rows of one wgmma M tile, owned by one consumer warpgroup
@@ -59,6 +95,10 @@ _CONSUMER_REGISTERS = 232
 
 DEFAULT_TILE = TileConfig(128, 128, num_stages=2)
 """Two consumer warpgroups, 128-key tiles, double-buffered (untuned starting point)."""
+
+SCHEDULES = ("serial", "pipelined", "pingpong")
+"""Consumer loop orders of the forward kernel (module docstring); "serial" is the default."""
+DEFAULT_SCHEDULE = "serial"
 
 
 def check_supported(q, k, tile: TileConfig, *, kv_major: bool = False) -> None:
@@ -282,24 +322,256 @@ def _forward_kernel(ranges_ref, q_ref, k_ref, v_ref, q_seg_ref, q_pos_ref,
     plgpu.wait_smem_to_gmem(0)
 
 
+def _stream_kv_split(gmem, smem, barriers, *, b, kv_head, lo, hi, block_k, num_stages):
+  """Producer loop of the split schedules: kv tiles j in [lo, hi), slot (j - lo) % stages.
+
+  As _stream_kv_tiles, but K (with the kv ids and positions, which the mask
+  needs next to S) and V have their own ready / consumed barriers: K of step t
+  is loaded as soon as every consumer released K of step t - num_stages, before
+  waiting for V's slot (so V's later release never holds up the next QK^T).
+  """
+  k_ref, v_ref, kv_seg_ref, kv_pos_ref = gmem
+  k_smem, v_smem, kv_ids_smem = smem
+  k_ready, v_ready, k_consumed, v_consumed = barriers
+
+  def load(j):
+    t = j - lo
+    slot = _wait_for_free_slot(t, k_consumed, num_stages)
+    cols = pl.ds(j * block_k, block_k)
+    plgpu.copy_gmem_to_smem(k_ref.at[b, cols, kv_head], k_smem.at[slot], k_ready.at[slot])
+    plgpu.copy_gmem_to_smem(kv_seg_ref.at[b, cols], kv_ids_smem.at[slot, 0],
+                            k_ready.at[slot])
+    plgpu.copy_gmem_to_smem(kv_pos_ref.at[b, cols], kv_ids_smem.at[slot, 1],
+                            k_ready.at[slot])
+    _wait_for_free_slot(t, v_consumed, num_stages)
+    plgpu.copy_gmem_to_smem(v_ref.at[b, cols, kv_head], v_smem.at[slot], v_ready.at[slot])
+
+  pl.loop(lo, hi)(load)
+
+
+def _split_forward_kernel(ranges_ref, q_ref, k_ref, v_ref, q_seg_ref, q_pos_ref,
+                          kv_seg_ref, kv_pos_ref, o_ref, lse_ref, scratch, *, scale,
+                          causal, sliding_window, block_k, num_stages, num_consumers,
+                          group, schedule):
+  """The "pipelined" and "pingpong" schedules (module docstring), split K/V barriers."""
+  (qo_smem, q_ids_smem, lse_smem, k_smem, v_smem, kv_ids_smem), barriers = scratch
+  q_ready, k_ready, v_ready, k_consumed, v_consumed, *sched = barriers
+  qt, b, h = (lax.axis_index(n) for n in ("q_tiles", "batch", "heads"))
+  wg = lax.axis_index("wg")
+  lo, full_lo, full_hi, hi = (ranges_ref[b, qt, n] for n in range(4))
+  head_dim = q_ref.shape[-1]
+  dtype = q_ref.dtype
+  rebalance_registers = num_consumers > 1  # see _forward_kernel
+  stages = jnp.int32(num_stages)
+
+  @pl.when(wg == num_consumers)
+  def _producer():
+    if rebalance_registers:
+      plgpu.set_max_registers(_PRODUCER_REGISTERS, action="decrease")
+    _stream_kv_split((k_ref, v_ref, kv_seg_ref, kv_pos_ref), (k_smem, v_smem, kv_ids_smem),
+                     (k_ready, v_ready, k_consumed, v_consumed), b=b,
+                     kv_head=lax.div(h, jnp.int32(group)), lo=lo, hi=hi, block_k=block_k,
+                     num_stages=num_stages)
+
+  @pl.when(wg < num_consumers)
+  def _consumer():
+    if rebalance_registers:
+      plgpu.set_max_registers(_CONSUMER_REGISTERS, action="increase")
+    q0 = qt * (num_consumers * _WG_ROWS) + wg * _WG_ROWS
+    rows = pl.ds(q0, _WG_ROWS)
+    q_smem = qo_smem.at[wg]
+    # q_ready[wg]: this consumer's Q tile, q ids and q positions (3 copies).
+    plgpu.copy_gmem_to_smem(q_ref.at[b, rows, h], q_smem, q_ready.at[wg])
+    plgpu.copy_gmem_to_smem(q_seg_ref.at[b, rows], q_ids_smem.at[wg, 0], q_ready.at[wg])
+    plgpu.copy_gmem_to_smem(q_pos_ref.at[b, rows], q_ids_smem.at[wg, 1], q_ready.at[wg])
+    plgpu.barrier_wait(q_ready.at[wg])
+    q_seg, q_pos = (_row_vector(q_ids_smem.at[wg, n][...]) for n in range(2))
+    logit_scale = scale * LOG2E
+    s_shape = (_WG_ROWS, block_k)
+    o_shape = (_WG_ROWS, head_dim)
+
+    def slot_of(j):
+      return lax.rem(j - lo, stages)
+
+    def softmax(s, m, l, slot, masked):
+      """(p in dtype, m_new, l_new, alpha) of raw logits s [64, block_k] of `slot`."""
+      s = s * logit_scale
+      if masked:
+        kv_seg, kv_pos = (_col_vector(kv_ids_smem.at[slot, n][...]) for n in range(2))
+        s = jnp.where(_doc_mask(q_seg, q_pos, kv_seg, kv_pos, s_shape, kv_major=False,
+                                causal=causal, sliding_window=sliding_window),
+                      s, MASKED_LOGIT)
+      m_new = jnp.maximum(m, jnp.max(s, axis=1))
+      # A row that has seen nothing keeps m_new == MASKED_LOGIT; shifting it
+      # by 0 instead makes its masked p exactly 0 (see segment_attention).
+      shift = jnp.where(m_new == MASKED_LOGIT, 0.0, m_new)
+      alpha = jnp.exp2(m - shift)
+      p = jnp.exp2(s - _rows(shift, s_shape))
+      l_new = l * alpha + jnp.sum(p, axis=1)
+      return p.astype(dtype), m_new, l_new, alpha
+
+    def finish(acc, m, l):
+      seen = l > 0.0
+      l = jnp.where(seen, l, 1.0)
+      q_smem[...] = (acc * _rows(1.0 / l, acc.shape)).astype(dtype)
+      lse_smem.at[wg][...] = jnp.where(seen, m * _LN2 + jnp.log(l), EMPTY_LSE)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(q_smem, o_ref.at[b, rows, h])
+      plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[b, h, rows])
+      plgpu.wait_smem_to_gmem(0)
+
+    zero_acc = lambda: plgpu.layout_cast(jnp.zeros(o_shape, jnp.float32),
+                                         plgpu.Layout.WGMMA)
+    m0 = lambda: _row_vector(jnp.full((_WG_ROWS,), MASKED_LOGIT, jnp.float32))
+    l0 = lambda: _row_vector(jnp.zeros((_WG_ROWS,), jnp.float32))
+
+    def three_loops(first, body, carry):
+      """body(j, carry, masked=...) over j in [first, hi), masked outside [full_lo, full_hi)."""
+      a, b_ = jnp.maximum(full_lo, first), jnp.maximum(full_hi, first)
+      carry = lax.fori_loop(first, a, functools.partial(body, masked=True), carry)
+      carry = lax.fori_loop(a, b_, functools.partial(body, masked=False), carry)
+      return lax.fori_loop(b_, hi, functools.partial(body, masked=True), carry)
+
+    if schedule == "pipelined":
+      def pipeline(acc_ref, s_ref):
+        """acc_ref: the O accumulator [64, D]; s_ref: the S accumulator [64, block_k]."""
+        # Prologue, step lo (masked whatever the plan says: a no-op on a full tile).
+        plgpu.barrier_wait(k_ready.at[0])
+        plgpu.wgmma(s_ref, q_smem, plgpu.transpose_ref(k_smem.at[0], (1, 0)))
+        p, m, l, _ = softmax(s_ref[...], m0(), l0(), 0, masked=True)
+        plgpu.barrier_arrive(k_consumed.at[0])
+
+        def step(j, carry, *, masked):
+          """QK^T_j and PV_{j-1} in flight together; the softmax of S_j under PV_{j-1}."""
+          p_prev, m, l = carry
+          slot, prev = slot_of(j), slot_of(j - 1)
+          s_ref[...] = plgpu.layout_cast(jnp.zeros(s_shape, jnp.float32),
+                                         plgpu.Layout.WGMMA)
+          plgpu.barrier_wait(k_ready.at[slot])
+          plgpu.wgmma(s_ref, q_smem, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
+          plgpu.barrier_wait(v_ready.at[prev])
+          plgpu.wgmma(acc_ref, p_prev, v_smem.at[prev])
+          # wgmma groups retire in order: at most 1 pending means QK^T_j is done.
+          s = plgpu.wgmma_accumulator_load(s_ref, wait_n=1)
+          p, m, l, alpha = softmax(s, m, l, slot, masked)
+          plgpu.barrier_arrive(k_consumed.at[slot])
+          acc = acc_ref[...]  # waits for PV_{j-1}
+          plgpu.barrier_arrive(v_consumed.at[prev])
+          acc_ref[...] = acc * _rows(alpha, o_shape)
+          return p, m, l
+
+        p, m, l = three_loops(lo + 1, step, (p, m, l))
+        # Epilogue: PV of the last step.
+        last = slot_of(hi - 1)
+        plgpu.barrier_wait(v_ready.at[last])
+        plgpu.wgmma(acc_ref, p, v_smem.at[last])
+        acc = acc_ref[...]
+        plgpu.barrier_arrive(v_consumed.at[last])
+        return acc, m, l
+
+      @pl.when(hi > lo)
+      def _visit():
+        finish(*pl.run_scoped(pipeline, plgpu.ACC(o_shape, jnp.float32),
+                              plgpu.ACC(s_shape, jnp.float32)))
+
+      @pl.when(hi <= lo)
+      def _empty():
+        finish(zero_acc(), m0(), l0())
+      return
+
+    assert schedule == "pingpong", schedule
+    if sched:
+      # sched_barrier: both consumers arrive, then wait (a rendezvous; 2
+      # arrivals per phase). Consumer 1 starts one rendezvous behind consumer
+      # 0 and consumer 0 does one more after its loop, so both do 2 per step
+      # plus 1, whatever the trip count (both walk the same plan row).
+      (sched_barrier,) = sched
+
+      def rendezvous():
+        plgpu.barrier_arrive(sched_barrier)
+        plgpu.barrier_wait(sched_barrier)
+    else:
+      sched_barrier, rendezvous = None, lambda: None
+
+    if sched_barrier is not None:
+      pl.when(wg == 1)(rendezvous)
+
+    def visit(j, carry, *, masked):
+      acc, m, l = carry
+      slot = slot_of(j)
+      plgpu.barrier_wait(k_ready.at[slot])
+
+      def qk(s_ref):
+        plgpu.wgmma(s_ref, q_smem, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
+        rendezvous()  # QK^T issued: the other consumer may finish its softmax
+        return s_ref[...]
+
+      s = pl.run_scoped(qk, plgpu.ACC(s_shape, jnp.float32))
+      p, m, l, alpha = softmax(s, m, l, slot, masked)
+      plgpu.barrier_arrive(k_consumed.at[slot])
+      acc = acc * _rows(alpha, o_shape)
+      if sched_barrier is not None:
+        acc, l, m, p = lax.optimization_barrier((acc, l, m, p))
+        plgpu.barrier_arrive(sched_barrier)  # softmax done
+        plgpu.barrier_wait(v_ready.at[slot])
+        plgpu.barrier_wait(sched_barrier)  # the other consumer issued its QK^T
+      else:
+        plgpu.barrier_wait(v_ready.at[slot])
+
+      def pv(acc_ref):
+        plgpu.wgmma(acc_ref, p, v_smem.at[slot])
+
+      acc = pl.run_state(pv)(plgpu.ACC.init(acc))
+      plgpu.barrier_arrive(v_consumed.at[slot])
+      return acc, m, l
+
+    acc, m, l = three_loops(lo, visit, (zero_acc(), m0(), l0()))
+    if sched_barrier is not None:
+      pl.when(wg == 0)(rendezvous)
+    finish(acc, m, l)
+
+
 def forward(q, k, v, q_seg, kv_seg, q_pos, kv_pos, q_ranges, *, tile: TileConfig,
-            scale, causal, sliding_window, interpret=False):
+            scale, causal, sliding_window, interpret=False,
+            schedule: str = DEFAULT_SCHEDULE):
   """Returns (out [B, Tq, H, D] in q.dtype, lse float32 [B, H, Tq]).
 
   Same arguments as `segment_attention.forward`; `interpret` must be False
   (the Mosaic GPU interpreter cannot run this kernel: see tests/test_mosaic.py).
+  schedule: one of SCHEDULES, the consumer loop order (module docstring).
   """
   if interpret:
     raise NotImplementedError("the Mosaic GPU attention kernel has no interpret mode")
+  if schedule not in SCHEDULES:
+    raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
   check_supported(q, k, tile)
   batch, tq, heads, head_dim = q.shape
   group = heads // k.shape[2]
   num_consumers = tile.block_major // _WG_ROWS
   bk, stages = tile.block_minor, tile.num_stages
   transforms = _mma_transforms(q.dtype)
-  kernel = functools.partial(
-      _forward_kernel, scale=scale, causal=causal, sliding_window=sliding_window,
-      block_k=bk, num_stages=stages, num_consumers=num_consumers, group=group)
+  opts = dict(scale=scale, causal=causal, sliding_window=sliding_window, block_k=bk,
+              num_stages=stages, num_consumers=num_consumers, group=group)
+  if schedule == "serial":
+    kernel = functools.partial(_forward_kernel, **opts)
+    barriers = (
+        # q_ready[wg]: Q, q ids, q positions (3 copies); kv_ready[s]: K, V, kv
+        # ids, kv positions (4 copies); kv_consumed[s]: one arrival per consumer.
+        plgpu.Barrier(num_arrivals=3, num_barriers=num_consumers),
+        plgpu.Barrier(num_arrivals=4, num_barriers=stages),
+        plgpu.Barrier(num_arrivals=num_consumers, num_barriers=stages),
+    )
+  else:
+    kernel = functools.partial(_split_forward_kernel, schedule=schedule, **opts)
+    barriers = (
+        plgpu.Barrier(num_arrivals=3, num_barriers=num_consumers),  # q_ready[wg]
+        plgpu.Barrier(num_arrivals=3, num_barriers=stages),  # k_ready: K, kv ids, kv pos
+        plgpu.Barrier(num_arrivals=1, num_barriers=stages),  # v_ready: V
+        plgpu.Barrier(num_arrivals=num_consumers, num_barriers=stages),  # k_consumed
+        plgpu.Barrier(num_arrivals=num_consumers, num_barriers=stages),  # v_consumed
+    )
+    if schedule == "pingpong" and num_consumers == 2:
+      barriers += (plgpu.Barrier(num_arrivals=2),)  # sched_barrier: consumer rendezvous
 
   scratch = (
       plgpu.SMEM((num_consumers, _WG_ROWS, head_dim), q.dtype, transforms=transforms),
@@ -308,11 +580,6 @@ def forward(q, k, v, q_seg, kv_seg, q_pos, kv_pos, q_ranges, *, tile: TileConfig
       plgpu.SMEM((stages, bk, head_dim), k.dtype, transforms=transforms),
       plgpu.SMEM((stages, bk, head_dim), v.dtype, transforms=transforms),
       plgpu.SMEM((stages, 2, bk), jnp.int32),
-  )
-  barriers = (
-      plgpu.Barrier(num_arrivals=3, num_barriers=num_consumers),
-      plgpu.Barrier(num_arrivals=4, num_barriers=stages),
-      plgpu.Barrier(num_arrivals=num_consumers, num_barriers=stages),
   )
   return _launch(
       kernel, (q_ranges, q, k, v, q_seg, q_pos, kv_seg, kv_pos), scratch, barriers,

@@ -1,6 +1,7 @@
 """The Mosaic GPU forward kernel (pallas_kernels.mosaic_attention), against the reference.
 
-On every machine: the kernel lowers for CUDA for each supported option. Mosaic
+On every machine: the kernel lowers for CUDA for each supported option and
+each schedule (mosaic_attention.SCHEDULES). Mosaic
 GPU builds its MLIR (layouts, wgmma shapes, TMA slices, barriers) at lowering
 time, so this catches most API and shape errors without a GPU; unsupported
 inputs are rejected with a message. The Mosaic GPU interpreter cannot run this
@@ -10,7 +11,7 @@ operand, no run_state), so its numbers are only checked on a GPU.
 On a GPU (marker `gpu`): out and lse against the float32 reference on the same
 rounded inputs (rel <= 2e-2 for bfloat16/float16), exact zeros and EMPTY_LSE
 for queries that see nothing, nothing NaN; fixed layouts at realistic sizes
-and hypothesis layouts at one small shape.
+and hypothesis layouts at one small shape, for every forward schedule.
 
 Through the public API, flash_attention(implementation="mosaic") (the Mosaic
 forward and backward kernels; what "auto" runs on a Hopper GPU): on every
@@ -43,16 +44,21 @@ from pallas_kernels.config import TileConfig
 TOL = 2e-2  # bfloat16 / float16 against the float32 reference
 
 
-@functools.partial(jax.jit, static_argnames=("causal", "window", "scale", "tile"))
+SCHEDULES = mosaic_attention.SCHEDULES
+schedules = pytest.mark.parametrize("schedule", SCHEDULES)
+
+
+@functools.partial(jax.jit, static_argnames=("causal", "window", "scale", "tile",
+                                             "schedule"))
 def mosaic_forward(q, k, v, q_seg, kv_seg, q_pos, kv_pos, *, causal, window, scale,
-                   tile):
+                   tile, schedule=mosaic_attention.DEFAULT_SCHEDULE):
   """(out, lse) of the Mosaic kernel, with its tile plan; lengths multiples of the tile."""
   plan = masks.make_tile_plan(q_seg, kv_seg, q_pos, kv_pos, block_q=tile.block_major,
                               block_k=tile.block_minor, causal=causal,
                               sliding_window=window)
   return mosaic_attention.forward(q, k, v, q_seg, kv_seg, q_pos, kv_pos, plan.q_ranges,
                                   tile=tile, scale=scale, causal=causal,
-                                  sliding_window=window)
+                                  sliding_window=window, schedule=schedule)
 
 
 # ----------------------------------------------------------------------------
@@ -68,6 +74,7 @@ class LowerCase:
   kv_heads: int = 4
   causal: bool = True
   window: int | None = None
+  q_len: int = 512  # kv_len is 512
   tile: TileConfig = mosaic_attention.DEFAULT_TILE
 
 
@@ -83,19 +90,34 @@ LOWER_CASES = [
     LowerCase("128x64-3-stages", tile=TileConfig(128, 64, num_stages=3)),
     LowerCase("one-stage", tile=TileConfig(128, 64, num_stages=1)),
     LowerCase("d64-64x128", head_dim=64, tile=TileConfig(64, 128, num_stages=2)),
+    LowerCase("chunk-q256-kv512", q_len=256),
+    LowerCase("one-consumer-gqa-window-float16", dtype="float16", kv_heads=2, window=100,
+              tile=TileConfig(64, 64, num_stages=1)),
 ]
 
 
+@schedules
 @pytest.mark.parametrize("case", LOWER_CASES, ids=lambda c: c.name)
-def test_lowers_for_cuda(case):
+def test_lowers_for_cuda(case, schedule):
   b, t = 2, 512
-  q = jax.ShapeDtypeStruct((b, t, case.heads, case.head_dim), jnp.dtype(case.dtype))
+  q = jax.ShapeDtypeStruct((b, case.q_len, case.heads, case.head_dim),
+                           jnp.dtype(case.dtype))
   kv = jax.ShapeDtypeStruct((b, t, case.kv_heads, case.head_dim), jnp.dtype(case.dtype))
+  q_ids = jax.ShapeDtypeStruct((b, case.q_len), jnp.int32)
   ids = jax.ShapeDtypeStruct((b, t), jnp.int32)
   lowered = mosaic_forward.trace(
-      q, kv, kv, ids, ids, ids, ids, causal=case.causal, window=case.window,
-      scale=0.1, tile=case.tile).lower(lowering_platforms=("cuda",))
+      q, kv, kv, q_ids, ids, q_ids, ids, causal=case.causal, window=case.window,
+      scale=0.1, tile=case.tile, schedule=schedule).lower(lowering_platforms=("cuda",))
   assert "mosaic_gpu" in lowered.as_text()
+
+
+def test_unknown_schedule_is_rejected():
+  x = jnp.zeros((1, 128, 1, 64), jnp.bfloat16)
+  ids = jnp.zeros((1, 128), jnp.int32)
+  with pytest.raises(ValueError, match="schedule"):
+    mosaic_attention.forward(x, x, x, ids, ids, ids, ids, jnp.zeros((1, 1, 4), jnp.int32),
+                             tile=mosaic_attention.DEFAULT_TILE, scale=0.1, causal=True,
+                             sliding_window=None, schedule="eager")
 
 
 @pytest.mark.parametrize("dtype, head_dim, tile, match", [
@@ -112,13 +134,14 @@ def test_unsupported_inputs_are_rejected(dtype, head_dim, tile, match):
     mosaic_attention.check_supported(q, q, tile)
 
 
-def test_tiles_beyond_shared_memory_fail_to_lower():
+@schedules
+def test_tiles_beyond_shared_memory_fail_to_lower(schedule):
   q = jax.ShapeDtypeStruct((1, 256, 2, 128), jnp.bfloat16)
   ids = jax.ShapeDtypeStruct((1, 256), jnp.int32)
   with pytest.raises(ValueError, match="shared memory"):
     mosaic_forward.trace(q, q, q, ids, ids, ids, ids, causal=True, window=None, scale=0.1,
-                         tile=TileConfig(128, 128, num_stages=3)).lower(
-                             lowering_platforms=("cuda",))
+                         tile=TileConfig(128, 128, num_stages=3),
+                         schedule=schedule).lower(lowering_platforms=("cuda",))
 
 
 def test_interpret_mode_is_refused():
@@ -166,7 +189,7 @@ gpu_cases = pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: c.name)
 
 
 @functools.lru_cache(maxsize=None)
-def run_case(name):
+def run_case(name, schedule):
   """(kernel, reference, layout): dicts of float32 numpy out [B, Tq, H, D], lse [B, H, Tq]."""
   case = BY_NAME[name]
   layout = case.make_layout()
@@ -176,7 +199,8 @@ def run_case(name):
       kv_heads=case.kv_heads, head_dim=case.head_dim, dtype=jnp.dtype(case.dtype))
   scale = case.scale or 1.0 / np.sqrt(case.head_dim)
   out, lse = mosaic_forward(q, k, v, *layout.arrays(), causal=case.causal,
-                            window=case.window, scale=scale, tile=case.tile)
+                            window=case.window, scale=scale, tile=case.tile,
+                            schedule=schedule)
   f32 = lambda x: x.astype(jnp.float32)
   want_out, want_lse = reference_attention(
       f32(q), f32(k), f32(v), **layout.kwargs(), causal=case.causal,
@@ -191,16 +215,18 @@ def _allowed(case, layout):
 
 
 @pytest.mark.gpu
+@schedules
 @gpu_cases
-def test_output_matches_reference(case):
-  got, want, _ = run_case(case.name)
+def test_output_matches_reference(case, schedule):
+  got, want, _ = run_case(case.name, schedule)
   assert_close("out", got["out"], want["out"], TOL)
 
 
 @pytest.mark.gpu
+@schedules
 @gpu_cases
-def test_lse_matches_reference(case):
-  got, want, layout = run_case(case.name)
+def test_lse_matches_reference(case, schedule):
+  got, want, layout = run_case(case.name, schedule)
   seen = np.broadcast_to(_allowed(case, layout).any(axis=2)[:, None, :],
                          got["lse"].shape)
   assert_close("lse", got["lse"][seen], want["lse"][seen], TOL)
@@ -208,17 +234,19 @@ def test_lse_matches_reference(case):
 
 
 @pytest.mark.gpu
+@schedules
 @gpu_cases
-def test_nothing_is_nan_or_inf(case):
-  got, _, _ = run_case(case.name)
+def test_nothing_is_nan_or_inf(case, schedule):
+  got, _, _ = run_case(case.name, schedule)
   for name, x in got.items():
     assert_finite(name, x)
 
 
 @pytest.mark.gpu
+@schedules
 @gpu_cases
-def test_queries_that_see_nothing_output_exactly_zero(case):
-  got, _, layout = run_case(case.name)
+def test_queries_that_see_nothing_output_exactly_zero(case, schedule):
+  got, _, layout = run_case(case.name, schedule)
   blind = ~_allowed(case, layout).any(axis=2)
   assert np.all(got["out"][blind] == 0.0)
 
@@ -231,15 +259,15 @@ SEEDS = st.integers(0, 2**31 - 1)
 SMALL_TILE = TileConfig(64, 64, num_stages=2)
 
 
-def _check_layout(layout: Layout, seed, *, causal, window=None, heads=4, kv_heads=2,
-                  head_dim=64, tile=SMALL_TILE):
+def _check_layout(layout: Layout, seed, *, causal, schedule, window=None, heads=4,
+                  kv_heads=2, head_dim=64, tile=SMALL_TILE):
   q_len, kv_len = layout.q_segment_ids.shape[1], layout.kv_segment_ids.shape[1]
   q, k, v, _, _ = random_inputs(seed, batch=B, q_len=q_len, kv_len=kv_len, heads=heads,
                                 kv_heads=kv_heads, head_dim=head_dim,
                                 dtype=jnp.bfloat16)
   scale = 1.0 / np.sqrt(head_dim)
   out, lse = mosaic_forward(q, k, v, *layout.arrays(), causal=causal, window=window,
-                            scale=scale, tile=tile)
+                            scale=scale, tile=tile, schedule=schedule)
   f32 = lambda x: x.astype(jnp.float32)
   want_out, want_lse = reference_attention(
       f32(q), f32(k), f32(v), **layout.kwargs(), causal=causal, sliding_window=window,
@@ -255,19 +283,31 @@ def _check_layout(layout: Layout, seed, *, causal, window=None, heads=4, kv_head
 
 
 @pytest.mark.gpu
+@schedules
 @pytest.mark.parametrize("causal", [True, False])
 @settings(max_examples=15)
 @given(layout=self_layouts(B, T, ALL_KINDS) | self_layouts(B, T, positions="custom"),
        seed=SEEDS)
-def test_self_attention_layouts_match_reference(causal, layout, seed):
-  _check_layout(layout, seed, causal=causal)
+def test_self_attention_layouts_match_reference(causal, schedule, layout, seed):
+  _check_layout(layout, seed, causal=causal, schedule=schedule)
 
 
 @pytest.mark.gpu
+@schedules
 @settings(max_examples=15)
 @given(layout=chunk_layouts(B, 128, 256), seed=SEEDS)
-def test_chunk_layouts_with_window_match_reference(layout, seed):
-  _check_layout(layout, seed, causal=True, window=64)
+def test_chunk_layouts_with_window_match_reference(schedule, layout, seed):
+  _check_layout(layout, seed, causal=True, window=64, schedule=schedule)
+
+
+@pytest.mark.gpu
+@schedules
+@settings(max_examples=10)
+@given(layout=self_layouts(B, T, ALL_KINDS), seed=SEEDS)
+def test_two_consumer_layouts_match_reference(schedule, layout, seed):
+  """128-row tiles: two consumer warpgroups (the pingpong rendezvous), one stage."""
+  _check_layout(layout, seed, causal=True, schedule=schedule,
+                tile=TileConfig(128, 64, num_stages=1))
 
 
 # ----------------------------------------------------------------------------
