@@ -582,7 +582,7 @@ def _pump(proc):
   return lines, stderr_tail
 
 
-def _run_workers(kind, names, deadline, results):
+def _run_workers(kind, names, deadline, results, case_timeout=CASE_TIMEOUT_S):
   """Runs `names` in workers, a fresh worker after a hang; fills results[name]."""
   todo = list(names)
   while todo:
@@ -596,7 +596,7 @@ def _run_workers(kind, names, deadline, results):
     lines, stderr_tail = _pump(proc)
     current, last = None, time.monotonic()
     while True:
-      limit = min(last + CASE_TIMEOUT_S, deadline)
+      limit = min(last + case_timeout, deadline)
       try:
         line = lines.get(timeout=max(0.1, limit - time.monotonic()))
       except queue.Empty:
@@ -719,10 +719,15 @@ def main():
   p.add_argument("--only", choices=tuple(PARTS),
                  help="run one part: forward correctness or timing, or the backward "
                       "(bwd = bwd-correct then bwd-time); default: both forward parts")
-  p.add_argument("cases", nargs="*", help=argparse.SUPPRESS)
+  p.add_argument("--case-timeout", type=float, default=CASE_TIMEOUT_S,
+                 help=f"seconds without a result after which a case counts as hung "
+                      f"(default {CASE_TIMEOUT_S})")
+  p.add_argument("--cases", default=None,
+                 help="comma list of case names (of the parts run) to run only those")
+  p.add_argument("cases_for_worker", nargs="*", help=argparse.SUPPRESS)
   args = p.parse_args()
   if args.worker:
-    worker(args.worker, args.cases)
+    worker(args.worker, args.cases_for_worker)
     return
 
   start = time.monotonic()
@@ -736,7 +741,10 @@ def main():
     summary[key] = {}
     print(f"{title}:", flush=True)
     later = len(parts) - n - 1
-    _run_workers(part, names, deadline - PART_RESERVE_S * later, summary[key])
+    if args.cases:
+      names = [n for n in names if n in args.cases.split(",")]
+    _run_workers(part, names, deadline - PART_RESERVE_S * later, summary[key],
+                 args.case_timeout)
 
   summary["summary"] = dict(_summarise(summary, parts),
                             wall_s=round(time.monotonic() - start, 1))
