@@ -50,7 +50,7 @@ meets inf - inf; exp(EMPTY_LSE - anything real) is exactly 0.
 Implementation = Literal["auto", "pallas", "mosaic", "xla"]
 _MOSAIC_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 _MOSAIC_HEAD_DIMS = (64, 128)
-"""The kernels "auto" runs on a GPU (the Mosaic forward is opt-in until GPU timings say)."""
+"""What the Mosaic kernels cover; "auto" runs them there on a Hopper GPU."""
 _FLOAT_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
 _MAX_KERNEL_HEAD_DIM = 256
 
@@ -455,16 +455,16 @@ def _padded_qkv(q, k, v, plan: AttentionPlan):
   return q, k, v
 
 
-def _pallas(q, k, v, plan: AttentionPlan, opts: _KernelOptions):
+def _kernels_padded(q, k, v, plan: AttentionPlan, opts: _KernelOptions):
   """Pads q, k, v to the plan's lengths, runs the kernels, cuts the padding off."""
   tq, head_dim = q.shape[1], q.shape[3]
   out, lse = _kernel_attention(opts, *_padded_qkv(q, k, v, plan), plan.ids, plan.tiles)
   return out[:, :tq, :, :head_dim], lse[:, :, :tq]
 
 
-def _pallas_backward(q, k, v, out, lse, do, dlse, plan: AttentionPlan,
-                     opts: _KernelOptions):
-  """The kernels' backward from given residuals, padded like `_pallas`."""
+def _kernels_backward_padded(q, k, v, out, lse, do, dlse, plan: AttentionPlan,
+                             opts: _KernelOptions):
+  """The kernels' backward from given residuals, padded like `_kernels_padded`."""
   tq, tk, head_dim = q.shape[1], k.shape[1], q.shape[3]
   qp, k, v = _padded_qkv(q, k, v, plan)
   like_q = lambda x: pad_axis(pad_axis(x, 1, qp.shape[1]), 3, qp.shape[3])  # noqa: E731
@@ -610,7 +610,7 @@ def flash_attention(
     out, lse = _reference(q, k, v, ids, spec, scale=scale)
   else:
     opts, plan = _kernel_setup(q, k, ids, plan, spec, scale, config, interpret, impl)
-    out, lse = _pallas(q, k, v, plan, opts)
+    out, lse = _kernels_padded(q, k, v, plan, opts)
   return (out, lse) if return_residuals else out
 
 
@@ -722,7 +722,7 @@ def flash_attention_bwd(
   if impl == "xla":
     return _reference_backward(q, k, v, out, lse, do, dlse, ids, spec, scale=scale)
   opts, plan = _kernel_setup(q, k, ids, plan, spec, scale, config, interpret, impl)
-  return _pallas_backward(q, k, v, out, lse, do, dlse, plan, opts)
+  return _kernels_backward_padded(q, k, v, out, lse, do, dlse, plan, opts)
 
 
 def reference_attention(

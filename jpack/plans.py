@@ -49,7 +49,7 @@ class AttentionPlan:
     spec, config: the static mask options and the kernel tiling.
     q_shape, k_shape: the q and k shapes it was made for.
     implementation: the kernels it was planned for, "pallas" or "mosaic"
-      (for "mosaic", config.forward is the Mosaic forward's tile).
+      (for "mosaic", config holds the Mosaic kernels' tiles).
   """
   ids: MaskInputs
   tiles: _Plans
