@@ -1,12 +1,15 @@
-"""flash_attention's compiled Pallas kernels on a real GPU, against the reference.
+"""flash_attention's compiled kernels on a real GPU, against the reference.
 
-Skipped without a CUDA GPU (conftest). Default KernelConfig, no interpreter.
-Each case runs forward and backward once (cached) and the tests check one
-property each: low-precision kernels against the float32 reference on the
-same rounded inputs (rel <= 2e-2), float32 kernels (exact float32 dots) to
-1e-4, finite values everywhere, exact zeros where nothing is attended.
-Cases with a general mask (issue 5: dense arrays, rules) run the tile-list
-kernels; their masks come from GENERAL_MASKS.
+Skipped without a CUDA GPU (conftest). Default tilings, no interpreter.
+Every case runs through implementation="pallas" (the Triton kernels) and,
+where the Mosaic GPU kernels cover it (bf16/fp16, head_dim 64/128, no general
+mask) and the GPU is a Hopper, through implementation="mosaic" ("auto" there).
+Each (case, implementation) runs forward and backward once (cached) and the
+tests check one property each: low-precision kernels against the float32
+reference on the same rounded inputs (rel <= 2e-2), float32 kernels (exact
+float32 dots) to 1e-4, finite values everywhere, exact zeros where nothing is
+attended. Cases with a general mask (issue 5: dense arrays, rules) run the
+tile-list kernels; their masks come from GENERAL_MASKS.
 """
 
 from __future__ import annotations
@@ -123,18 +126,22 @@ CASES = [
     GpuCase("mask-graph-float32", layout="one_document", causal=False, mask="graph",
             dtype="float32", q_len=1024, kv_len=1024),
 ]
-BY_NAME = {c.name: c for c in CASES}
 
 
-def run_case(name):
-  """(kernel, reference, allowed): dicts of float32 numpy out, lse, dq, dk, dv,
-  and the whole mask, bool [B, H, Tq, Tk]."""
-  return case_results(BY_NAME[name], "pallas")
+def mosaic_covers(case: GpuCase) -> bool:
+  """Whether implementation="mosaic" can run the case (else it raises)."""
+  return (case.mask is None and case.dtype in ("bfloat16", "float16")
+          and case.head_dim in (64, 128))
+
+
+def _on_hopper() -> bool:
+  return getattr(jax.devices()[0], "compute_capability", None) == "9.0"
 
 
 @functools.lru_cache(maxsize=None)
 def case_results(case: GpuCase, implementation: str):
-  """run_case's results for any case and kernel implementation ("pallas", "mosaic")."""
+  """(kernel, reference, allowed) of a case run by `implementation`: dicts of
+  float32 numpy out, lse, dq, dk, dv, and the whole mask, bool [B, H, Tq, Tk]."""
   layout = case.make_layout()
   mask = None if case.mask is None else GENERAL_MASKS[case.mask](case)
   seed = zlib.crc32(case.name.encode()) & 0x7FFFFFFF
@@ -175,7 +182,17 @@ def _allowed(case, layout, mask):
   return np.broadcast_to(allowed, (case.batch, case.heads, case.q_len, case.kv_len))
 
 
-cases = pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+RUNS = ([(c, "pallas") for c in CASES]
+        + [(c, "mosaic") for c in CASES if mosaic_covers(c)])
+cases = pytest.mark.parametrize("case, implementation", RUNS,
+                                ids=[f"{impl}-{c.name}" for c, impl in RUNS])
+
+
+def run_case(case: GpuCase, implementation: str):
+  """case_results, skipping Mosaic runs off Hopper (its kernels need sm90)."""
+  if implementation == "mosaic" and not _on_hopper():
+    pytest.skip("implementation='mosaic' needs a Hopper (sm90) GPU")
+  return case_results(case, implementation)
 
 
 def test_runs_on_gpu():
@@ -183,44 +200,44 @@ def test_runs_on_gpu():
 
 
 @cases
-def test_output_matches_reference(case):
-  got, want, _ = run_case(case.name)
+def test_output_matches_reference(case, implementation):
+  got, want, _ = run_case(case, implementation)
   assert_close("out", got["out"], want["out"], TOL[jnp.dtype(case.dtype)])
 
 
 @cases
-def test_lse_matches_reference(case):
-  got, want, allowed = run_case(case.name)
+def test_lse_matches_reference(case, implementation):
+  got, want, allowed = run_case(case, implementation)
   seen = allowed.any(axis=3)
   assert_close("lse", got["lse"][seen], want["lse"][seen], TOL[jnp.dtype(case.dtype)])
   np.testing.assert_array_equal(got["lse"][~seen], np.float32(EMPTY_LSE))
 
 
 @cases
-def test_gradients_match_reference(case):
-  got, want, _ = run_case(case.name)
+def test_gradients_match_reference(case, implementation):
+  got, want, _ = run_case(case, implementation)
   for name in ("dq", "dk", "dv"):
     assert_close(name, got[name], want[name], TOL[jnp.dtype(case.dtype)])
 
 
 @cases
-def test_nothing_is_nan_or_inf(case):
-  got, _, _ = run_case(case.name)
+def test_nothing_is_nan_or_inf(case, implementation):
+  got, _, _ = run_case(case, implementation)
   for name, x in got.items():
     assert_finite(name, x)
 
 
 @cases
-def test_queries_that_see_nothing_have_zero_output_and_dq(case):
-  got, _, allowed = run_case(case.name)
+def test_queries_that_see_nothing_have_zero_output_and_dq(case, implementation):
+  got, _, allowed = run_case(case, implementation)
   blind = ~allowed.any(axis=3)  # [B, H, Tq]
   assert np.all(got["out"].transpose(0, 2, 1, 3)[blind] == 0.0)
   assert np.all(got["dq"].transpose(0, 2, 1, 3)[blind] == 0.0)
 
 
 @cases
-def test_keys_no_query_sees_get_zero_dk_dv(case):
-  got, _, allowed = run_case(case.name)
+def test_keys_no_query_sees_get_zero_dk_dv(case, implementation):
+  got, _, allowed = run_case(case, implementation)
   group = case.heads // case.kv_heads
   unseen = ~allowed.reshape(case.batch, case.kv_heads, group, case.q_len,
                             case.kv_len).any(axis=(2, 3))  # [B, Hkv, Tk]

@@ -16,8 +16,8 @@ and hypothesis layouts at one small shape, for every forward schedule.
 Through the public API, flash_attention(implementation="mosaic") (the Mosaic
 forward and backward kernels; what "auto" runs on a Hopper GPU): on every
 machine, its input checks, what "auto" picks, and its lowering for CUDA under
-jit, forward and jax.grad; on a GPU, forward and gradients against the
-reference on a few layouts.
+jit, forward and jax.grad. On a GPU, the public path runs tests/test_gpu.py's
+cases (parametrised over "pallas" and "mosaic").
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from hypothesis import given, settings, strategies as st
 
 from helpers import (ALL_KINDS, Layout, allowed_np, assert_close, assert_finite,
                      chunk_layouts, random_inputs, self_layouts)
-from test_gpu import GpuCase, case_results
+from test_gpu import GpuCase
 from jpack import attention, mask_rules, masks
 from jpack.attention import (EMPTY_LSE, KernelConfig, flash_attention, flash_attention_bwd,
                              make_attention_plan, reference_attention)
@@ -508,57 +508,3 @@ def test_the_reference_runs_a_mosaic_plan():
   np.testing.assert_array_equal(
       flash_attention(q, k, v, plan=plan, implementation="xla"),
       reference_attention(q, k, v, segment_ids=seg))
-
-
-# On a GPU: forward and gradients against the reference (tests/test_gpu.py's
-# checks, on a few of its layouts; T = 1000 exercises the sequence padding).
-API_CASES = [
-    GpuCase("api-packed-d128"),
-    GpuCase("api-padded-odd-T1000-d64", layout="padded", head_dim=64, q_len=1000,
-            kv_len=1000),
-    GpuCase("api-empty-row-gqa-4:1", layout="with_empty_row", heads=4, kv_heads=1),
-    GpuCase("api-window-256-d64", window=256, head_dim=64),
-    GpuCase("api-bidirectional-float16", causal=False, dtype="float16"),
-    GpuCase("api-chunk-q1024-kv3072", q_len=1024, kv_len=3072, chunk_offset=1536),
-]
-api_cases = pytest.mark.parametrize("case", API_CASES, ids=lambda c: c.name)
-
-
-@pytest.mark.gpu
-@api_cases
-def test_api_output_and_lse_match_reference(case):
-  got, want, allowed = case_results(case, "mosaic")
-  assert_close("out", got["out"], want["out"], TOL)
-  seen = allowed.any(axis=3)
-  assert_close("lse", got["lse"][seen], want["lse"][seen], TOL)
-  np.testing.assert_array_equal(got["lse"][~seen], np.float32(EMPTY_LSE))
-
-
-@pytest.mark.gpu
-@api_cases
-def test_api_gradients_match_reference(case):
-  got, want, _ = case_results(case, "mosaic")
-  for name in ("dq", "dk", "dv"):
-    assert_close(name, got[name], want[name], TOL)
-
-
-@pytest.mark.gpu
-@api_cases
-def test_api_nothing_is_nan_or_inf(case):
-  got, _, _ = case_results(case, "mosaic")
-  for name, x in got.items():
-    assert_finite(name, x)
-
-
-@pytest.mark.gpu
-@api_cases
-def test_api_rows_that_see_nothing_get_exact_zeros(case):
-  got, _, allowed = case_results(case, "mosaic")
-  blind = ~allowed.any(axis=3)  # [B, H, Tq]: padding and empty rows
-  assert np.all(got["out"].transpose(0, 2, 1, 3)[blind] == 0.0)
-  assert np.all(got["dq"].transpose(0, 2, 1, 3)[blind] == 0.0)
-  group = case.heads // case.kv_heads
-  unseen = ~allowed.reshape(case.batch, case.kv_heads, group, case.q_len,
-                            case.kv_len).any(axis=(2, 3))  # [B, Hkv, Tk]
-  assert np.all(got["dk"].transpose(0, 2, 1, 3)[unseen] == 0.0)
-  assert np.all(got["dv"].transpose(0, 2, 1, 3)[unseen] == 0.0)
