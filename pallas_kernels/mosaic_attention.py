@@ -81,31 +81,46 @@ zeros and EMPTY_LSE straight away.
               item's output in the item's own Q buffer and store it with TMA,
               without waiting for the store.
 
-Synchronisation of "persistent". Item n (n = 0, 1, ... in the CTA's list)
-uses Q buffer qs = n % 2; step t counts kv tiles across all items of the CTA
-(t of item n starts at the number of tiles of items 0..n-1) and uses ring slot
-t % num_stages, so the ring runs on across items exactly as within one:
-  q_ready[qs]:    the producer's TMA of Q, q ids, q positions of item n, one of
-                  each per consumer (3 * num_consumers arrivals per item);
-                  every consumer waits it once per item, zero-tile items too.
-  q_free[qs]:     consumer wg is done with Q buffer qs of item n: its output
-                  store (which reuses the buffer) has read shared memory. Each
-                  consumer arrives once per item n >= 1, for item n - 1
-                  (buffer 1 - qs), right after issuing item n's first QK^T (or,
-                  for a zero-tile item, before writing its output); the
-                  producer waits it before loading item n + 2 (n + 2 >= 2).
-  kv_ready[s], kv_consumed[s]: as "serial", with the global step t.
-Balance: per item, q_ready gets 3 * num_consumers copies and num_consumers
-waits' worth of waiters; q_free gets num_consumers arrivals for items
-1..N-1 (releasing 0..N-2) and the producer waits the releases of items
-0..N-3 (for loads of items 2..N-1), so the release of item N-2 completes a
-phase nobody waits for, which is harmless at the end; the last item releases
-nothing (its store is awaited at the end of the kernel). Neither Q barrier
-runs two phases ahead of a waiter: q_ready's completion for item n + 2 needs
-the release of item n, which comes after every consumer waited q_ready for
-item n + 1; q_free's release of item n + 2 happens in item n + 3, whose Q the
-producer loads only after waiting the release of item n + 1. A CTA with no
-items (num_ctas > number of items) skips both loops.
+Synchronisation of "persistent". The CTA's items are n = 0 .. N-1; item n
+uses Q buffer pair qs = n % 2 (one 64-row buffer per consumer, which also
+stages that consumer's output of the item). Step t counts kv tiles over all
+the CTA's items (item n's first step is the number of tiles of items
+0 .. n-1) and uses ring slot t % num_stages, so the K/V ring runs on across
+items exactly as within one plan row. Per barrier (who arrives, how often):
+  q_ready[qs]:  the producer's TMA of item n's Q, q ids and q positions, one
+                copy of each per consumer: 3 * num_consumers arrivals per
+                item, every item (zero-tile ones too). Every consumer waits
+                it once per item.
+  q_free[qs]:   every consumer, once per item n >= 1, releases item n - 1's
+                buffer pair (1 - qs) after its output store has read shared
+                memory (wait_smem_to_gmem read-only): right after item n's
+                first QK^T, or, for a zero-tile item n, before item n issues
+                its own stores. num_consumers arrivals per release. The
+                producer waits it before loading Q of item n >= 2 (the
+                release of item n - 2, made during item n - 1).
+  kv_ready[s]:  the producer's 4 copies of step t (K, V, kv ids, kv
+                positions); every consumer waits it once per step.
+  kv_consumed[s]: every consumer, once per step, after its PV; the producer
+                waits it before loading step t >= num_stages (the completion
+                of step t - num_stages, possibly of an earlier item).
+Balance across item boundaries: both sides derive N, every item's plan row
+and hence every step count from the same schedule array, so they agree on t
+and on n. A zero-tile item has no steps (t unchanged; no kv copies, no kv
+waits) but still one q_ready phase and one q_free release; a one-tile item has
+one step like any other. The last item: the releases of items 0 .. N-2 happen
+(in items 1 .. N-1), the producer waits those of 0 .. N-3, so the release of
+item N-2 completes a phase nobody waits for, and item N-1 releases nothing
+(its store is awaited at the kernel's end); likewise the last num_stages
+kv_consumed completions are never waited. Unwaited completions at the end are
+harmless: the kernel ends. No barrier runs two phases ahead of a waiter, which
+keeps the per-thread parity tracking of barrier_wait exact: q_ready's
+completion for item n + 2 needs the release of item n, which every consumer
+makes after waiting q_ready for item n + 1; q_free's release of item n + 2 is
+made in item n + 3, whose Q the producer loads only after waiting the release
+of item n + 1; the kv barriers as in "serial". No cycle: the release the
+producer waits for (item n - 2, in item n - 1) needs only Q and the first
+K/V tile of item n - 1, both issued before. A CTA with no items (num_ctas >
+number of items) skips both loops.
 """
 
 from __future__ import annotations
@@ -724,11 +739,12 @@ def _persistent_forward_kernel(schedule_ref, ranges_ref, q_ref, k_ref, v_ref, q_
 
         def qk(acc_ref):
           plgpu.wgmma(acc_ref, q_smem, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
-          # The release of item n - 1, once per item, under the first QK^T.
-          pl.when((j == lo) & has_previous)(release_previous_item)
           return acc_ref[...]
 
         s = pl.run_scoped(qk, plgpu.ACC(s_shape, jnp.float32)) * logit_scale
+        # The release of item n - 1, once per item, after the first QK^T (the
+        # store had the Q wait and the QK^T to read; no wgmma is in flight here).
+        pl.when((j == lo) & has_previous)(release_previous_item)
         if masked:
           kv_seg, kv_pos = (_col_vector(kv_ids_smem.at[slot, i][...]) for i in range(2))
           s = jnp.where(_doc_mask(q_seg, q_pos, kv_seg, kv_pos, s_shape, kv_major=False,
