@@ -10,7 +10,9 @@
    Per case: rel errors of out and lse (rows that see something), NaN/inf
    counts, whether rows that see nothing have out exactly 0 and lse EMPTY_LSE.
    Cases named "<schedule>:<case>" run a non-default consumer schedule
-   (mosaic_attention.SCHEDULES: "pipelined", "pingpong").
+   (mosaic_attention.SCHEDULES: "pipelined", "pingpong", "persistent");
+   "persistent@<n>:<case>" runs the persistent kernel on n CTAs (1 and 3: many
+   items per CTA; 1000: more CTAs than items).
 2. Timing on the main shape (B=4, T=8192, H=16, D=128, bf16, causal, lognormal
    packed documents as in experiments/bench_attention.py): the Triton forward
    (flash_attention(implementation="pallas")) and the Mosaic forward for every
@@ -94,11 +96,16 @@ CORRECTNESS_CASES = {
 }
 # The new schedules on a few of those cases (both consumer counts, one stage,
 # an empty row, a q chunk, a window, float16): name "<schedule>:<case>".
+SCHEDULES = ("serial", "pipelined", "pingpong", "persistent")  # mosaic_attention's
 SCHEDULED_CASES = ("packed-d128", "empty-row-d64", "chunk-q512-kv1536", "tile-128x64-s1",
                    "tile-64x64-s2", "window-100-bidir", "float16-d64")
-for _schedule in ("pipelined", "pingpong"):
+for _schedule in SCHEDULES[1:]:
   for _case in SCHEDULED_CASES:
     CORRECTNESS_CASES[f"{_schedule}:{_case}"] = CORRECTNESS_CASES[_case]
+# The persistent kernel on 1 or 3 CTAs (many items per CTA) and on more CTAs than items.
+for _ctas, _case in [(1, "empty-row-d64"), (3, "packed-d128"), (3, "tile-64x64-s2"),
+                     (3, "chunk-q512-kv1536"), (1000, "tile-128x64-s1")]:
+  CORRECTNESS_CASES[f"persistent@{_ctas}:{_case}"] = CORRECTNESS_CASES[_case]
 TOL = 2e-2
 
 # Backward cases: as CORRECTNESS_CASES, the last field being the tilings
@@ -150,7 +157,7 @@ TIMED_TILES = {
     (f"mosaic-{bq}x{bk}-s{s}" if sched == "serial" else f"mosaic-{sched}-{bq}x{bk}-s{s}"):
     (bq, bk, s, sched)
     for bq, bk, s in [(128, 128, 2), (128, 64, 2), (128, 64, 3)]
-    for sched in ("serial", "pipelined", "pingpong")
+    for sched in ("serial", "persistent", "pingpong", "pipelined")
 }
 TIMED_TILES["mosaic-64x64-s2"] = (64, 64, 2, "serial")
 TARGET_FWD_MS = 0.45
@@ -188,8 +195,12 @@ def _rel_err(a, b):
   return float(num / den) if den > 0 else float(num)
 
 
-def _mosaic_fn(causal, window, scale, tile, schedule="serial"):
-  """jitted (q, k, v, q_seg, kv_seg, q_pos, kv_pos) -> (out, lse), plan included."""
+def _mosaic_fn(causal, window, scale, tile, schedule="serial", num_ctas=None):
+  """jitted (q, k, v, q_seg, kv_seg, q_pos, kv_pos) -> (out, lse), plan included.
+
+  The persistent schedule's work array (mosaic_attention.persistent_schedule)
+  is made inside too, from the plan.
+  """
   import jax
 
   from jpack import masks
@@ -202,7 +213,8 @@ def _mosaic_fn(causal, window, scale, tile, schedule="serial"):
                                 sliding_window=window)
     return mosaic_attention.forward(q, k, v, q_seg, kv_seg, q_pos, kv_pos, plan.q_ranges,
                                     tile=tile, scale=scale, causal=causal,
-                                    sliding_window=window, schedule=schedule)
+                                    sliding_window=window, schedule=schedule,
+                                    num_ctas=num_ctas)
 
   return run
 
@@ -224,8 +236,9 @@ def run_correctness_case(name):
 
   (kind, batch, q_len, kv_len, heads, kv_heads, head_dim, dtype, causal, window, off,
    tile_spec) = CORRECTNESS_CASES[name]
-  prefix = name.split(":")[0]
-  schedule = prefix if prefix in ("pipelined", "pingpong") else "serial"
+  prefix, _, ctas = name.split(":")[0].partition("@")
+  schedule = prefix if prefix in SCHEDULES else "serial"
+  num_ctas = int(ctas) if ctas else None
   tile = _tile(tile_spec)
   kv_seg = _segment_ids(kind, batch, kv_len, seed=7)
   kv_pos = np.broadcast_to(np.arange(kv_len, dtype=np.int32), (batch, kv_len))
@@ -241,7 +254,7 @@ def run_correctness_case(name):
   scale = 1.0 / np.sqrt(head_dim)
   t0 = time.perf_counter()
   out, lse = jax.block_until_ready(
-      _mosaic_fn(causal, window, scale, tile, schedule)(q, k, v, *ids))
+      _mosaic_fn(causal, window, scale, tile, schedule, num_ctas)(q, k, v, *ids))
   seconds = time.perf_counter() - t0
   f32 = lambda x: x.astype(jnp.float32)
   want_out, want_lse = reference_attention(
@@ -256,6 +269,7 @@ def run_correctness_case(name):
   lse_err = _rel_err(lse[seen], want_lse[seen])
   result = dict(
       tile=list((tile.block_major, tile.block_minor, tile.num_stages)), schedule=schedule,
+      num_ctas=num_ctas,
       first_call_s=round(seconds, 2),
       out_err=out_err, lse_err=lse_err,
       nonfinite=int((~np.isfinite(out)).sum() + (~np.isfinite(lse)).sum()),

@@ -1,7 +1,9 @@
 """The Mosaic GPU forward kernel (pallas_kernels.mosaic_attention), against the reference.
 
 On every machine: the kernel lowers for CUDA for each supported option and
-each schedule (mosaic_attention.SCHEDULES). Mosaic
+each schedule (mosaic_attention.SCHEDULES), the persistent one also with one,
+two or more CTAs than work items; the persistent schedule array runs every
+item once, heaviest first. Mosaic
 GPU builds its MLIR (layouts, wgmma shapes, TMA slices, barriers) at lowering
 time, so this catches most API and shape errors without a GPU; unsupported
 inputs are rejected with a message. The Mosaic GPU interpreter cannot run this
@@ -49,16 +51,17 @@ schedules = pytest.mark.parametrize("schedule", SCHEDULES)
 
 
 @functools.partial(jax.jit, static_argnames=("causal", "window", "scale", "tile",
-                                             "schedule"))
+                                             "schedule", "num_ctas"))
 def mosaic_forward(q, k, v, q_seg, kv_seg, q_pos, kv_pos, *, causal, window, scale,
-                   tile, schedule=mosaic_attention.DEFAULT_SCHEDULE):
+                   tile, schedule=mosaic_attention.DEFAULT_SCHEDULE, num_ctas=None):
   """(out, lse) of the Mosaic kernel, with its tile plan; lengths multiples of the tile."""
   plan = masks.make_tile_plan(q_seg, kv_seg, q_pos, kv_pos, block_q=tile.block_major,
                               block_k=tile.block_minor, causal=causal,
                               sliding_window=window)
   return mosaic_attention.forward(q, k, v, q_seg, kv_seg, q_pos, kv_pos, plan.q_ranges,
                                   tile=tile, scale=scale, causal=causal,
-                                  sliding_window=window, schedule=schedule)
+                                  sliding_window=window, schedule=schedule,
+                                  num_ctas=num_ctas)
 
 
 # ----------------------------------------------------------------------------
@@ -109,6 +112,89 @@ def test_lowers_for_cuda(case, schedule):
       q, kv, kv, q_ids, ids, q_ids, ids, causal=case.causal, window=case.window,
       scale=0.1, tile=case.tile, schedule=schedule).lower(lowering_platforms=("cuda",))
   assert "mosaic_gpu" in lowered.as_text()
+
+
+# The persistent kernel with a CTA count other than the default: more CTAs than
+# work items (the extra ones idle), and one or two CTAs walking many items each
+# (2 x 512/128 x 4 = 32 items at 128-row tiles, 64 at 64-row tiles).
+@pytest.mark.parametrize("num_ctas", [1, 2, 5, 100])
+@pytest.mark.parametrize("case", [LowerCase("default"),
+                                  LowerCase("one-consumer-64x64",
+                                            tile=TileConfig(64, 64, num_stages=2)),
+                                  LowerCase("one-stage-gqa", kv_heads=1,
+                                            tile=TileConfig(128, 64, num_stages=1))],
+                         ids=lambda c: c.name)
+def test_persistent_lowers_for_cuda_with_any_number_of_ctas(case, num_ctas):
+  b, t = 2, 512
+  q = jax.ShapeDtypeStruct((b, case.q_len, case.heads, case.head_dim),
+                           jnp.dtype(case.dtype))
+  kv = jax.ShapeDtypeStruct((b, t, case.kv_heads, case.head_dim), jnp.dtype(case.dtype))
+  ids = jax.ShapeDtypeStruct((b, t), jnp.int32)
+  lowered = mosaic_forward.trace(
+      q, kv, kv, ids, ids, ids, ids, causal=case.causal, window=case.window, scale=0.1,
+      tile=case.tile, schedule="persistent", num_ctas=num_ctas).lower(
+          lowering_platforms=("cuda",))
+  assert "mosaic_gpu" in lowered.as_text()
+
+
+def _random_ranges(seed, batch, n_q, n_k):
+  """int32 [batch, n_q, 4] plan rows with random (lo, full_lo, full_hi, hi), some empty."""
+  rng = np.random.default_rng(seed)
+  bounds = np.sort(rng.integers(0, n_k + 1, size=(batch, n_q, 4)), axis=-1)
+  bounds[rng.random((batch, n_q)) < 0.2] = 0  # empty rows
+  return jnp.asarray(bounds, jnp.int32)
+
+
+@pytest.mark.parametrize("num_ctas", [1, 3, 7, 64, 132, 1000])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_persistent_schedule_runs_every_item_once_heaviest_first(seed, num_ctas):
+  batch, n_q, n_k, heads = 3, 16, 16, 5
+  ranges = _random_ranges(seed, batch, n_q, n_k)
+  schedule = np.asarray(mosaic_attention.persistent_schedule(ranges, heads, num_ctas))
+  n_items = batch * n_q * heads
+  assert schedule.dtype == np.int32
+  np.testing.assert_array_equal(np.sort(schedule), np.arange(n_items))  # each item once
+  r = np.asarray(ranges)
+  work_of_row = (r[..., 3] - r[..., 0]).reshape(-1)  # row = b * n_q + qt
+  work = work_of_row[schedule // heads]
+  # Round r (positions [r * num_ctas, (r + 1) * num_ctas)) is no lighter than round r + 1.
+  rounds = [work[i:i + num_ctas] for i in range(0, n_items, num_ctas)]
+  for heavier, lighter in zip(rounds, rounds[1:]):
+    assert heavier.min() >= lighter.max()
+  # Every CTA walks its items (positions c, c + num_ctas, ...) heaviest first.
+  for c in range(min(num_ctas, n_items)):
+    assert np.all(np.diff(work[c::num_ctas]) <= 0)
+  # Read round by round, the schedule is sorted by work (snake order within rounds).
+  assert np.all(np.diff(np.sort(work)[::-1]) <= 0)
+  np.testing.assert_array_equal(np.sort(work)[::-1],
+                                np.concatenate([np.sort(x)[::-1] for x in rounds]))
+
+
+def test_persistent_schedule_keeps_the_heads_of_a_row_together():
+  ranges = jnp.asarray([[[0, 0, 0, 2], [0, 0, 0, 5], [0, 0, 0, 0]]], jnp.int32)
+  schedule = mosaic_attention.persistent_schedule(ranges, heads=2, num_ctas=100)
+  # Rows by work 5, 2, 0 -> items (row * 2 + h): 2, 3, 0, 1, 4, 5.
+  np.testing.assert_array_equal(schedule, [2, 3, 0, 1, 4, 5])
+  snake = mosaic_attention.persistent_schedule(ranges, heads=2, num_ctas=4)
+  # Round 0 in order (2, 3, 0, 1); round 1 (4, 5) reversed.
+  np.testing.assert_array_equal(snake, [2, 3, 0, 1, 5, 4])
+
+
+def test_num_sms_without_a_gpu_is_the_h100_default():
+  if jax.default_backend() == "gpu":
+    assert mosaic_attention.num_sms() >= 1
+  else:
+    assert mosaic_attention.num_sms() == mosaic_attention.DEFAULT_NUM_SMS == 132
+
+
+@pytest.mark.parametrize("schedule, num_ctas", [("serial", 4), ("persistent", 0)])
+def test_num_ctas_needs_the_persistent_schedule(schedule, num_ctas):
+  x = jnp.zeros((1, 128, 1, 64), jnp.bfloat16)
+  ids = jnp.zeros((1, 128), jnp.int32)
+  with pytest.raises(ValueError, match="num_ctas"):
+    mosaic_attention.forward(x, x, x, ids, ids, ids, ids, jnp.zeros((1, 1, 4), jnp.int32),
+                             tile=mosaic_attention.DEFAULT_TILE, scale=0.1, causal=True,
+                             sliding_window=None, schedule=schedule, num_ctas=num_ctas)
 
 
 def test_unknown_schedule_is_rejected():
@@ -189,7 +275,7 @@ gpu_cases = pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: c.name)
 
 
 @functools.lru_cache(maxsize=None)
-def run_case(name, schedule):
+def run_case(name, schedule, num_ctas=None):
   """(kernel, reference, layout): dicts of float32 numpy out [B, Tq, H, D], lse [B, H, Tq]."""
   case = BY_NAME[name]
   layout = case.make_layout()
@@ -200,7 +286,7 @@ def run_case(name, schedule):
   scale = case.scale or 1.0 / np.sqrt(case.head_dim)
   out, lse = mosaic_forward(q, k, v, *layout.arrays(), causal=case.causal,
                             window=case.window, scale=scale, tile=case.tile,
-                            schedule=schedule)
+                            schedule=schedule, num_ctas=num_ctas)
   f32 = lambda x: x.astype(jnp.float32)
   want_out, want_lse = reference_attention(
       f32(q), f32(k), f32(v), **layout.kwargs(), causal=case.causal,
@@ -249,6 +335,26 @@ def test_queries_that_see_nothing_output_exactly_zero(case, schedule):
   got, _, layout = run_case(case.name, schedule)
   blind = ~_allowed(case, layout).any(axis=2)
   assert np.all(got["out"][blind] == 0.0)
+
+
+# The persistent kernel with few CTAs (many items each: the Q buffers and the
+# K/V ring cycle through many items) and with more CTAs than items.
+@pytest.mark.gpu
+@pytest.mark.parametrize("num_ctas", [1, 3, 1000])
+@pytest.mark.parametrize("name", ["empty-row-d128", "gqa-4:1", "window-100-bidirectional",
+                                  "chunk-q1024-kv3072", "tile-64x64-1-stage",
+                                  "tile-128x64-3-stages"])
+def test_persistent_with_any_number_of_ctas_matches_reference(name, num_ctas):
+  case = BY_NAME[name]
+  got, want, layout = run_case(name, "persistent", num_ctas)
+  assert_close("out", got["out"], want["out"], TOL)
+  allowed = _allowed(case, layout)
+  seen = np.broadcast_to(allowed.any(axis=2)[:, None, :], got["lse"].shape)
+  assert_close("lse", got["lse"][seen], want["lse"][seen], TOL)
+  np.testing.assert_array_equal(got["lse"][~seen], np.float32(EMPTY_LSE))
+  assert np.all(got["out"][~allowed.any(axis=2)] == 0.0)
+  for key, x in got.items():
+    assert_finite(key, x)
 
 
 # Hypothesis layouts at one small shape: the kernel compiles once per option set.
