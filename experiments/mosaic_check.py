@@ -198,7 +198,7 @@ def _rel_err(a, b):
 def _mosaic_fn(causal, window, scale, tile, schedule="serial", num_ctas=None):
   """jitted (q, k, v, q_seg, kv_seg, q_pos, kv_pos) -> (out, lse), plan included.
 
-  The persistent schedule's work array (mosaic_attention.persistent_schedule)
+  The persistent schedule's work array (mosaic_persistent.persistent_schedule)
   is made inside too, from the plan.
   """
   import jax

@@ -12,10 +12,11 @@ such a row is exactly 0 (masked logits are -1e30, unmasked ones are finite)
 and the row contributes nothing and never NaN. Padding queries (id 0) are
 masked in every tile they appear in (a fully unmasked tile has no padding).
 
-Both kernels use the layout of the forward (`mosaic_attention`): one CTA of
-`tile.block_major / 64` consumer warpgroups (64 rows each) and one producer
-warpgroup that streams the minor tiles through `tile.num_stages` shared-memory
-slots with TMA, ready/consumed barriers per slot.
+Both kernels use the layout of the forward (the warpgroups and the ring of
+`mosaic_common`): one CTA of `tile.block_major / 64` consumer warpgroups (64
+rows each) and one producer warpgroup that streams the minor tiles through
+`tile.num_stages` shared-memory slots with TMA, ready/consumed barriers per
+slot.
 
 dQ (`backward_dq`): a CTA owns a q tile of one head; each consumer keeps its
 64 rows of Q, dO, lse, delta and q ids in shared memory, and for every kv tile
@@ -69,10 +70,10 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.config import TileConfig
-from pallas_kernels.mosaic_attention import (
-    _CONSUMER_REGISTERS, _PRODUCER_REGISTERS, _WG_ROWS, _col_vector, _cols, _doc_mask,
-    _launch, _mma_transforms, _row_vector, _rows, _stream_kv_tiles, _wait_for_free_slot,
-    check_supported)
+from pallas_kernels.mosaic_common import (
+    CONSUMER_REGISTERS, PRODUCER_REGISTERS, WG_ROWS, broadcast_cols, broadcast_rows,
+    check_supported, col_vector, doc_mask, launch, mma_transforms, row_vector,
+    stream_kv_tiles, wait_for_free_slot)
 from pallas_kernels.segment_attention import LOG2E, MASKED_LOGIT, _bwd_shift
 
 __all__ = ["DEFAULT_DQ_TILE", "DEFAULT_DKDV_TILE", "backward_dq", "backward_dkdv",
@@ -154,22 +155,22 @@ def _dq_kernel(ranges_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_se
   wg = lax.axis_index("wg")
   lo, full_lo, full_hi, hi = (ranges_ref[b, qt, n] for n in range(4))
   dtype = q_ref.dtype
-  rebalance_registers = num_consumers > 1  # see mosaic_attention._forward_kernel
+  rebalance_registers = num_consumers > 1  # see mosaic_common
 
   @pl.when(wg == num_consumers)
   def _producer():
     if rebalance_registers:
-      plgpu.set_max_registers(_PRODUCER_REGISTERS, action="decrease")
-    _stream_kv_tiles((k_ref, v_ref, kv_seg_ref, kv_pos_ref),
-                     (k_smem, v_smem, kv_ids_smem), kv_ready, kv_consumed,
-                     b=b, kv_head=lax.div(h, jnp.int32(group)), lo=lo, hi=hi,
-                     block_k=block_k, num_stages=num_stages)
+      plgpu.set_max_registers(PRODUCER_REGISTERS, action="decrease")
+    stream_kv_tiles((k_ref, v_ref, kv_seg_ref, kv_pos_ref),
+                    (k_smem, v_smem, kv_ids_smem), kv_ready, kv_consumed,
+                    b=b, kv_head=lax.div(h, jnp.int32(group)), lo=lo, hi=hi,
+                    block_k=block_k, num_stages=num_stages)
 
   @pl.when(wg < num_consumers)
   def _consumer():
     if rebalance_registers:
-      plgpu.set_max_registers(_CONSUMER_REGISTERS, action="increase")
-    rows = pl.ds(qt * (num_consumers * _WG_ROWS) + wg * _WG_ROWS, _WG_ROWS)
+      plgpu.set_max_registers(CONSUMER_REGISTERS, action="increase")
+    rows = pl.ds(qt * (num_consumers * WG_ROWS) + wg * WG_ROWS, WG_ROWS)
     qs, dos = q_smem.at[wg], do_smem.at[wg]
     ready = q_ready.at[wg]
     plgpu.copy_gmem_to_smem(q_ref.at[b, rows, h], qs, ready)
@@ -179,11 +180,11 @@ def _dq_kernel(ranges_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_se
     plgpu.copy_gmem_to_smem(q_seg_ref.at[b, rows], q_ids_smem.at[wg, 0], ready)
     plgpu.copy_gmem_to_smem(q_pos_ref.at[b, rows], q_ids_smem.at[wg, 1], ready)
     plgpu.barrier_wait(ready)
-    lse2 = _bwd_shift(_row_vector(stats_smem.at[wg, 0][...]))
-    delta = _row_vector(stats_smem.at[wg, 1][...])
-    q_seg, q_pos = (_row_vector(q_ids_smem.at[wg, n][...]) for n in range(2))
+    lse2 = _bwd_shift(row_vector(stats_smem.at[wg, 0][...]))
+    delta = row_vector(stats_smem.at[wg, 1][...])
+    q_seg, q_pos = (row_vector(q_ids_smem.at[wg, n][...]) for n in range(2))
     logit_scale = scale * LOG2E
-    s_shape = (_WG_ROWS, block_k)
+    s_shape = (WG_ROWS, block_k)
 
     def visit(j, dq, *, masked):
       slot = lax.rem(j - lo, jnp.int32(num_stages))
@@ -192,12 +193,12 @@ def _dq_kernel(ranges_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_se
       s, dp = _scores_and_grads(qs, k_tile, dos, v_smem.at[slot], s_shape)
       s = s * logit_scale
       if masked:
-        kv_seg, kv_pos = (_col_vector(kv_ids_smem.at[slot, n][...]) for n in range(2))
-        mask = _doc_mask(q_seg, q_pos, kv_seg, kv_pos, s_shape, kv_major=False,
-                         causal=causal, sliding_window=sliding_window)
+        kv_seg, kv_pos = (col_vector(kv_ids_smem.at[slot, n][...]) for n in range(2))
+        mask = doc_mask(q_seg, q_pos, kv_seg, kv_pos, s_shape, kv_major=False,
+                        causal=causal, sliding_window=sliding_window)
         s = jnp.where(mask, s, MASKED_LOGIT)
-      p = jnp.exp2(s - _rows(lse2, s_shape))
-      ds = p * (dp - _rows(delta, s_shape))
+      p = jnp.exp2(s - broadcast_rows(lse2, s_shape))
+      ds = p * (dp - broadcast_rows(delta, s_shape))
 
       def ds_k(acc_ref):
         plgpu.wgmma(acc_ref, ds.astype(dtype), k_tile)
@@ -207,7 +208,7 @@ def _dq_kernel(ranges_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_se
       return dq
 
     dq = _three_runs(lo, full_lo, full_hi, hi, visit,
-                     _zeros_acc((_WG_ROWS, qs.shape[-1])))
+                     _zeros_acc((WG_ROWS, qs.shape[-1])))
     qs[...] = (dq * scale).astype(dtype)  # Q is no longer read: reuse its slot
     plgpu.commit_smem()
     plgpu.copy_smem_to_gmem(qs, dq_ref.at[b, rows, h])
@@ -225,19 +226,19 @@ def backward_dq(q, k, v, do, lse, delta, q_seg, kv_seg, q_pos, kv_pos, q_ranges,
   check_backward_inputs(q, k, q_ranges, tile, kv_major=False, rule=rule,
                         kv_doc=kv_doc, dense=dense, interpret=interpret)
   batch, tq, heads, head_dim = q.shape
-  num_consumers = tile.block_major // _WG_ROWS
+  num_consumers = tile.block_major // WG_ROWS
   bk, stages = tile.block_minor, tile.num_stages
-  transforms = _mma_transforms(q.dtype)
+  transforms = mma_transforms(q.dtype)
   kernel = functools.partial(
       _dq_kernel, scale=float(scale), causal=causal, sliding_window=sliding_window,
       block_k=bk, num_stages=stages, num_consumers=num_consumers,
       group=heads // k.shape[2])
-  per_consumer = (num_consumers, _WG_ROWS, head_dim)
+  per_consumer = (num_consumers, WG_ROWS, head_dim)
   scratch = (
       plgpu.SMEM(per_consumer, q.dtype, transforms=transforms),  # Q, then dQ
       plgpu.SMEM(per_consumer, do.dtype, transforms=transforms),  # dO
-      plgpu.SMEM((num_consumers, 2, _WG_ROWS), jnp.float32),  # lse, delta
-      plgpu.SMEM((num_consumers, 2, _WG_ROWS), jnp.int32),  # q ids, positions
+      plgpu.SMEM((num_consumers, 2, WG_ROWS), jnp.float32),  # lse, delta
+      plgpu.SMEM((num_consumers, 2, WG_ROWS), jnp.int32),  # q ids, positions
       plgpu.SMEM((stages, bk, head_dim), k.dtype, transforms=transforms),
       plgpu.SMEM((stages, bk, head_dim), v.dtype, transforms=transforms),
       plgpu.SMEM((stages, 2, bk), jnp.int32),
@@ -247,7 +248,7 @@ def backward_dq(q, k, v, do, lse, delta, q_seg, kv_seg, q_pos, kv_pos, q_ranges,
       plgpu.Barrier(num_arrivals=4, num_barriers=stages),
       plgpu.Barrier(num_arrivals=num_consumers, num_barriers=stages),
   )
-  return _launch(
+  return launch(
       kernel, (q_ranges, q, k, v, do, lse, delta, q_seg, q_pos, kv_seg, kv_pos),
       scratch, barriers,
       out_type=jax.ShapeDtypeStruct(q.shape, q.dtype),
@@ -276,7 +277,7 @@ def _stream_q_tiles(gmem, smem, ready, consumed, *, b, kv_head, group, lo, hi,
     h = kv_head * group + r
 
     def load(i):
-      slot = _wait_for_free_slot(r * (hi - lo) + i - lo, consumed, num_stages)
+      slot = wait_for_free_slot(r * (hi - lo) + i - lo, consumed, num_stages)
       rows = pl.ds(i * block_q, block_q)
       done = ready.at[slot]
       plgpu.copy_gmem_to_smem(q_ref.at[b, rows, h], q_smem.at[slot], done)
@@ -301,12 +302,12 @@ def _dkdv_kernel(ranges_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_
   wg = lax.axis_index("wg")
   lo, full_lo, full_hi, hi = (ranges_ref[b, kt, n] for n in range(4))
   dtype = k_ref.dtype
-  rebalance_registers = num_consumers > 1  # see mosaic_attention._forward_kernel
+  rebalance_registers = num_consumers > 1  # see mosaic_common
 
   @pl.when(wg == num_consumers)
   def _producer():
     if rebalance_registers:
-      plgpu.set_max_registers(_PRODUCER_REGISTERS, action="decrease")
+      plgpu.set_max_registers(PRODUCER_REGISTERS, action="decrease")
     _stream_q_tiles((q_ref, do_ref, lse_ref, delta_ref, q_seg_ref, q_pos_ref),
                     (q_smem, do_smem, stats_smem, q_ids_smem), q_ready, q_consumed,
                     b=b, kv_head=kv_head, group=group, lo=lo, hi=hi, block_q=block_q,
@@ -315,8 +316,8 @@ def _dkdv_kernel(ranges_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_
   @pl.when(wg < num_consumers)
   def _consumer():
     if rebalance_registers:
-      plgpu.set_max_registers(_CONSUMER_REGISTERS, action="increase")
-    rows = pl.ds(kt * (num_consumers * _WG_ROWS) + wg * _WG_ROWS, _WG_ROWS)
+      plgpu.set_max_registers(CONSUMER_REGISTERS, action="increase")
+    rows = pl.ds(kt * (num_consumers * WG_ROWS) + wg * WG_ROWS, WG_ROWS)
     ks, vs = k_smem.at[wg], v_smem.at[wg]
     ready = kv_ready.at[wg]
     plgpu.copy_gmem_to_smem(k_ref.at[b, rows, kv_head], ks, ready)
@@ -324,9 +325,9 @@ def _dkdv_kernel(ranges_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_
     plgpu.copy_gmem_to_smem(kv_seg_ref.at[b, rows], kv_ids_smem.at[wg, 0], ready)
     plgpu.copy_gmem_to_smem(kv_pos_ref.at[b, rows], kv_ids_smem.at[wg, 1], ready)
     plgpu.barrier_wait(ready)
-    kv_seg, kv_pos = (_row_vector(kv_ids_smem.at[wg, n][...]) for n in range(2))
+    kv_seg, kv_pos = (row_vector(kv_ids_smem.at[wg, n][...]) for n in range(2))
     logit_scale = scale * LOG2E
-    s_shape = (_WG_ROWS, block_q)
+    s_shape = (WG_ROWS, block_q)
 
     def visit(i, carry, *, step0, masked):
       dk, dv = carry
@@ -336,14 +337,14 @@ def _dkdv_kernel(ranges_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_
       s_t, dp_t = _scores_and_grads(ks, q_tile, vs, do_tile, s_shape)
       s_t = s_t * logit_scale
       if masked:
-        q_seg, q_pos = (_col_vector(q_ids_smem.at[slot, n][...]) for n in range(2))
-        mask = _doc_mask(q_seg, q_pos, kv_seg, kv_pos, s_shape, kv_major=True,
-                         causal=causal, sliding_window=sliding_window)
+        q_seg, q_pos = (col_vector(q_ids_smem.at[slot, n][...]) for n in range(2))
+        mask = doc_mask(q_seg, q_pos, kv_seg, kv_pos, s_shape, kv_major=True,
+                        causal=causal, sliding_window=sliding_window)
         s_t = jnp.where(mask, s_t, MASKED_LOGIT)
-      lse2 = _bwd_shift(_col_vector(stats_smem.at[slot, 0][...]))
-      delta = _col_vector(stats_smem.at[slot, 1][...])
-      p_t = jnp.exp2(s_t - _cols(lse2, s_shape))
-      ds_t = p_t * (dp_t - _cols(delta, s_shape))
+      lse2 = _bwd_shift(col_vector(stats_smem.at[slot, 0][...]))
+      delta = col_vector(stats_smem.at[slot, 1][...])
+      p_t = jnp.exp2(s_t - broadcast_cols(lse2, s_shape))
+      ds_t = p_t * (dp_t - broadcast_cols(delta, s_shape))
 
       def grads(refs):
         dk_ref, dv_ref = refs
@@ -359,7 +360,7 @@ def _dkdv_kernel(ranges_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_
       visit_r = functools.partial(visit, step0=r * (hi - lo) - lo)
       return _three_runs(lo, full_lo, full_hi, hi, visit_r, carry)
 
-    acc_shape = (_WG_ROWS, ks.shape[-1])
+    acc_shape = (WG_ROWS, ks.shape[-1])
     carry = (_zeros_acc(acc_shape), _zeros_acc(acc_shape))
     if group == 1:
       dk, dv = one_head(jnp.int32(0), carry)
@@ -387,18 +388,18 @@ def backward_dkdv(q, k, v, do, lse, delta, q_seg, kv_seg, q_pos, kv_pos, kv_rang
   check_backward_inputs(q, k, kv_ranges, tile, kv_major=True, rule=rule,
                         kv_doc=kv_doc, dense=dense, interpret=interpret)
   batch, tk, kv_heads, head_dim = k.shape
-  num_consumers = tile.block_major // _WG_ROWS
+  num_consumers = tile.block_major // WG_ROWS
   bq, stages = tile.block_minor, tile.num_stages
-  transforms = _mma_transforms(q.dtype)
+  transforms = mma_transforms(q.dtype)
   kernel = functools.partial(
       _dkdv_kernel, scale=float(scale), causal=causal, sliding_window=sliding_window,
       block_q=bq, num_stages=stages, num_consumers=num_consumers,
       group=q.shape[2] // kv_heads)
-  per_consumer = (num_consumers, _WG_ROWS, head_dim)
+  per_consumer = (num_consumers, WG_ROWS, head_dim)
   scratch = (
       plgpu.SMEM(per_consumer, k.dtype, transforms=transforms),  # K, then dK
       plgpu.SMEM(per_consumer, v.dtype, transforms=transforms),  # V, then dV
-      plgpu.SMEM((num_consumers, 2, _WG_ROWS), jnp.int32),  # kv ids, positions
+      plgpu.SMEM((num_consumers, 2, WG_ROWS), jnp.int32),  # kv ids, positions
       plgpu.SMEM((stages, bq, head_dim), q.dtype, transforms=transforms),
       plgpu.SMEM((stages, bq, head_dim), do.dtype, transforms=transforms),
       plgpu.SMEM((stages, 2, bq), jnp.float32),  # lse, delta
@@ -409,7 +410,7 @@ def backward_dkdv(q, k, v, do, lse, delta, q_seg, kv_seg, q_pos, kv_pos, kv_rang
       plgpu.Barrier(num_arrivals=6, num_barriers=stages),
       plgpu.Barrier(num_arrivals=num_consumers, num_barriers=stages),
   )
-  return _launch(
+  return launch(
       kernel, (kv_ranges, q, k, v, do, lse, delta, q_seg, q_pos, kv_seg, kv_pos),
       scratch, barriers,
       out_type=(jax.ShapeDtypeStruct(k.shape, k.dtype),

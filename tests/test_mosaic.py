@@ -40,7 +40,7 @@ from test_gpu import GpuCase
 from jpack import attention, mask_rules, masks
 from jpack.attention import (EMPTY_LSE, KernelConfig, flash_attention, flash_attention_bwd,
                              make_attention_plan, reference_attention)
-from pallas_kernels import mosaic_attention, mosaic_backward
+from pallas_kernels import mosaic_attention, mosaic_backward, mosaic_persistent
 from pallas_kernels.config import TileConfig
 
 TOL = 2e-2  # bfloat16 / float16 against the float32 reference
@@ -150,7 +150,7 @@ def _random_ranges(seed, batch, n_q, n_k):
 def test_persistent_schedule_runs_every_item_once_heaviest_first(seed, num_ctas):
   batch, n_q, n_k, heads = 3, 16, 16, 5
   ranges = _random_ranges(seed, batch, n_q, n_k)
-  schedule = np.asarray(mosaic_attention.persistent_schedule(ranges, heads, num_ctas))
+  schedule = np.asarray(mosaic_persistent.persistent_schedule(ranges, heads, num_ctas))
   n_items = batch * n_q * heads
   assert schedule.dtype == np.int32
   np.testing.assert_array_equal(np.sort(schedule), np.arange(n_items))  # each item once
@@ -172,19 +172,19 @@ def test_persistent_schedule_runs_every_item_once_heaviest_first(seed, num_ctas)
 
 def test_persistent_schedule_keeps_the_heads_of_a_row_together():
   ranges = jnp.asarray([[[0, 0, 0, 2], [0, 0, 0, 5], [0, 0, 0, 0]]], jnp.int32)
-  schedule = mosaic_attention.persistent_schedule(ranges, heads=2, num_ctas=100)
+  schedule = mosaic_persistent.persistent_schedule(ranges, heads=2, num_ctas=100)
   # Rows by work 5, 2, 0 -> items (row * 2 + h): 2, 3, 0, 1, 4, 5.
   np.testing.assert_array_equal(schedule, [2, 3, 0, 1, 4, 5])
-  snake = mosaic_attention.persistent_schedule(ranges, heads=2, num_ctas=4)
+  snake = mosaic_persistent.persistent_schedule(ranges, heads=2, num_ctas=4)
   # Round 0 in order (2, 3, 0, 1); round 1 (4, 5) reversed.
   np.testing.assert_array_equal(snake, [2, 3, 0, 1, 5, 4])
 
 
 def test_num_sms_without_a_gpu_is_the_h100_default():
   if jax.default_backend() == "gpu":
-    assert mosaic_attention.num_sms() >= 1
+    assert mosaic_persistent.num_sms() >= 1
   else:
-    assert mosaic_attention.num_sms() == mosaic_attention.DEFAULT_NUM_SMS == 132
+    assert mosaic_persistent.num_sms() == mosaic_persistent.DEFAULT_NUM_SMS == 132
 
 
 @pytest.mark.parametrize("schedule, num_ctas", [("serial", 4), ("persistent", 0)])

@@ -1,0 +1,185 @@
+"""What the Mosaic GPU attention kernels share: checks, layouts, the K/V ring, the launch.
+
+Used by the forward (mosaic_attention, mosaic_persistent) and the backward
+(mosaic_backward).
+
+Warpgroups. Every kernel is launched by `launch` with num_consumers + 1
+warpgroups on the axis "wg": consumers 0 .. num_consumers - 1 each own
+WG_ROWS = 64 rows of the CTA's major tile (one wgmma M tile, so a major tile
+of 64 or 128 rows), and the last one is the producer, which only streams the
+minor tiles from global to shared memory with TMA. With two consumers the
+producer gives registers to the consumers (PRODUCER_REGISTERS,
+CONSUMER_REGISTERS): moving registers is only well defined when the launch
+allots fewer than the consumers ask for (3 warpgroups: 65536 / 384 = 170 per
+thread); with 2 warpgroups everyone has 255 anyway.
+
+The ring. The minor tiles (with their segment ids and positions) go through
+`tile.num_stages` shared-memory slots; step t uses slot t % num_stages.
+Per slot s:
+  ready[s]:    the producer's copies of step t landed (one arrival per copy,
+               each with its expected bytes; 4 for K, V, kv ids, kv positions);
+  consumed[s]: every consumer warpgroup is done reading the slot (one arrival
+               per consumer).
+The producer and the consumers walk the same plan row, so they agree on the
+number of steps; the producer waits consumed[s] only for steps t >=
+num_stages (the completion of step t - num_stages, `wait_for_free_slot`).
+Every consumer waits each ready barrier once per step and arrives at each
+consumed barrier once per step, so a barrier never runs two phases ahead of a
+waiter, which keeps the parity tracking of barrier_wait exact. An empty plan
+row (lo == hi) issues no copies and no waits.
+
+Tiles in registers are wgmma accumulators [64, n]: `row_vector` and
+`col_vector` give a row statistic [64] or a column [n] their layouts,
+`broadcast_rows` and `broadcast_cols` broadcast them back, and `doc_mask` is
+the document mask of one tile.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels.config import TileConfig
+from pallas_kernels.segment_attention import LOG2E
+
+__all__ = ["CONSUMER_REGISTERS", "LN2", "PRODUCER_REGISTERS", "WG_ROWS", "broadcast_cols",
+           "broadcast_rows", "check_supported", "col_vector", "doc_mask", "launch",
+           "mma_transforms", "row_vector", "stream_kv_tiles", "wait_for_free_slot"]
+
+LN2 = 1.0 / LOG2E
+WG_ROWS = 64  # rows of one wgmma M tile, owned by one consumer warpgroup
+_SUPPORTED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+_SUPPORTED_HEAD_DIMS = (64, 128)
+_SUPPORTED_BLOCK_K = (64, 128)
+PRODUCER_REGISTERS = 40
+CONSUMER_REGISTERS = 232
+
+
+def check_supported(q, k, tile: TileConfig, *, kv_major: bool = False) -> None:
+  """Raises ValueError if a Mosaic kernel cannot run (q: [B, Tq, H, D], k: [B, Tk, Hkv, D]).
+
+  kv_major: the tile's major axis runs over keys (the dK/dV kernel), so Tk
+  must be a multiple of block_major and Tq of block_minor.
+  """
+  if q.dtype not in _SUPPORTED_DTYPES:
+    raise ValueError(f"Mosaic GPU attention needs bfloat16 or float16, got {q.dtype}")
+  head_dim = q.shape[3]
+  if head_dim not in _SUPPORTED_HEAD_DIMS:
+    raise ValueError(f"Mosaic GPU attention supports head_dim in {_SUPPORTED_HEAD_DIMS}, "
+                     f"got {head_dim}")
+  if tile.block_major not in (WG_ROWS, 2 * WG_ROWS):
+    raise ValueError(f"tile.block_major must be 64 or 128 (64 rows per consumer "
+                     f"warpgroup), got {tile.block_major}")
+  if tile.block_minor not in _SUPPORTED_BLOCK_K:
+    raise ValueError(f"tile.block_minor must be one of {_SUPPORTED_BLOCK_K}, "
+                     f"got {tile.block_minor}")
+  if tile.num_stages < 1:
+    raise ValueError(f"tile.num_stages must be >= 1, got {tile.num_stages}")
+  major, minor = (k.shape[1], q.shape[1]) if kv_major else (q.shape[1], k.shape[1])
+  if major % tile.block_major or minor % tile.block_minor:
+    names = "(Tk, Tq)" if kv_major else "(Tq, Tk)"
+    raise ValueError(f"sequence lengths {names} = ({major}, {minor}) must be multiples "
+                     f"of the tile ({tile.block_major}, {tile.block_minor})")
+  # Too many stages for shared memory (227 KiB) is reported by Mosaic GPU
+  # itself when the kernel is lowered (a ValueError naming shared memory).
+
+
+def mma_transforms(dtype):
+  """SMEM tiling + swizzle for wgmma operands whose rows are head_dim wide."""
+  swizzle = 128
+  return (plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)),
+          plgpu.SwizzleTransform(swizzle))
+
+
+def row_vector(x):
+  """[64] array in the layout of one row statistic of a wgmma accumulator."""
+  return plgpu.layout_cast(x, plgpu.Layout.WGMMA.reduce(1))
+
+
+def col_vector(x):
+  """[n] array in the layout of one column of a [64, n] wgmma accumulator."""
+  return plgpu.layout_cast(x, plgpu.Layout.WGMMA.reduce(0))
+
+
+def broadcast_rows(x, shape):
+  """[64] row statistic broadcast over the columns of a [64, n] accumulator."""
+  return lax.broadcast_in_dim(x, shape, (0,))
+
+
+def broadcast_cols(x, shape):
+  """[n] column vector broadcast over the rows of a [64, n] accumulator."""
+  return lax.broadcast_in_dim(x, shape, (1,))
+
+
+def wait_for_free_slot(t, consumed, num_stages):
+  """Slot of step t in a ring of num_stages; waits until the consumers freed it."""
+  slot = lax.rem(t, jnp.int32(num_stages))
+
+  @pl.when(t >= num_stages)
+  def _wait_free():
+    plgpu.barrier_wait(consumed.at[slot])
+
+  return slot
+
+
+def stream_kv_tiles(gmem, smem, ready, consumed, *, b, kv_head, lo, hi, block_k,
+                    num_stages):
+  """Producer loop: kv tiles j in [lo, hi) into ring slot (j - lo) % num_stages.
+
+  gmem: (k, v [B, Tk, Hkv, D], kv_seg, kv_pos [B, Tk]); smem: (k, v
+  [stages, block_k, D], ids int32 [stages, 2, block_k]). Each slot's `ready`
+  barrier gets 4 arrivals (one per copy); the slot's `consumed` barrier is
+  waited for steps t >= num_stages (wait_for_free_slot).
+  """
+  k_ref, v_ref, kv_seg_ref, kv_pos_ref = gmem
+  k_smem, v_smem, kv_ids_smem = smem
+
+  def load(j):
+    slot = wait_for_free_slot(j - lo, consumed, num_stages)
+    cols = pl.ds(j * block_k, block_k)
+    done = ready.at[slot]
+    plgpu.copy_gmem_to_smem(k_ref.at[b, cols, kv_head], k_smem.at[slot], done)
+    plgpu.copy_gmem_to_smem(v_ref.at[b, cols, kv_head], v_smem.at[slot], done)
+    plgpu.copy_gmem_to_smem(kv_seg_ref.at[b, cols], kv_ids_smem.at[slot, 0], done)
+    plgpu.copy_gmem_to_smem(kv_pos_ref.at[b, cols], kv_ids_smem.at[slot, 1], done)
+
+  pl.loop(lo, hi)(load)
+
+
+def launch(kernel, args, scratch, barriers, *, out_type, grid, grid_names, num_consumers):
+  """plgpu.kernel of kernel(*arg_refs, *out_refs, (scratch_refs, barrier_refs)).
+
+  num_consumers + 1 warpgroups (the last one is the producer), named "wg";
+  scratch and barriers are shared by all of them.
+  """
+  def entry(*refs):
+    pl.run_scoped(lambda *s: kernel(*refs, (s[:len(scratch)], s[len(scratch):])),
+                  *scratch, *barriers, collective_axes="wg")
+
+  return plgpu.kernel(
+      entry, out_type=out_type, grid=grid, grid_names=grid_names,
+      num_threads=num_consumers + 1, thread_name="wg",
+      compiler_params=plgpu.CompilerParams(approx_math=True),
+  )(*args)
+
+
+def doc_mask(q_seg, q_pos, kv_seg, kv_pos, shape, *, kv_major, causal, sliding_window):
+  """bool `shape` of allowed pairs of one tile: [64, n] accumulator rows x columns.
+
+  q_seg, q_pos: [64] row vectors and kv_seg, kv_pos: [n] column vectors (or,
+  if kv_major, kv on the rows and q on the columns). segment_attention's
+  _tile_mask rule, broadcast explicitly: a [64, 1] array (expand_dims) has no
+  wgmma layout.
+  """
+  q_side, kv_side = ((broadcast_cols, broadcast_rows) if kv_major
+                     else (broadcast_rows, broadcast_cols))
+  qs, ks = q_side(q_seg, shape), kv_side(kv_seg, shape)
+  qp, kp = q_side(q_pos, shape), kv_side(kv_pos, shape)
+  mask = (qs == ks) & (qs != 0)
+  if causal:
+    mask &= kp <= qp
+  if sliding_window is not None:
+    mask &= qp - kp < sliding_window
+  return mask

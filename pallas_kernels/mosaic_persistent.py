@@ -1,0 +1,325 @@
+"""Segment-masked flash attention, forward: the "persistent" Mosaic GPU schedule.
+
+`mosaic_attention.forward(..., schedule="persistent")` runs `persistent_forward`:
+the serial consumer loop of mosaic_attention in a persistent kernel, a grid of
+`num_ctas` CTAs (default: the GPU's SM count, see num_sms), each walking a list
+of work items (batch, head, q tile) from a schedule array (persistent_schedule:
+heaviest plan rows first, dealt to the CTAs in snake order; CTA c reads
+positions c, c + num_ctas, ...). The producer streams Q (with the q ids and
+positions) of every item and the K/V tiles of every item without draining
+between items, so the next item's loads land while the consumers finish the
+current one; the consumers stage each item's output in the item's own Q buffer
+and store it with TMA, without waiting for the store. Same contract, inputs
+and outputs as the other schedules (mosaic_attention).
+
+Synchronisation. The CTA's items are n = 0 .. N-1; item n uses Q buffer pair
+qs = n % 2 (one 64-row buffer per consumer, which also stages that consumer's
+output of the item). Step t counts kv tiles over all the CTA's items (item n's
+first step is the number of tiles of items 0 .. n-1) and uses ring slot
+t % num_stages, so the K/V ring (mosaic_common) runs on across items exactly
+as within one plan row. Per barrier (who arrives, how often):
+  q_ready[qs]:  the producer's TMA of item n's Q, q ids and q positions, one
+                copy of each per consumer: 3 * num_consumers arrivals per
+                item, every item (zero-tile ones too). Every consumer waits
+                it once per item.
+  q_free[qs]:   every consumer, once per item n >= 1, releases item n - 1's
+                buffer pair (1 - qs) after its output store has read shared
+                memory (wait_smem_to_gmem read-only): right after item n's
+                first QK^T, or, for a zero-tile item n, before item n issues
+                its own stores. num_consumers arrivals per release. The
+                producer waits it before loading Q of item n >= 2 (the
+                release of item n - 2, made during item n - 1).
+  kv_ready[s]:  the producer's 4 copies of step t (K, V, kv ids, kv
+                positions); every consumer waits it once per step.
+  kv_consumed[s]: every consumer, once per step, after its PV; the producer
+                waits it before loading step t >= num_stages (the completion
+                of step t - num_stages, possibly of an earlier item).
+Balance across item boundaries: both sides derive N, every item's plan row
+and hence every step count from the same schedule array, so they agree on t
+and on n. A zero-tile item has no steps (t unchanged; no kv copies, no kv
+waits) but still one q_ready phase and one q_free release; a one-tile item has
+one step like any other. The last item: the releases of items 0 .. N-2 happen
+(in items 1 .. N-1), the producer waits those of 0 .. N-3, so the release of
+item N-2 completes a phase nobody waits for, and item N-1 releases nothing
+(its store is awaited at the kernel's end); likewise the last num_stages
+kv_consumed completions are never waited. Unwaited completions at the end are
+harmless: the kernel ends. No barrier runs two phases ahead of a waiter, which
+keeps the per-thread parity tracking of barrier_wait exact: q_ready's
+completion for item n + 2 needs the release of item n, which every consumer
+makes after waiting q_ready for item n + 1; q_free's release of item n + 2 is
+made in item n + 3, whose Q the producer loads only after waiting the release
+of item n + 1; the kv barriers as in the serial schedule (mosaic_common). No
+cycle: the release the producer waits for (item n - 2, in item n - 1) needs
+only Q and the first K/V tile of item n - 1, both issued before. A CTA with no
+items (num_ctas > number of items) skips both loops.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels.config import TileConfig
+from pallas_kernels.mosaic_common import (
+    CONSUMER_REGISTERS, LN2, PRODUCER_REGISTERS, WG_ROWS, broadcast_rows, col_vector,
+    doc_mask, launch, mma_transforms, row_vector, wait_for_free_slot)
+from pallas_kernels.segment_attention import EMPTY_LSE, LOG2E, MASKED_LOGIT
+
+__all__ = ["DEFAULT_NUM_SMS", "num_sms", "persistent_forward", "persistent_schedule"]
+
+DEFAULT_NUM_SMS = 132
+"""SMs of an H100 SXM: the persistent grid when the device does not say (num_sms)."""
+
+
+def num_sms() -> int:
+  """Streaming multiprocessors of the first local CUDA device, else DEFAULT_NUM_SMS.
+
+  Read from the device's `core_count` (XLA's GPU devices carry it); without a
+  GPU (lowering for CUDA on a CPU machine) the H100 SXM's 132.
+  """
+  try:
+    device = jax.local_devices(backend="gpu")[0]
+  except Exception:  # noqa: BLE001 - no GPU backend here
+    return DEFAULT_NUM_SMS
+  return int(getattr(device, "core_count", 0) or DEFAULT_NUM_SMS)
+
+
+def persistent_schedule(q_ranges, heads: int, num_ctas: int):
+  """int32 [B * nq * heads]: the work items of the persistent forward, in its reading order.
+
+  q_ranges: int32 [B, nq, 4], the plan rows. Item (b, qt, h) is encoded as
+  (b * nq + qt) * heads + h; its work is hi - lo of row (b, qt). Items are
+  sorted by descending work (stable: equal work keeps the encoded order, so
+  the heads of one row stay together) and dealt in rounds of num_ctas: CTA c
+  takes the c-th item of an even round and the c-th from the end of an odd
+  round (snake order, which evens out the heavy firsts), and reads positions
+  c, c + num_ctas, c + 2 * num_ctas, ... of the result. So every CTA walks its
+  items heaviest first, and round r's items are all at least as heavy as
+  round r + 1's.
+  """
+  batch, n_q, _ = q_ranges.shape
+  work = (q_ranges[..., 3] - q_ranges[..., 0]).reshape(batch * n_q)
+  rows = jnp.argsort(-work, stable=True).astype(jnp.int32)  # heaviest rows first
+  items = (rows[:, None] * heads + jnp.arange(heads, dtype=jnp.int32)).reshape(-1)
+  n_items = batch * n_q * heads
+  pos = np.arange(n_items)
+  rnd, lane = pos // num_ctas, pos % num_ctas
+  round_size = np.minimum(num_ctas, n_items - rnd * num_ctas)
+  sorted_pos = rnd * num_ctas + np.where(rnd % 2 == 0, lane, round_size - 1 - lane)
+  return items[sorted_pos]
+
+
+def _persistent_forward_kernel(schedule_ref, ranges_ref, q_ref, k_ref, v_ref, q_seg_ref,
+                               q_pos_ref, kv_seg_ref, kv_pos_ref, o_ref, lse_ref, scratch, *,
+                               scale, causal, sliding_window, block_k, num_stages,
+                               num_consumers, group, num_ctas):
+  """The persistent kernel (module docstring): serial consumers, items from schedule_ref.
+
+  schedule_ref: int32 [num_items] (persistent_schedule); CTA c runs the items
+  at positions c, c + num_ctas, ... Scratch: Q buffers [2 * num_consumers, 64,
+  D] (item n, consumer wg: buffer (n % 2) * num_consumers + wg), which also
+  stage that item's output; q ids [2 * num_consumers, 2, 64]; lse [2 *
+  num_consumers, 64]; the K/V ring as in mosaic_attention._forward_kernel.
+  """
+  (q_bufs, q_ids_smem, lse_smem, k_smem, v_smem, kv_ids_smem), barriers = scratch
+  q_ready, q_free, kv_ready, kv_consumed = barriers
+  cta = lax.axis_index("ctas")
+  wg = lax.axis_index("wg")
+  num_items = schedule_ref.shape[0]
+  heads, head_dim = q_ref.shape[2], q_ref.shape[3]
+  n_q_tiles = ranges_ref.shape[1]
+  block_q = num_consumers * WG_ROWS
+  dtype = q_ref.dtype
+  stages = jnp.int32(num_stages)
+  # Items of this CTA: positions cta + n * num_ctas < num_items (0 if cta >= num_items).
+  count = lax.div(jnp.int32(num_items + num_ctas - 1) - cta, jnp.int32(num_ctas))
+  rebalance_registers = num_consumers > 1  # see mosaic_common
+
+  def describe(n):
+    """(b, qt, h, lo, full_lo, full_hi, hi) of the CTA's item n (clamped into the array)."""
+    pos = jnp.minimum(cta + n * num_ctas, jnp.int32(num_items - 1))
+    item = schedule_ref[pos]
+    h = lax.rem(item, jnp.int32(heads))
+    row = lax.div(item, jnp.int32(heads))
+    qt, b = lax.rem(row, jnp.int32(n_q_tiles)), lax.div(row, jnp.int32(n_q_tiles))
+    return (b, qt, h, *(ranges_ref[b, qt, i] for i in range(4)))
+
+  def q_buffer(n, consumer):
+    return lax.rem(n, jnp.int32(2)) * num_consumers + consumer
+
+  @pl.when(wg == num_consumers)
+  def _producer():
+    if rebalance_registers:
+      plgpu.set_max_registers(PRODUCER_REGISTERS, action="decrease")
+
+    def item(n, t):
+      b, qt, h, lo, _, _, hi = describe(n)
+      qs = lax.rem(n, jnp.int32(2))
+
+      # q_free[qs]: wait for every consumer's release of item n - 2 (the last
+      # user of this Q buffer); items 0 and 1 find their buffer fresh.
+      @pl.when(n >= 2)
+      def _wait_q_buffer():
+        plgpu.barrier_wait(q_free.at[qs])
+
+      # q_ready[qs]: 3 copies per consumer (Q, q ids, q positions) per item.
+      for c in range(num_consumers):
+        rows = pl.ds(qt * block_q + c * WG_ROWS, WG_ROWS)
+        buf = q_buffer(n, c)
+        plgpu.copy_gmem_to_smem(q_ref.at[b, rows, h], q_bufs.at[buf], q_ready.at[qs])
+        plgpu.copy_gmem_to_smem(q_seg_ref.at[b, rows], q_ids_smem.at[buf, 0],
+                                q_ready.at[qs])
+        plgpu.copy_gmem_to_smem(q_pos_ref.at[b, rows], q_ids_smem.at[buf, 1],
+                                q_ready.at[qs])
+      kv_head = lax.div(h, jnp.int32(group))
+
+      def load(j, t):
+        # kv_ready[slot]: 4 copies per step; kv_consumed[slot]: waited for step
+        # t - num_stages (the slot's previous use, possibly of an earlier item).
+        slot = wait_for_free_slot(t, kv_consumed, num_stages)
+        cols = pl.ds(j * block_k, block_k)
+        done = kv_ready.at[slot]
+        plgpu.copy_gmem_to_smem(k_ref.at[b, cols, kv_head], k_smem.at[slot], done)
+        plgpu.copy_gmem_to_smem(v_ref.at[b, cols, kv_head], v_smem.at[slot], done)
+        plgpu.copy_gmem_to_smem(kv_seg_ref.at[b, cols], kv_ids_smem.at[slot, 0], done)
+        plgpu.copy_gmem_to_smem(kv_pos_ref.at[b, cols], kv_ids_smem.at[slot, 1], done)
+        return t + 1
+
+      return lax.fori_loop(lo, hi, load, t)
+
+    lax.fori_loop(jnp.int32(0), count, item, jnp.int32(0))
+
+  @pl.when(wg < num_consumers)
+  def _consumer():
+    if rebalance_registers:
+      plgpu.set_max_registers(CONSUMER_REGISTERS, action="increase")
+    logit_scale = scale * LOG2E
+    s_shape = (WG_ROWS, block_k)
+    o_shape = (WG_ROWS, head_dim)
+
+    def item(n, carry):
+      t0, (b, qt, h, lo, full_lo, full_hi, hi) = carry
+      next_item = describe(n + 1)  # loads issued now, used by the next iteration
+      qs = lax.rem(n, jnp.int32(2))
+      buf = q_buffer(n, wg)
+      q_smem = q_bufs.at[buf]
+      rows = pl.ds(qt * block_q + wg * WG_ROWS, WG_ROWS)
+      plgpu.barrier_wait(q_ready.at[qs])  # once per item, every consumer
+      q_seg, q_pos = (row_vector(q_ids_smem.at[buf, i][...]) for i in range(2))
+
+      def release_previous_item():
+        """q_free[1 - qs]: item n - 1's output store has read its Q buffer."""
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+        plgpu.barrier_arrive(q_free.at[1 - qs])
+
+      has_previous = n >= 1
+
+      def visit(j, carry, *, masked):
+        acc, m, l = carry
+        slot = lax.rem(t0 + (j - lo), stages)
+        plgpu.barrier_wait(kv_ready.at[slot])  # once per step, every consumer
+
+        def qk(acc_ref):
+          plgpu.wgmma(acc_ref, q_smem, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
+          return acc_ref[...]
+
+        s = pl.run_scoped(qk, plgpu.ACC(s_shape, jnp.float32)) * logit_scale
+        # The release of item n - 1, once per item, after the first QK^T (the
+        # store had the Q wait and the QK^T to read; no wgmma is in flight here).
+        pl.when((j == lo) & has_previous)(release_previous_item)
+        if masked:
+          kv_seg, kv_pos = (col_vector(kv_ids_smem.at[slot, i][...]) for i in range(2))
+          s = jnp.where(doc_mask(q_seg, q_pos, kv_seg, kv_pos, s_shape, kv_major=False,
+                                 causal=causal, sliding_window=sliding_window),
+                        s, MASKED_LOGIT)
+        m_new = jnp.maximum(m, jnp.max(s, axis=1))
+        # A row that has seen nothing keeps m_new == MASKED_LOGIT; shifting it
+        # by 0 instead makes its masked p exactly 0 (see segment_attention).
+        shift = jnp.where(m_new == MASKED_LOGIT, 0.0, m_new)
+        alpha = jnp.exp2(m - shift)
+        p = jnp.exp2(s - broadcast_rows(shift, s_shape))
+        l = l * alpha + jnp.sum(p, axis=1)
+        acc = acc * broadcast_rows(alpha, acc.shape)
+
+        def pv(acc_ref):
+          plgpu.wgmma(acc_ref, p.astype(dtype), v_smem.at[slot])
+
+        acc = pl.run_state(pv)(plgpu.ACC.init(acc))
+        plgpu.barrier_arrive(kv_consumed.at[slot])  # once per step, every consumer
+        return acc, m_new, l
+
+      carry = (plgpu.layout_cast(jnp.zeros(o_shape, jnp.float32), plgpu.Layout.WGMMA),
+               row_vector(jnp.full((WG_ROWS,), MASKED_LOGIT, jnp.float32)),
+               row_vector(jnp.zeros((WG_ROWS,), jnp.float32)))
+      masked_visit = functools.partial(visit, masked=True)
+      carry = lax.fori_loop(lo, full_lo, masked_visit, carry)
+      carry = lax.fori_loop(full_lo, full_hi, functools.partial(visit, masked=False), carry)
+      acc, m, l = lax.fori_loop(full_hi, hi, masked_visit, carry)
+      # A zero-tile item issued no QK^T: it releases item n - 1 here, before
+      # issuing its own stores (so that the wait covers item n - 1's only).
+      pl.when((hi <= lo) & has_previous)(release_previous_item)
+
+      seen = l > 0.0
+      l = jnp.where(seen, l, 1.0)
+      q_smem[...] = (acc * broadcast_rows(1.0 / l, acc.shape)).astype(dtype)
+      lse_smem.at[buf][...] = jnp.where(seen, m * LN2 + jnp.log(l), EMPTY_LSE)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(q_smem, o_ref.at[b, rows, h])
+      plgpu.copy_smem_to_gmem(lse_smem.at[buf], lse_ref.at[b, h, rows])
+      # Not awaited here: item n + 1 waits for the read, the kernel's end for the write.
+      return t0 + jnp.maximum(hi - lo, 0), next_item
+
+    lax.fori_loop(jnp.int32(0), count, item, (jnp.int32(0), describe(jnp.int32(0))))
+    plgpu.wait_smem_to_gmem(0)
+
+
+
+def persistent_forward(q, k, v, q_seg, kv_seg, q_pos, kv_pos, q_ranges, *, tile: TileConfig,
+                       scale, causal, sliding_window, num_ctas: int | None = None):
+  """forward(..., schedule="persistent"): the schedule array, then the persistent kernel.
+
+  Arguments and outputs as mosaic_attention.forward, which checks them.
+  num_ctas: the number of CTAs launched; default min(num_sms(), number of
+  work items B * H * Tq / block_major).
+  """
+  batch, tq, heads, head_dim = q.shape
+  num_consumers = tile.block_major // WG_ROWS
+  bk, stages = tile.block_minor, tile.num_stages
+  transforms = mma_transforms(q.dtype)
+  opts = dict(scale=scale, causal=causal, sliding_window=sliding_window, block_k=bk,
+              num_stages=stages, num_consumers=num_consumers, group=heads // k.shape[2])
+  num_items = batch * heads * q_ranges.shape[1]
+  if num_ctas is None:
+    num_ctas = min(num_sms(), num_items)
+  schedule = persistent_schedule(q_ranges, heads, num_ctas)
+  kernel = functools.partial(_persistent_forward_kernel, num_ctas=num_ctas, **opts)
+  barriers = (
+      # q_ready[qs]: Q, q ids, q positions per consumer (3 * num_consumers copies
+      # per item); q_free[qs]: one arrival per consumer per item n >= 1.
+      plgpu.Barrier(num_arrivals=3 * num_consumers, num_barriers=2),
+      plgpu.Barrier(num_arrivals=num_consumers, num_barriers=2),
+      # kv_ready[s]: K, V, kv ids, kv positions (4 copies per step);
+      # kv_consumed[s]: one arrival per consumer per step.
+      plgpu.Barrier(num_arrivals=4, num_barriers=stages),
+      plgpu.Barrier(num_arrivals=num_consumers, num_barriers=stages),
+  )
+  scratch = (
+      plgpu.SMEM((2 * num_consumers, WG_ROWS, head_dim), q.dtype, transforms=transforms),
+      plgpu.SMEM((2 * num_consumers, 2, WG_ROWS), jnp.int32),
+      plgpu.SMEM((2 * num_consumers, WG_ROWS), jnp.float32),
+      plgpu.SMEM((stages, bk, head_dim), k.dtype, transforms=transforms),
+      plgpu.SMEM((stages, bk, head_dim), v.dtype, transforms=transforms),
+      plgpu.SMEM((stages, 2, bk), jnp.int32),
+  )
+  return launch(
+      kernel, (schedule, q_ranges, q, k, v, q_seg, q_pos, kv_seg, kv_pos), scratch,
+      barriers,
+      out_type=(jax.ShapeDtypeStruct(q.shape, q.dtype),
+                jax.ShapeDtypeStruct((batch, heads, tq), jnp.float32)),
+      grid=(num_ctas,), grid_names=("ctas",), num_consumers=num_consumers)
