@@ -294,8 +294,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--kv-heads", type=int, default=None, help="default: --heads")
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
-    p.add_argument("--implementation", choices=["auto", "pallas", "xla"], default="auto",
-                   help="attention inside each device (auto: pallas on GPU, xla on CPU)")
+    p.add_argument("--implementation", choices=["auto", "pallas", "mosaic", "xla"],
+                   default="auto", help="attention inside each device (as flash_attention's)")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs (the first compiles)")
     p.add_argument("--reps", type=int, default=3, help="timed runs; the median is reported")
     p.add_argument("--no-check", dest="check", action="store_false",

@@ -494,7 +494,7 @@ def context_parallel_attention(
     strategy: "ring" or "all_gather".
     causal, sliding_window, scale, implementation, config, interpret: as in
       `flash_attention`; implementation selects the attention run per shard
-      ("xla" on CPU, "pallas" on GPU, "auto").
+      ("xla", "pallas", "mosaic" or "auto", as there).
     return_residuals: also return lse, float32 [B, H, T].
 
   Returns:
