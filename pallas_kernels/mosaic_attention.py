@@ -49,11 +49,12 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.config import TileConfig
 from pallas_kernels.mosaic_common import (
-    CONSUMER_REGISTERS, LN2, PRODUCER_REGISTERS, WG_ROWS, broadcast_rows, check_supported,
-    col_vector, doc_mask, launch, mma_transforms, row_vector, stream_kv_tiles,
-    wait_for_free_slot)
+    WG_ROWS, broadcast_rows, check_supported, consumer_warpgroups, copy_q_tile,
+    empty_row_stats, launch, mma_accumulate, mma_transforms, online_softmax,
+    producer_warpgroup, row_vector, store_output, stream_kv_tiles, three_runs,
+    tile_doc_mask, wait_for_free_slot, zeros_acc)
 from pallas_kernels.mosaic_persistent import persistent_forward
-from pallas_kernels.segment_attention import EMPTY_LSE, LOG2E, MASKED_LOGIT
+from pallas_kernels.segment_attention import LOG2E
 
 __all__ = ["DEFAULT_SCHEDULE", "DEFAULT_TILE", "SCHEDULES", "check_supported", "forward"]
 
@@ -63,6 +64,22 @@ DEFAULT_TILE = TileConfig(128, 128, num_stages=2)
 SCHEDULES = ("serial", "pipelined", "pingpong", "persistent")
 """Consumer loop orders of the forward kernel (module docstring); "serial" is the default."""
 DEFAULT_SCHEDULE = "serial"
+
+
+def _load_consumer_q(gmem, qo_smem, q_ids_smem, q_ready, *, qt, b, h, wg, num_consumers):
+  """One consumer's Q tile of q tile qt: loaded, waited for, ids read into registers.
+
+  gmem: (q [B, Tq, H, D], q_seg, q_pos int32 [B, Tq]); qo_smem: [consumers, 64,
+  D]; q_ids_smem: int32 [consumers, 2, 64]. Returns (rows, a pl.ds of the 64 q
+  rows; q_smem [64, D], this consumer's buffer; (q_seg, q_pos) [64] row vectors).
+  """
+  q0 = qt * (num_consumers * WG_ROWS) + wg * WG_ROWS
+  rows = pl.ds(q0, WG_ROWS)
+  q_smem = qo_smem.at[wg]
+  # q_ready[wg]: this consumer's Q tile, q ids and q positions (3 copies).
+  copy_q_tile(gmem, q_smem, q_ids_smem, wg, q_ready.at[wg], b=b, rows=rows, h=h)
+  plgpu.barrier_wait(q_ready.at[wg])
+  return rows, q_smem, tuple(row_vector(q_ids_smem.at[wg, n][...]) for n in range(2))
 
 
 def _forward_kernel(ranges_ref, q_ref, k_ref, v_ref, q_seg_ref, q_pos_ref,
@@ -82,36 +99,21 @@ def _forward_kernel(ranges_ref, q_ref, k_ref, v_ref, q_seg_ref, q_pos_ref,
   lo, full_lo, full_hi, hi = (ranges_ref[b, qt, n] for n in range(4))
   head_dim = q_ref.shape[-1]
   dtype = q_ref.dtype
-  rebalance_registers = num_consumers > 1  # see mosaic_common
 
-  @pl.when(wg == num_consumers)
+  @producer_warpgroup(wg, num_consumers)
   def _producer():
-    if rebalance_registers:
-      plgpu.set_max_registers(PRODUCER_REGISTERS, action="decrease")
     stream_kv_tiles((k_ref, v_ref, kv_seg_ref, kv_pos_ref),
                     (k_smem, v_smem, kv_ids_smem), kv_ready, kv_consumed,
                     b=b, kv_head=lax.div(h, jnp.int32(group)), lo=lo, hi=hi,
                     block_k=block_k, num_stages=num_stages)
 
-  @pl.when(wg < num_consumers)
+  @consumer_warpgroups(wg, num_consumers)
   def _consumer():
-    if rebalance_registers:
-      plgpu.set_max_registers(CONSUMER_REGISTERS, action="increase")
-    q0 = qt * (num_consumers * WG_ROWS) + wg * WG_ROWS
-    rows = pl.ds(q0, WG_ROWS)
-    q_smem = qo_smem.at[wg]
-    plgpu.copy_gmem_to_smem(q_ref.at[b, rows, h], q_smem, q_ready.at[wg])
-    plgpu.copy_gmem_to_smem(q_seg_ref.at[b, rows], q_ids_smem.at[wg, 0], q_ready.at[wg])
-    plgpu.copy_gmem_to_smem(q_pos_ref.at[b, rows], q_ids_smem.at[wg, 1], q_ready.at[wg])
-    plgpu.barrier_wait(q_ready.at[wg])
-    q_seg, q_pos = (row_vector(q_ids_smem.at[wg, n][...]) for n in range(2))
+    rows, q_smem, q_ids = _load_consumer_q((q_ref, q_seg_ref, q_pos_ref), qo_smem,
+                                           q_ids_smem, q_ready, qt=qt, b=b, h=h, wg=wg,
+                                           num_consumers=num_consumers)
     logit_scale = scale * LOG2E
     s_shape = (WG_ROWS, block_k)
-
-    def tile_mask(slot):
-      kv_seg, kv_pos = (col_vector(kv_ids_smem.at[slot, n][...]) for n in range(2))
-      return doc_mask(q_seg, q_pos, kv_seg, kv_pos, s_shape, kv_major=False,
-                      causal=causal, sliding_window=sliding_window)
 
     def visit(j, carry, *, masked):
       acc, m, l = carry
@@ -123,40 +125,21 @@ def _forward_kernel(ranges_ref, q_ref, k_ref, v_ref, q_seg_ref, q_pos_ref,
         return acc_ref[...]
 
       s = pl.run_scoped(qk, plgpu.ACC(s_shape, jnp.float32)) * logit_scale
-      if masked:
-        s = jnp.where(tile_mask(slot), s, MASKED_LOGIT)
-      m_new = jnp.maximum(m, jnp.max(s, axis=1))
-      # A row that has seen nothing keeps m_new == MASKED_LOGIT; shifting it
-      # by 0 instead makes its masked p exactly 0 (see segment_attention).
-      shift = jnp.where(m_new == MASKED_LOGIT, 0.0, m_new)
-      alpha = jnp.exp2(m - shift)
-      p = jnp.exp2(s - broadcast_rows(shift, s_shape))
-      l = l * alpha + jnp.sum(p, axis=1)
+      mask = (tile_doc_mask(q_ids, kv_ids_smem, slot, s_shape, kv_major=False,
+                            causal=causal, sliding_window=sliding_window)
+              if masked else None)
+      p, m_new, l, alpha = online_softmax(s, m, l, mask)
       acc = acc * broadcast_rows(alpha, acc.shape)
 
-      def pv(acc_ref):
-        plgpu.wgmma(acc_ref, p.astype(dtype), v_smem.at[slot])
-
-      acc = pl.run_state(pv)(plgpu.ACC.init(acc))
+      acc = mma_accumulate(acc, p, v_smem.at[slot], dtype)
       plgpu.barrier_arrive(kv_consumed.at[slot])
       return acc, m_new, l
 
-    carry = (plgpu.layout_cast(jnp.zeros((WG_ROWS, head_dim), jnp.float32),
-                               plgpu.Layout.WGMMA),
-             row_vector(jnp.full((WG_ROWS,), MASKED_LOGIT, jnp.float32)),
-             row_vector(jnp.zeros((WG_ROWS,), jnp.float32)))
-    masked_visit = functools.partial(visit, masked=True)
-    carry = lax.fori_loop(lo, full_lo, masked_visit, carry)
-    carry = lax.fori_loop(full_lo, full_hi, functools.partial(visit, masked=False), carry)
-    acc, m, l = lax.fori_loop(full_hi, hi, masked_visit, carry)
-
-    seen = l > 0.0
-    l = jnp.where(seen, l, 1.0)
-    q_smem[...] = (acc * broadcast_rows(1.0 / l, acc.shape)).astype(dtype)
-    lse_smem.at[wg][...] = jnp.where(seen, m * LN2 + jnp.log(l), EMPTY_LSE)
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(q_smem, o_ref.at[b, rows, h])
-    plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[b, h, rows])
+    acc, m, l = three_runs(lo, full_lo, full_hi, hi, visit,
+                           (zeros_acc((WG_ROWS, head_dim)), *empty_row_stats()))
+    # Q is no longer read: its buffer stages the output.
+    store_output(acc, m, l, q_smem, lse_smem.at[wg], o_ref.at[b, rows, h],
+                 lse_ref.at[b, h, rows])
     plgpu.wait_smem_to_gmem(0)
 
 
@@ -231,31 +214,20 @@ def _split_forward_kernel(ranges_ref, q_ref, k_ref, v_ref, q_seg_ref, q_pos_ref,
   lo, full_lo, full_hi, hi = (ranges_ref[b, qt, n] for n in range(4))
   head_dim = q_ref.shape[-1]
   dtype = q_ref.dtype
-  rebalance_registers = num_consumers > 1  # see mosaic_common
   stages = jnp.int32(num_stages)
 
-  @pl.when(wg == num_consumers)
+  @producer_warpgroup(wg, num_consumers)
   def _producer():
-    if rebalance_registers:
-      plgpu.set_max_registers(PRODUCER_REGISTERS, action="decrease")
     _stream_kv_split((k_ref, v_ref, kv_seg_ref, kv_pos_ref), (k_smem, v_smem, kv_ids_smem),
                      (k_ready, v_ready, k_consumed, v_consumed), b=b,
                      kv_head=lax.div(h, jnp.int32(group)), lo=lo, hi=hi, block_k=block_k,
                      num_stages=num_stages)
 
-  @pl.when(wg < num_consumers)
+  @consumer_warpgroups(wg, num_consumers)
   def _consumer():
-    if rebalance_registers:
-      plgpu.set_max_registers(CONSUMER_REGISTERS, action="increase")
-    q0 = qt * (num_consumers * WG_ROWS) + wg * WG_ROWS
-    rows = pl.ds(q0, WG_ROWS)
-    q_smem = qo_smem.at[wg]
-    # q_ready[wg]: this consumer's Q tile, q ids and q positions (3 copies).
-    plgpu.copy_gmem_to_smem(q_ref.at[b, rows, h], q_smem, q_ready.at[wg])
-    plgpu.copy_gmem_to_smem(q_seg_ref.at[b, rows], q_ids_smem.at[wg, 0], q_ready.at[wg])
-    plgpu.copy_gmem_to_smem(q_pos_ref.at[b, rows], q_ids_smem.at[wg, 1], q_ready.at[wg])
-    plgpu.barrier_wait(q_ready.at[wg])
-    q_seg, q_pos = (row_vector(q_ids_smem.at[wg, n][...]) for n in range(2))
+    rows, q_smem, q_ids = _load_consumer_q((q_ref, q_seg_ref, q_pos_ref), qo_smem,
+                                           q_ids_smem, q_ready, qt=qt, b=b, h=h, wg=wg,
+                                           num_consumers=num_consumers)
     logit_scale = scale * LOG2E
     s_shape = (WG_ROWS, block_k)
     o_shape = (WG_ROWS, head_dim)
@@ -266,41 +238,22 @@ def _split_forward_kernel(ranges_ref, q_ref, k_ref, v_ref, q_seg_ref, q_pos_ref,
     def softmax(s, m, l, slot, masked):
       """(p in dtype, m_new, l_new, alpha) of raw logits s [64, block_k] of `slot`."""
       s = s * logit_scale
-      if masked:
-        kv_seg, kv_pos = (col_vector(kv_ids_smem.at[slot, n][...]) for n in range(2))
-        s = jnp.where(doc_mask(q_seg, q_pos, kv_seg, kv_pos, s_shape, kv_major=False,
-                               causal=causal, sliding_window=sliding_window),
-                      s, MASKED_LOGIT)
-      m_new = jnp.maximum(m, jnp.max(s, axis=1))
-      # A row that has seen nothing keeps m_new == MASKED_LOGIT; shifting it
-      # by 0 instead makes its masked p exactly 0 (see segment_attention).
-      shift = jnp.where(m_new == MASKED_LOGIT, 0.0, m_new)
-      alpha = jnp.exp2(m - shift)
-      p = jnp.exp2(s - broadcast_rows(shift, s_shape))
-      l_new = l * alpha + jnp.sum(p, axis=1)
+      mask = (tile_doc_mask(q_ids, kv_ids_smem, slot, s_shape, kv_major=False,
+                            causal=causal, sliding_window=sliding_window)
+              if masked else None)
+      p, m_new, l_new, alpha = online_softmax(s, m, l, mask)
       return p.astype(dtype), m_new, l_new, alpha
 
     def finish(acc, m, l):
-      seen = l > 0.0
-      l = jnp.where(seen, l, 1.0)
-      q_smem[...] = (acc * broadcast_rows(1.0 / l, acc.shape)).astype(dtype)
-      lse_smem.at[wg][...] = jnp.where(seen, m * LN2 + jnp.log(l), EMPTY_LSE)
-      plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(q_smem, o_ref.at[b, rows, h])
-      plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[b, h, rows])
+      # Q is no longer read: its buffer stages the output.
+      store_output(acc, m, l, q_smem, lse_smem.at[wg], o_ref.at[b, rows, h],
+                   lse_ref.at[b, h, rows])
       plgpu.wait_smem_to_gmem(0)
-
-    zero_acc = lambda: plgpu.layout_cast(jnp.zeros(o_shape, jnp.float32),
-                                         plgpu.Layout.WGMMA)
-    m0 = lambda: row_vector(jnp.full((WG_ROWS,), MASKED_LOGIT, jnp.float32))
-    l0 = lambda: row_vector(jnp.zeros((WG_ROWS,), jnp.float32))
 
     def three_loops(first, body, carry):
       """body(j, carry, masked=...) over j in [first, hi), masked outside [full_lo, full_hi)."""
-      a, b_ = jnp.maximum(full_lo, first), jnp.maximum(full_hi, first)
-      carry = lax.fori_loop(first, a, functools.partial(body, masked=True), carry)
-      carry = lax.fori_loop(a, b_, functools.partial(body, masked=False), carry)
-      return lax.fori_loop(b_, hi, functools.partial(body, masked=True), carry)
+      return three_runs(first, jnp.maximum(full_lo, first), jnp.maximum(full_hi, first), hi,
+                        body, carry)
 
     if schedule == "pipelined":
       def pipeline(acc_ref, s_ref):
@@ -308,7 +261,7 @@ def _split_forward_kernel(ranges_ref, q_ref, k_ref, v_ref, q_seg_ref, q_pos_ref,
         # Prologue, step lo (masked whatever the plan says: a no-op on a full tile).
         plgpu.barrier_wait(k_ready.at[0])
         plgpu.wgmma(s_ref, q_smem, plgpu.transpose_ref(k_smem.at[0], (1, 0)))
-        p, m, l, _ = softmax(s_ref[...], m0(), l0(), 0, masked=True)
+        p, m, l, _ = softmax(s_ref[...], *empty_row_stats(), 0, masked=True)
         plgpu.barrier_arrive(k_consumed.at[0])
 
         def step(j, carry, *, masked):
@@ -346,7 +299,7 @@ def _split_forward_kernel(ranges_ref, q_ref, k_ref, v_ref, q_seg_ref, q_pos_ref,
 
       @pl.when(hi <= lo)
       def _empty():
-        finish(zero_acc(), m0(), l0())
+        finish(zeros_acc(o_shape), *empty_row_stats())
       return
 
     assert schedule == "pingpong", schedule
@@ -388,14 +341,11 @@ def _split_forward_kernel(ranges_ref, q_ref, k_ref, v_ref, q_seg_ref, q_pos_ref,
       else:
         plgpu.barrier_wait(v_ready.at[slot])
 
-      def pv(acc_ref):
-        plgpu.wgmma(acc_ref, p, v_smem.at[slot])
-
-      acc = pl.run_state(pv)(plgpu.ACC.init(acc))
+      acc = mma_accumulate(acc, p, v_smem.at[slot], dtype)
       plgpu.barrier_arrive(v_consumed.at[slot])
       return acc, m, l
 
-    acc, m, l = three_loops(lo, visit, (zero_acc(), m0(), l0()))
+    acc, m, l = three_loops(lo, visit, (zeros_acc(o_shape), *empty_row_stats()))
     if sched_barrier is not None:
       pl.when(wg == 0)(rendezvous)
     finish(acc, m, l)

@@ -71,9 +71,9 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.config import TileConfig
 from pallas_kernels.mosaic_common import (
-    CONSUMER_REGISTERS, PRODUCER_REGISTERS, WG_ROWS, broadcast_cols, broadcast_rows,
-    check_supported, col_vector, doc_mask, launch, mma_transforms, row_vector,
-    stream_kv_tiles, wait_for_free_slot)
+    WG_ROWS, broadcast_cols, broadcast_rows, check_supported, col_vector,
+    consumer_warpgroups, launch, mma_accumulate, mma_transforms, producer_warpgroup, row_vector,
+    stream_kv_tiles, three_runs, tile_doc_mask, wait_for_free_slot, zeros_acc)
 from pallas_kernels.segment_attention import LOG2E, MASKED_LOGIT, _bwd_shift
 
 __all__ = ["DEFAULT_DQ_TILE", "DEFAULT_DKDV_TILE", "backward_dq", "backward_dkdv",
@@ -128,20 +128,6 @@ def _scores_and_grads(a_smem, b_smem, c_smem, d_smem, shape):
                        plgpu.ACC(shape, jnp.float32))
 
 
-def _zeros_acc(shape):
-  return plgpu.layout_cast(jnp.zeros(shape, jnp.float32), plgpu.Layout.WGMMA)
-
-
-def _three_runs(lo, full_lo, full_hi, hi, visit, carry):
-  """visit(j, carry, masked=...) over [lo, hi); the mask only outside [full_lo, full_hi).
-
-  Three loops keep `masked` static, so the unmasked run has no mask code.
-  """
-  carry = lax.fori_loop(lo, full_lo, functools.partial(visit, masked=True), carry)
-  carry = lax.fori_loop(full_lo, full_hi, functools.partial(visit, masked=False), carry)
-  return lax.fori_loop(full_hi, hi, functools.partial(visit, masked=True), carry)
-
-
 # ----------------------------------------------------------------------------
 # dQ
 
@@ -155,21 +141,16 @@ def _dq_kernel(ranges_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_se
   wg = lax.axis_index("wg")
   lo, full_lo, full_hi, hi = (ranges_ref[b, qt, n] for n in range(4))
   dtype = q_ref.dtype
-  rebalance_registers = num_consumers > 1  # see mosaic_common
 
-  @pl.when(wg == num_consumers)
+  @producer_warpgroup(wg, num_consumers)
   def _producer():
-    if rebalance_registers:
-      plgpu.set_max_registers(PRODUCER_REGISTERS, action="decrease")
     stream_kv_tiles((k_ref, v_ref, kv_seg_ref, kv_pos_ref),
                     (k_smem, v_smem, kv_ids_smem), kv_ready, kv_consumed,
                     b=b, kv_head=lax.div(h, jnp.int32(group)), lo=lo, hi=hi,
                     block_k=block_k, num_stages=num_stages)
 
-  @pl.when(wg < num_consumers)
+  @consumer_warpgroups(wg, num_consumers)
   def _consumer():
-    if rebalance_registers:
-      plgpu.set_max_registers(CONSUMER_REGISTERS, action="increase")
     rows = pl.ds(qt * (num_consumers * WG_ROWS) + wg * WG_ROWS, WG_ROWS)
     qs, dos = q_smem.at[wg], do_smem.at[wg]
     ready = q_ready.at[wg]
@@ -182,7 +163,7 @@ def _dq_kernel(ranges_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_se
     plgpu.barrier_wait(ready)
     lse2 = _bwd_shift(row_vector(stats_smem.at[wg, 0][...]))
     delta = row_vector(stats_smem.at[wg, 1][...])
-    q_seg, q_pos = (row_vector(q_ids_smem.at[wg, n][...]) for n in range(2))
+    q_ids = tuple(row_vector(q_ids_smem.at[wg, n][...]) for n in range(2))
     logit_scale = scale * LOG2E
     s_shape = (WG_ROWS, block_k)
 
@@ -193,22 +174,18 @@ def _dq_kernel(ranges_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_se
       s, dp = _scores_and_grads(qs, k_tile, dos, v_smem.at[slot], s_shape)
       s = s * logit_scale
       if masked:
-        kv_seg, kv_pos = (col_vector(kv_ids_smem.at[slot, n][...]) for n in range(2))
-        mask = doc_mask(q_seg, q_pos, kv_seg, kv_pos, s_shape, kv_major=False,
-                        causal=causal, sliding_window=sliding_window)
+        mask = tile_doc_mask(q_ids, kv_ids_smem, slot, s_shape, kv_major=False,
+                             causal=causal, sliding_window=sliding_window)
         s = jnp.where(mask, s, MASKED_LOGIT)
       p = jnp.exp2(s - broadcast_rows(lse2, s_shape))
       ds = p * (dp - broadcast_rows(delta, s_shape))
 
-      def ds_k(acc_ref):
-        plgpu.wgmma(acc_ref, ds.astype(dtype), k_tile)
-
-      dq = pl.run_state(ds_k)(plgpu.ACC.init(dq))
+      dq = mma_accumulate(dq, ds, k_tile, dtype)
       plgpu.barrier_arrive(kv_consumed.at[slot])
       return dq
 
-    dq = _three_runs(lo, full_lo, full_hi, hi, visit,
-                     _zeros_acc((WG_ROWS, qs.shape[-1])))
+    dq = three_runs(lo, full_lo, full_hi, hi, visit,
+                     zeros_acc((WG_ROWS, qs.shape[-1])))
     qs[...] = (dq * scale).astype(dtype)  # Q is no longer read: reuse its slot
     plgpu.commit_smem()
     plgpu.copy_smem_to_gmem(qs, dq_ref.at[b, rows, h])
@@ -302,21 +279,16 @@ def _dkdv_kernel(ranges_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_
   wg = lax.axis_index("wg")
   lo, full_lo, full_hi, hi = (ranges_ref[b, kt, n] for n in range(4))
   dtype = k_ref.dtype
-  rebalance_registers = num_consumers > 1  # see mosaic_common
 
-  @pl.when(wg == num_consumers)
+  @producer_warpgroup(wg, num_consumers)
   def _producer():
-    if rebalance_registers:
-      plgpu.set_max_registers(PRODUCER_REGISTERS, action="decrease")
     _stream_q_tiles((q_ref, do_ref, lse_ref, delta_ref, q_seg_ref, q_pos_ref),
                     (q_smem, do_smem, stats_smem, q_ids_smem), q_ready, q_consumed,
                     b=b, kv_head=kv_head, group=group, lo=lo, hi=hi, block_q=block_q,
                     num_stages=num_stages)
 
-  @pl.when(wg < num_consumers)
+  @consumer_warpgroups(wg, num_consumers)
   def _consumer():
-    if rebalance_registers:
-      plgpu.set_max_registers(CONSUMER_REGISTERS, action="increase")
     rows = pl.ds(kt * (num_consumers * WG_ROWS) + wg * WG_ROWS, WG_ROWS)
     ks, vs = k_smem.at[wg], v_smem.at[wg]
     ready = kv_ready.at[wg]
@@ -325,7 +297,7 @@ def _dkdv_kernel(ranges_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_
     plgpu.copy_gmem_to_smem(kv_seg_ref.at[b, rows], kv_ids_smem.at[wg, 0], ready)
     plgpu.copy_gmem_to_smem(kv_pos_ref.at[b, rows], kv_ids_smem.at[wg, 1], ready)
     plgpu.barrier_wait(ready)
-    kv_seg, kv_pos = (row_vector(kv_ids_smem.at[wg, n][...]) for n in range(2))
+    kv_ids = tuple(row_vector(kv_ids_smem.at[wg, n][...]) for n in range(2))
     logit_scale = scale * LOG2E
     s_shape = (WG_ROWS, block_q)
 
@@ -337,9 +309,8 @@ def _dkdv_kernel(ranges_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_
       s_t, dp_t = _scores_and_grads(ks, q_tile, vs, do_tile, s_shape)
       s_t = s_t * logit_scale
       if masked:
-        q_seg, q_pos = (col_vector(q_ids_smem.at[slot, n][...]) for n in range(2))
-        mask = doc_mask(q_seg, q_pos, kv_seg, kv_pos, s_shape, kv_major=True,
-                        causal=causal, sliding_window=sliding_window)
+        mask = tile_doc_mask(kv_ids, q_ids_smem, slot, s_shape, kv_major=True,
+                             causal=causal, sliding_window=sliding_window)
         s_t = jnp.where(mask, s_t, MASKED_LOGIT)
       lse2 = _bwd_shift(col_vector(stats_smem.at[slot, 0][...]))
       delta = col_vector(stats_smem.at[slot, 1][...])
@@ -358,10 +329,10 @@ def _dkdv_kernel(ranges_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_
     def one_head(r, carry):
       # The producer's step counter: r * (hi - lo) + i - lo.
       visit_r = functools.partial(visit, step0=r * (hi - lo) - lo)
-      return _three_runs(lo, full_lo, full_hi, hi, visit_r, carry)
+      return three_runs(lo, full_lo, full_hi, hi, visit_r, carry)
 
     acc_shape = (WG_ROWS, ks.shape[-1])
-    carry = (_zeros_acc(acc_shape), _zeros_acc(acc_shape))
+    carry = (zeros_acc(acc_shape), zeros_acc(acc_shape))
     if group == 1:
       dk, dv = one_head(jnp.int32(0), carry)
     else:

@@ -12,6 +12,8 @@ producer gives registers to the consumers (PRODUCER_REGISTERS,
 CONSUMER_REGISTERS): moving registers is only well defined when the launch
 allots fewer than the consumers ask for (3 warpgroups: 65536 / 384 = 170 per
 thread); with 2 warpgroups everyone has 255 anyway.
+A kernel runs its two roles under `producer_warpgroup` and
+`consumer_warpgroups`, which do that.
 
 The ring. The minor tiles (with their segment ids and positions) go through
 `tile.num_stages` shared-memory slots; step t uses slot t % num_stages.
@@ -30,11 +32,21 @@ row (lo == hi) issues no copies and no waits.
 
 Tiles in registers are wgmma accumulators [64, n]: `row_vector` and
 `col_vector` give a row statistic [64] or a column [n] their layouts,
-`broadcast_rows` and `broadcast_cols` broadcast them back, and `doc_mask` is
-the document mask of one tile.
+`broadcast_rows` and `broadcast_cols` broadcast them back, `doc_mask` is
+the document mask of one tile and `tile_doc_mask` that of a tile whose minor
+ids sit in a ring slot.
+
+The forward kernels share the consumer's steps: `copy_q_tile` (Q with its ids
+and positions into shared memory), `online_softmax` (one kv tile of the
+base-2 online softmax) and `store_output` (the epilogue: out = acc / l and
+the lse, stored with TMA); `zeros_acc`, `empty_row_stats`, `three_runs`
+and `mma_accumulate` (acc += a @ b with a in registers) serve forward and
+backward.
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax.numpy as jnp
 from jax import lax
@@ -42,11 +54,14 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.config import TileConfig
-from pallas_kernels.segment_attention import LOG2E
+from pallas_kernels.segment_attention import EMPTY_LSE, LOG2E, MASKED_LOGIT
 
 __all__ = ["CONSUMER_REGISTERS", "LN2", "PRODUCER_REGISTERS", "WG_ROWS", "broadcast_cols",
-           "broadcast_rows", "check_supported", "col_vector", "doc_mask", "launch",
-           "mma_transforms", "row_vector", "stream_kv_tiles", "wait_for_free_slot"]
+           "broadcast_rows", "check_supported", "col_vector", "consumer_warpgroups",
+           "copy_q_tile", "doc_mask", "empty_row_stats", "launch", "mma_accumulate",
+           "mma_transforms", "online_softmax", "producer_warpgroup", "row_vector",
+           "store_output", "stream_kv_tiles", "three_runs", "tile_doc_mask",
+           "wait_for_free_slot", "zeros_acc"]
 
 LN2 = 1.0 / LOG2E
 WG_ROWS = 64  # rows of one wgmma M tile, owned by one consumer warpgroup
@@ -111,6 +126,35 @@ def broadcast_rows(x, shape):
 def broadcast_cols(x, shape):
   """[n] column vector broadcast over the rows of a [64, n] accumulator."""
   return lax.broadcast_in_dim(x, shape, (1,))
+
+
+def _on_warpgroups(cond, registers, action, num_consumers):
+  def run(body):
+    @pl.when(cond)
+    def _role():
+      if num_consumers > 1:  # rebalance registers (module docstring)
+        plgpu.set_max_registers(registers, action=action)
+      body()
+
+  return run
+
+
+def producer_warpgroup(wg, num_consumers):
+  """Decorator: runs the body now on the producer (wg == num_consumers) only.
+
+  With two consumers the producer first gives registers away
+  (PRODUCER_REGISTERS).
+  """
+  return _on_warpgroups(wg == num_consumers, PRODUCER_REGISTERS, "decrease", num_consumers)
+
+
+def consumer_warpgroups(wg, num_consumers):
+  """Decorator: runs the body now on the consumers (wg < num_consumers) only.
+
+  With two consumers they first take the producer's registers
+  (CONSUMER_REGISTERS).
+  """
+  return _on_warpgroups(wg < num_consumers, CONSUMER_REGISTERS, "increase", num_consumers)
 
 
 def wait_for_free_slot(t, consumed, num_stages):
@@ -183,3 +227,98 @@ def doc_mask(q_seg, q_pos, kv_seg, kv_pos, shape, *, kv_major, causal, sliding_w
   if sliding_window is not None:
     mask &= qp - kp < sliding_window
   return mask
+
+
+def tile_doc_mask(major_ids, ids_smem, slot, shape, *, kv_major, causal, sliding_window):
+  """doc_mask of one [64, n] tile: the consumer's rows against the slot's columns.
+
+  major_ids: (segment ids, positions) [64] row vectors of the consumer's rows;
+  ids_smem: int32 [stages, 2, n], the ring's minor ids, read at `slot`.
+  kv_major: the rows are keys (the minor ids are q ids).
+  """
+  minor_ids = tuple(col_vector(ids_smem.at[slot, n][...]) for n in range(2))
+  q_ids, kv_ids = (minor_ids, major_ids) if kv_major else (major_ids, minor_ids)
+  return doc_mask(*q_ids, *kv_ids, shape, kv_major=kv_major, causal=causal,
+                  sliding_window=sliding_window)
+
+
+def zeros_acc(shape):
+  """float32 zeros `shape` ([64, n]) in the wgmma accumulator layout."""
+  return plgpu.layout_cast(jnp.zeros(shape, jnp.float32), plgpu.Layout.WGMMA)
+
+
+def empty_row_stats():
+  """(m, l) [64] of a row that has seen nothing: MASKED_LOGIT and 0."""
+  return (row_vector(jnp.full((WG_ROWS,), MASKED_LOGIT, jnp.float32)),
+          row_vector(jnp.zeros((WG_ROWS,), jnp.float32)))
+
+
+def three_runs(lo, full_lo, full_hi, hi, visit, carry):
+  """visit(j, carry, masked=...) over [lo, hi); the mask only outside [full_lo, full_hi).
+
+  Three loops keep `masked` static, so the unmasked run has no mask code.
+  """
+  carry = lax.fori_loop(lo, full_lo, functools.partial(visit, masked=True), carry)
+  carry = lax.fori_loop(full_lo, full_hi, functools.partial(visit, masked=False), carry)
+  return lax.fori_loop(full_hi, hi, functools.partial(visit, masked=True), carry)
+
+
+def mma_accumulate(acc, a, b_smem, dtype):
+  """acc + a @ b: one wgmma from registers into a float32 [64, n] accumulator.
+
+  a: [64, k] in registers, cast to dtype inside the wgmma's scope; b_smem:
+  [k, n] in shared memory. Returns the new accumulator value.
+  """
+  def mma(acc_ref):
+    plgpu.wgmma(acc_ref, a.astype(dtype), b_smem)
+
+  return pl.run_state(mma)(plgpu.ACC.init(acc))
+
+
+def copy_q_tile(gmem, q_smem, ids_smem, index, barrier, *, b, rows, h):
+  """TMA of one consumer's Q tile with its q ids and positions: 3 arrivals on `barrier`.
+
+  gmem: (q [B, Tq, H, D], q_seg, q_pos int32 [B, Tq]); rows: a pl.ds of 64
+  rows; q_smem: [64, D]; ids_smem: int32 [n, 2, 64], written at `index`.
+  Does not wait.
+  """
+  q_ref, q_seg_ref, q_pos_ref = gmem
+  plgpu.copy_gmem_to_smem(q_ref.at[b, rows, h], q_smem, barrier)
+  plgpu.copy_gmem_to_smem(q_seg_ref.at[b, rows], ids_smem.at[index, 0], barrier)
+  plgpu.copy_gmem_to_smem(q_pos_ref.at[b, rows], ids_smem.at[index, 1], barrier)
+
+
+def online_softmax(s, m, l, mask=None):
+  """One kv tile of the base-2 online softmax: (p, m_new, l_new, alpha).
+
+  s: float32 [64, n] logits already scaled by scale * log2(e); m, l: [64] row
+  max and row sum so far; mask: bool [64, n] or None (no masking). p is
+  float32 [64, n]; the caller rescales acc by alpha [64].
+  """
+  if mask is not None:
+    s = jnp.where(mask, s, MASKED_LOGIT)
+  m_new = jnp.maximum(m, jnp.max(s, axis=1))
+  # A row that has seen nothing keeps m_new == MASKED_LOGIT; shifting it
+  # by 0 instead makes its masked p exactly 0 (see segment_attention).
+  shift = jnp.where(m_new == MASKED_LOGIT, 0.0, m_new)
+  alpha = jnp.exp2(m - shift)
+  p = jnp.exp2(s - broadcast_rows(shift, s.shape))
+  l_new = l * alpha + jnp.sum(p, axis=1)
+  return p, m_new, l_new, alpha
+
+
+def store_output(acc, m, l, o_smem, lse_smem, o_gmem, lse_gmem):
+  """Forward epilogue: out = acc / l and lse (natural log) of 64 rows, TMA-stored.
+
+  acc: float32 [64, D]; m, l: [64] (base 2). Rows with l == 0 saw nothing:
+  out 0 and EMPTY_LSE. o_smem: [64, D] (the out dtype), lse_smem: float32
+  [64]; o_gmem, lse_gmem: their global destinations. Issues the stores
+  without waiting for them.
+  """
+  seen = l > 0.0
+  l = jnp.where(seen, l, 1.0)
+  o_smem[...] = (acc * broadcast_rows(1.0 / l, acc.shape)).astype(o_smem.dtype)
+  lse_smem[...] = jnp.where(seen, m * LN2 + jnp.log(l), EMPTY_LSE)
+  plgpu.commit_smem()
+  plgpu.copy_smem_to_gmem(o_smem, o_gmem)
+  plgpu.copy_smem_to_gmem(lse_smem, lse_gmem)

@@ -67,9 +67,10 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.config import TileConfig
 from pallas_kernels.mosaic_common import (
-    CONSUMER_REGISTERS, LN2, PRODUCER_REGISTERS, WG_ROWS, broadcast_rows, col_vector,
-    doc_mask, launch, mma_transforms, row_vector, wait_for_free_slot)
-from pallas_kernels.segment_attention import EMPTY_LSE, LOG2E, MASKED_LOGIT
+    WG_ROWS, broadcast_rows, consumer_warpgroups, copy_q_tile, empty_row_stats, launch,
+    mma_accumulate, mma_transforms, online_softmax, producer_warpgroup, row_vector, store_output,
+    three_runs, tile_doc_mask, wait_for_free_slot, zeros_acc)
+from pallas_kernels.segment_attention import LOG2E
 
 __all__ = ["DEFAULT_NUM_SMS", "num_sms", "persistent_forward", "persistent_schedule"]
 
@@ -139,7 +140,6 @@ def _persistent_forward_kernel(schedule_ref, ranges_ref, q_ref, k_ref, v_ref, q_
   stages = jnp.int32(num_stages)
   # Items of this CTA: positions cta + n * num_ctas < num_items (0 if cta >= num_items).
   count = lax.div(jnp.int32(num_items + num_ctas - 1) - cta, jnp.int32(num_ctas))
-  rebalance_registers = num_consumers > 1  # see mosaic_common
 
   def describe(n):
     """(b, qt, h, lo, full_lo, full_hi, hi) of the CTA's item n (clamped into the array)."""
@@ -153,10 +153,8 @@ def _persistent_forward_kernel(schedule_ref, ranges_ref, q_ref, k_ref, v_ref, q_
   def q_buffer(n, consumer):
     return lax.rem(n, jnp.int32(2)) * num_consumers + consumer
 
-  @pl.when(wg == num_consumers)
+  @producer_warpgroup(wg, num_consumers)
   def _producer():
-    if rebalance_registers:
-      plgpu.set_max_registers(PRODUCER_REGISTERS, action="decrease")
 
     def item(n, t):
       b, qt, h, lo, _, _, hi = describe(n)
@@ -172,11 +170,8 @@ def _persistent_forward_kernel(schedule_ref, ranges_ref, q_ref, k_ref, v_ref, q_
       for c in range(num_consumers):
         rows = pl.ds(qt * block_q + c * WG_ROWS, WG_ROWS)
         buf = q_buffer(n, c)
-        plgpu.copy_gmem_to_smem(q_ref.at[b, rows, h], q_bufs.at[buf], q_ready.at[qs])
-        plgpu.copy_gmem_to_smem(q_seg_ref.at[b, rows], q_ids_smem.at[buf, 0],
-                                q_ready.at[qs])
-        plgpu.copy_gmem_to_smem(q_pos_ref.at[b, rows], q_ids_smem.at[buf, 1],
-                                q_ready.at[qs])
+        copy_q_tile((q_ref, q_seg_ref, q_pos_ref), q_bufs.at[buf], q_ids_smem, buf,
+                    q_ready.at[qs], b=b, rows=rows, h=h)
       kv_head = lax.div(h, jnp.int32(group))
 
       def load(j, t):
@@ -195,10 +190,8 @@ def _persistent_forward_kernel(schedule_ref, ranges_ref, q_ref, k_ref, v_ref, q_
 
     lax.fori_loop(jnp.int32(0), count, item, jnp.int32(0))
 
-  @pl.when(wg < num_consumers)
+  @consumer_warpgroups(wg, num_consumers)
   def _consumer():
-    if rebalance_registers:
-      plgpu.set_max_registers(CONSUMER_REGISTERS, action="increase")
     logit_scale = scale * LOG2E
     s_shape = (WG_ROWS, block_k)
     o_shape = (WG_ROWS, head_dim)
@@ -211,7 +204,7 @@ def _persistent_forward_kernel(schedule_ref, ranges_ref, q_ref, k_ref, v_ref, q_
       q_smem = q_bufs.at[buf]
       rows = pl.ds(qt * block_q + wg * WG_ROWS, WG_ROWS)
       plgpu.barrier_wait(q_ready.at[qs])  # once per item, every consumer
-      q_seg, q_pos = (row_vector(q_ids_smem.at[buf, i][...]) for i in range(2))
+      q_ids = tuple(row_vector(q_ids_smem.at[buf, i][...]) for i in range(2))
 
       def release_previous_item():
         """q_free[1 - qs]: item n - 1's output store has read its Q buffer."""
@@ -233,45 +226,24 @@ def _persistent_forward_kernel(schedule_ref, ranges_ref, q_ref, k_ref, v_ref, q_
         # The release of item n - 1, once per item, after the first QK^T (the
         # store had the Q wait and the QK^T to read; no wgmma is in flight here).
         pl.when((j == lo) & has_previous)(release_previous_item)
-        if masked:
-          kv_seg, kv_pos = (col_vector(kv_ids_smem.at[slot, i][...]) for i in range(2))
-          s = jnp.where(doc_mask(q_seg, q_pos, kv_seg, kv_pos, s_shape, kv_major=False,
-                                 causal=causal, sliding_window=sliding_window),
-                        s, MASKED_LOGIT)
-        m_new = jnp.maximum(m, jnp.max(s, axis=1))
-        # A row that has seen nothing keeps m_new == MASKED_LOGIT; shifting it
-        # by 0 instead makes its masked p exactly 0 (see segment_attention).
-        shift = jnp.where(m_new == MASKED_LOGIT, 0.0, m_new)
-        alpha = jnp.exp2(m - shift)
-        p = jnp.exp2(s - broadcast_rows(shift, s_shape))
-        l = l * alpha + jnp.sum(p, axis=1)
+        mask = (tile_doc_mask(q_ids, kv_ids_smem, slot, s_shape, kv_major=False,
+                              causal=causal, sliding_window=sliding_window)
+                if masked else None)
+        p, m_new, l, alpha = online_softmax(s, m, l, mask)
         acc = acc * broadcast_rows(alpha, acc.shape)
 
-        def pv(acc_ref):
-          plgpu.wgmma(acc_ref, p.astype(dtype), v_smem.at[slot])
-
-        acc = pl.run_state(pv)(plgpu.ACC.init(acc))
+        acc = mma_accumulate(acc, p, v_smem.at[slot], dtype)
         plgpu.barrier_arrive(kv_consumed.at[slot])  # once per step, every consumer
         return acc, m_new, l
 
-      carry = (plgpu.layout_cast(jnp.zeros(o_shape, jnp.float32), plgpu.Layout.WGMMA),
-               row_vector(jnp.full((WG_ROWS,), MASKED_LOGIT, jnp.float32)),
-               row_vector(jnp.zeros((WG_ROWS,), jnp.float32)))
-      masked_visit = functools.partial(visit, masked=True)
-      carry = lax.fori_loop(lo, full_lo, masked_visit, carry)
-      carry = lax.fori_loop(full_lo, full_hi, functools.partial(visit, masked=False), carry)
-      acc, m, l = lax.fori_loop(full_hi, hi, masked_visit, carry)
+      acc, m, l = three_runs(lo, full_lo, full_hi, hi, visit,
+                             (zeros_acc(o_shape), *empty_row_stats()))
       # A zero-tile item issued no QK^T: it releases item n - 1 here, before
       # issuing its own stores (so that the wait covers item n - 1's only).
       pl.when((hi <= lo) & has_previous)(release_previous_item)
 
-      seen = l > 0.0
-      l = jnp.where(seen, l, 1.0)
-      q_smem[...] = (acc * broadcast_rows(1.0 / l, acc.shape)).astype(dtype)
-      lse_smem.at[buf][...] = jnp.where(seen, m * LN2 + jnp.log(l), EMPTY_LSE)
-      plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(q_smem, o_ref.at[b, rows, h])
-      plgpu.copy_smem_to_gmem(lse_smem.at[buf], lse_ref.at[b, h, rows])
+      store_output(acc, m, l, q_smem, lse_smem.at[buf], o_ref.at[b, rows, h],
+                   lse_ref.at[b, h, rows])
       # Not awaited here: item n + 1 waits for the read, the kernel's end for the write.
       return t0 + jnp.maximum(hi - lo, 0), next_item
 
