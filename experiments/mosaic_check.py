@@ -701,13 +701,17 @@ PART_INFO = {
 PART_RESERVE_S = 150  # kept for each later part when an earlier one runs long
 
 
+def _tally(results):
+  """("passed/total", sorted names not ok) of a correctness part's results."""
+  passed = {n for n, r in results.items() if r.get("ok")}
+  return f"{len(passed)}/{len(results)}", sorted(set(results) - passed)
+
+
 def _summarise(summary, parts):
   out = {}
   if "correctness" in summary:
-    correct = summary["correctness"]
-    passed = [n for n, r in correct.items() if r.get("ok")]
-    out.update(correctness_passed=f"{len(passed)}/{len(correct)}",
-               failed=sorted(set(correct) - set(passed)))
+    passed, failed = _tally(summary["correctness"])
+    out.update(correctness_passed=passed, failed=failed)
   if "timing" in summary:
     timed = {n: r["fwd_ms"] for n, r in summary["timing"].items() if "fwd_ms" in r}
     best = min((n for n in timed if n != "triton"), key=timed.get, default=None)
@@ -715,10 +719,8 @@ def _summarise(summary, parts):
                best_mosaic_fwd_ms=timed.get(best),
                meets_target=bool(best and timed[best] <= TARGET_FWD_MS))
   if "bwd_correctness" in summary:
-    correct = summary["bwd_correctness"]
-    passed = [n for n, r in correct.items() if r.get("ok")]
-    out.update(bwd_correctness_passed=f"{len(passed)}/{len(correct)}",
-               bwd_failed=sorted(set(correct) - set(passed)))
+    passed, failed = _tally(summary["bwd_correctness"])
+    out.update(bwd_correctness_passed=passed, bwd_failed=failed)
   if "bwd_timing" in summary:
     timed = {n: r["bwd_ms"] for n, r in summary["bwd_timing"].items() if "bwd_ms" in r}
     best = min((n for n in timed if n != "triton-bwd"), key=timed.get, default=None)

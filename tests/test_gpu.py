@@ -28,7 +28,7 @@ from experiments.layouts import clustered_graph_mask
 from helpers import (Layout, allowed_np, arange_positions, assert_close,
                      assert_finite, dense_mask_np, fixed_segment_ids, random_inputs)
 from jpack import mask_rules as mr
-from jpack import masks
+from jpack import attention, masks
 from jpack.attention import EMPTY_LSE, flash_attention
 
 pytestmark = pytest.mark.gpu
@@ -134,10 +134,6 @@ def mosaic_covers(case: GpuCase) -> bool:
           and case.head_dim in (64, 128))
 
 
-def _on_hopper() -> bool:
-  return getattr(jax.devices()[0], "compute_capability", None) == "9.0"
-
-
 @functools.lru_cache(maxsize=None)
 def case_results(case: GpuCase, implementation: str):
   """(kernel, reference, allowed) of a case run by `implementation`: dicts of
@@ -190,7 +186,7 @@ cases = pytest.mark.parametrize("case, implementation", RUNS,
 
 def run_case(case: GpuCase, implementation: str):
   """case_results, skipping Mosaic runs off Hopper (its kernels need sm90)."""
-  if implementation == "mosaic" and not _on_hopper():
+  if implementation == "mosaic" and not attention._is_hopper():
     pytest.skip("implementation='mosaic' needs a Hopper (sm90) GPU")
   return case_results(case, implementation)
 
