@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import functools
 import json
 import os
@@ -160,6 +161,13 @@ TIMED_TILES = {
     for sched in ("serial", "persistent", "pingpong", "pipelined")
 }
 TIMED_TILES["mosaic-64x64-s2"] = (64, 64, 2, "serial")
+# The persistent schedule's window (mosaic_persistent.WINDOW_ROUNDS; "all": one
+# global sort by work, the first version): name -> window_rounds.
+PERSISTENT_WINDOWS = {"w1": 1, "w4": 4, "all": None}
+for _w in PERSISTENT_WINDOWS:
+  TIMED_TILES[f"mosaic-persistent-{_w}-128x128-s2"] = (128, 128, 2, f"persistent-{_w}")
+# The plan alone (masks.make_tile_plan at 128x128), which every timed call includes.
+PLAN_CASE = "plan-128x128"
 TARGET_FWD_MS = 0.45
 
 
@@ -323,8 +331,21 @@ def _triton_main_out(scale):
   return np.asarray(_triton_forward(scale)(q, k, v, seg).astype(jnp.float32))
 
 
+@contextlib.contextmanager
+def _persistent_window(window_rounds):
+  """mosaic_persistent.WINDOW_ROUNDS = window_rounds while tracing ("default": unchanged)."""
+  from pallas_kernels import mosaic_persistent
+  default = mosaic_persistent.WINDOW_ROUNDS
+  if window_rounds != "default":
+    mosaic_persistent.WINDOW_ROUNDS = window_rounds
+  try:
+    yield
+  finally:
+    mosaic_persistent.WINDOW_ROUNDS = default
+
+
 def run_timing_case(name):
-  """name: "triton" or a key of TIMED_TILES."""
+  """name: "triton", PLAN_CASE or a key of TIMED_TILES."""
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -337,13 +358,22 @@ def run_timing_case(name):
   result = {}
   if name == "triton":
     fn, args = _triton_forward(scale), (q, k, v, seg)
+  elif name == PLAN_CASE:
+    from jpack import masks
+    plan = jax.jit(lambda seg, pos: masks.make_tile_plan(
+        seg, seg, pos, pos, block_q=128, block_k=128, causal=True).q_ranges)
+    return dict(plan_ms=timing.median_ms(plan, seg, pos, warmup=3, reps=20))
   else:
     *spec, schedule = TIMED_TILES[name]
     result.update(tile=spec, schedule=schedule)
+    window = "default"
+    if schedule.startswith("persistent-"):  # a window variant of "persistent"
+      schedule, window = "persistent", PERSISTENT_WINDOWS[schedule.split("-", 1)[1]]
     mosaic = _mosaic_fn(True, None, scale, _tile(spec), schedule)
     fn = jax.jit(lambda q, k, v, seg, pos: mosaic(q, k, v, seg, seg, pos, pos)[0])
     args = (q, k, v, seg, pos)
-    out = np.asarray(fn(*args).astype(jnp.float32))
+    with _persistent_window(window):
+      out = np.asarray(fn(*args).astype(jnp.float32))  # traced (and compiled) here
     result["nonfinite"] = int((~np.isfinite(out)).sum())
     # Against the float32 reference on one row and two heads (dense logits fit).
     f32 = lambda x: x[:1, :, :2].astype(jnp.float32)
@@ -663,7 +693,8 @@ def _one_line(r):
     return f"{r.get('status', '?').upper()}: {r.get('error', '')[:300]}"
   keys = ("ok", "out_err", "lse_err", "dq_err", "dk_err", "dv_err", "nonfinite",
           "blind_out_exact_zero", "blind_lse_is_empty", "blind_dq_exact_zero",
-          "unseen_dkdv_exact_zero", "fwd_ms", "tflops", "dq_ms", "dkdv_ms", "bwd_ms",
+          "unseen_dkdv_exact_zero", "plan_ms", "fwd_ms", "tflops", "dq_ms", "dkdv_ms",
+          "bwd_ms",
           "bwd_tflops", "rel_err_vs_triton", "rel_err_vs_reference_row0_heads01",
           *(f"{n}_err_vs_{w}" for w in ("triton", "reference_row0_heads01")
             for n in ("dq", "dk", "dv")), "first_call_s")
@@ -692,7 +723,7 @@ PART_INFO = {
     "correct": ("correctness", "correctness (Mosaic forward vs float32 reference)",
                 list(CORRECTNESS_CASES)),
     "time": ("timing", "timing on the main shape (forward, plan included)",
-             ["triton", *TIMED_TILES]),
+             ["triton", PLAN_CASE, *TIMED_TILES]),
     "bwd-correct": ("bwd_correctness", "correctness (Mosaic backward vs jax.vjp of the "
                     "float32 reference)", list(BWD_CORRECTNESS_CASES)),
     "bwd-time": ("bwd_timing", "timing on the main shape (backward kernels, plan "

@@ -4,8 +4,9 @@
 the serial consumer loop of mosaic_attention in a persistent kernel, a grid of
 `num_ctas` CTAs (default: the GPU's SM count, see num_sms), each walking a list
 of work items (batch, head, q tile) from a schedule array (persistent_schedule:
-heaviest plan rows first, dealt to the CTAs in snake order; CTA c reads
-positions c, c + num_ctas, ...). The producer streams Q (with the q ids and
+(batch, head)-major windows for L2 locality, heaviest plan rows first within a
+window, dealt to the CTAs in snake order; CTA c reads positions c, c +
+num_ctas, ...). The producer streams Q (with the q ids and
 positions) of every item and the K/V tiles of every item without draining
 between items, so the next item's loads land while the consumers finish the
 current one; the consumers stage each item's output in the item's own Q buffer
@@ -91,24 +92,38 @@ def num_sms() -> int:
   return int(getattr(device, "core_count", 0) or DEFAULT_NUM_SMS)
 
 
-def persistent_schedule(q_ranges, heads: int, num_ctas: int):
+WINDOW_ROUNDS = 2
+"""Work items sorted together, in rounds of num_ctas (persistent_schedule's window)."""
+
+
+def persistent_schedule(q_ranges, heads: int, num_ctas: int,
+                        window_rounds: int | None = WINDOW_ROUNDS):
   """int32 [B * nq * heads]: the work items of the persistent forward, in its reading order.
 
   q_ranges: int32 [B, nq, 4], the plan rows. Item (b, qt, h) is encoded as
-  (b * nq + qt) * heads + h; its work is hi - lo of row (b, qt). Items are
-  sorted by descending work (stable: equal work keeps the encoded order, so
-  the heads of one row stay together) and dealt in rounds of num_ctas: CTA c
-  takes the c-th item of an even round and the c-th from the end of an odd
-  round (snake order, which evens out the heavy firsts), and reads positions
-  c, c + num_ctas, c + 2 * num_ctas, ... of the result. So every CTA walks its
-  items heaviest first, and round r's items are all at least as heavy as
-  round r + 1's.
+  (b * nq + qt) * heads + h; its work is hi - lo of row (b, qt).
+
+  Locality first: items are taken (batch, head)-major, q tiles fastest, so the
+  CTAs running at one time share the K/V of a few heads in L2 (sorting all
+  items by work spread every round over all heads: K/V came from HBM each
+  time, entry 13 of experiments/perf_notes.md). Balance within that: the
+  items are cut into windows of whole (batch, head) pairs, about
+  window_rounds * num_ctas items each (None: one window, the global sort),
+  sorted by descending work inside a window (stable), and dealt in rounds of
+  num_ctas: CTA c takes the c-th item of an even round and the c-th from the
+  end of an odd round (snake order, which evens out the heavy firsts), and
+  reads positions c, c + num_ctas, c + 2 * num_ctas, ... of the result.
   """
   batch, n_q, _ = q_ranges.shape
-  work = (q_ranges[..., 3] - q_ranges[..., 0]).reshape(batch * n_q)
-  rows = jnp.argsort(-work, stable=True).astype(jnp.int32)  # heaviest rows first
-  items = (rows[:, None] * heads + jnp.arange(heads, dtype=jnp.int32)).reshape(-1)
   n_items = batch * n_q * heads
+  work = jnp.broadcast_to((q_ranges[..., 3] - q_ranges[..., 0])[:, None, :],
+                          (batch, heads, n_q)).reshape(-1)  # (b, h, qt) order
+  b, h, qt = np.unravel_index(np.arange(n_items), (batch, heads, n_q))
+  items = jnp.asarray((b * n_q + qt) * heads + h, jnp.int32)
+  pairs = (n_items if window_rounds is None else
+           max(1, -(-window_rounds * num_ctas // n_q)) * n_q)  # items per window
+  window = jnp.asarray(np.arange(n_items) // pairs, jnp.int32)
+  items = items[jnp.lexsort((-work, window))]  # by window, then heaviest first (stable)
   pos = np.arange(n_items)
   rnd, lane = pos // num_ctas, pos % num_ctas
   round_size = np.minimum(num_ctas, n_items - rnd * num_ctas)
@@ -269,7 +284,7 @@ def persistent_forward(q, k, v, q_seg, kv_seg, q_pos, kv_pos, q_ranges, *, tile:
   num_items = batch * heads * q_ranges.shape[1]
   if num_ctas is None:
     num_ctas = min(num_sms(), num_items)
-  schedule = persistent_schedule(q_ranges, heads, num_ctas)
+  schedule = persistent_schedule(q_ranges, heads, num_ctas, window_rounds=WINDOW_ROUNDS)
   kernel = functools.partial(_persistent_forward_kernel, num_ctas=num_ctas, **opts)
   barriers = (
       # q_ready[qs]: Q, q ids, q positions per consumer (3 * num_consumers copies

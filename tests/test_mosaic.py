@@ -3,7 +3,7 @@
 On every machine: the kernel lowers for CUDA for each supported option and
 each schedule (mosaic_attention.SCHEDULES), the persistent one also with one,
 two or more CTAs than work items; the persistent schedule array runs every
-item once, heaviest first. Mosaic
+item once, (batch, head)-major windows, heaviest first within a window. Mosaic
 GPU builds its MLIR (layouts, wgmma shapes, TMA slices, barriers) at lowering
 time, so this catches most API and shape errors without a GPU; unsupported
 inputs are rejected with a message. The Mosaic GPU interpreter cannot run this
@@ -145,18 +145,23 @@ def _random_ranges(seed, batch, n_q, n_k):
   return jnp.asarray(bounds, jnp.int32)
 
 
+def _work_of_items(ranges, heads, items):
+  """Work (hi - lo) of encoded items (b * n_q + qt) * heads + h."""
+  r = np.asarray(ranges)
+  return (r[..., 3] - r[..., 0]).reshape(-1)[np.asarray(items) // heads]
+
+
 @pytest.mark.parametrize("num_ctas", [1, 3, 7, 64, 132, 1000])
 @pytest.mark.parametrize("seed", [0, 1])
-def test_persistent_schedule_runs_every_item_once_heaviest_first(seed, num_ctas):
+def test_persistent_schedule_global_sort_runs_every_item_once_heaviest_first(seed, num_ctas):
   batch, n_q, n_k, heads = 3, 16, 16, 5
   ranges = _random_ranges(seed, batch, n_q, n_k)
-  schedule = np.asarray(mosaic_persistent.persistent_schedule(ranges, heads, num_ctas))
+  schedule = np.asarray(mosaic_persistent.persistent_schedule(ranges, heads, num_ctas,
+                                                              window_rounds=None))
   n_items = batch * n_q * heads
   assert schedule.dtype == np.int32
   np.testing.assert_array_equal(np.sort(schedule), np.arange(n_items))  # each item once
-  r = np.asarray(ranges)
-  work_of_row = (r[..., 3] - r[..., 0]).reshape(-1)  # row = b * n_q + qt
-  work = work_of_row[schedule // heads]
+  work = _work_of_items(ranges, heads, schedule)
   # Round r (positions [r * num_ctas, (r + 1) * num_ctas)) is no lighter than round r + 1.
   rounds = [work[i:i + num_ctas] for i in range(0, n_items, num_ctas)]
   for heavier, lighter in zip(rounds, rounds[1:]):
@@ -164,19 +169,47 @@ def test_persistent_schedule_runs_every_item_once_heaviest_first(seed, num_ctas)
   # Every CTA walks its items (positions c, c + num_ctas, ...) heaviest first.
   for c in range(min(num_ctas, n_items)):
     assert np.all(np.diff(work[c::num_ctas]) <= 0)
-  # Read round by round, the schedule is sorted by work (snake order within rounds).
-  assert np.all(np.diff(np.sort(work)[::-1]) <= 0)
-  np.testing.assert_array_equal(np.sort(work)[::-1],
-                                np.concatenate([np.sort(x)[::-1] for x in rounds]))
 
 
-def test_persistent_schedule_keeps_the_heads_of_a_row_together():
+@pytest.mark.parametrize("num_ctas, window_rounds", [(1, 1), (3, 2), (7, 2), (20, 1),
+                                                    (64, 2), (1000, 2)])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_persistent_schedule_windows_keep_heads_together(seed, num_ctas, window_rounds):
+  batch, n_q, n_k, heads = 3, 16, 16, 5
+  ranges = _random_ranges(seed, batch, n_q, n_k)
+  schedule = np.asarray(mosaic_persistent.persistent_schedule(ranges, heads, num_ctas,
+                                                              window_rounds=window_rounds))
+  n_items = batch * n_q * heads
+  np.testing.assert_array_equal(np.sort(schedule), np.arange(n_items))  # each item once
+  # Undo the snake dealing: odd rounds reversed gives the windowed sort order.
+  order = np.concatenate([
+      (lambda chunk, r: chunk if r % 2 == 0 else chunk[::-1])(schedule[i:i + num_ctas],
+                                                                i // num_ctas)
+      for i in range(0, n_items, num_ctas)])
+  pairs = max(1, -(-window_rounds * num_ctas // n_q))  # (batch, head) pairs per window
+  size = pairs * n_q
+  b_h = (order // heads // n_q) * heads + order % heads  # the item's (batch, head) pair
+  work = _work_of_items(ranges, heads, order)
+  for start in range(0, n_items, size):
+    window = slice(start, start + size)
+    first_pair = start // n_q
+    # A window holds exactly its pairs' items, heaviest first.
+    np.testing.assert_array_equal(np.unique(b_h[window]),
+                                  np.arange(first_pair, min(first_pair + pairs,
+                                                            batch * heads)))
+    assert np.all(np.diff(work[window]) <= 0)
+
+
+def test_persistent_schedule_orders_items_head_major():
+  # One batch row, 3 q tiles of work 2, 5, 0, two heads: items (qt * 2 + h).
   ranges = jnp.asarray([[[0, 0, 0, 2], [0, 0, 0, 5], [0, 0, 0, 0]]], jnp.int32)
-  schedule = mosaic_persistent.persistent_schedule(ranges, heads=2, num_ctas=100)
-  # Rows by work 5, 2, 0 -> items (row * 2 + h): 2, 3, 0, 1, 4, 5.
-  np.testing.assert_array_equal(schedule, [2, 3, 0, 1, 4, 5])
-  snake = mosaic_persistent.persistent_schedule(ranges, heads=2, num_ctas=4)
-  # Round 0 in order (2, 3, 0, 1); round 1 (4, 5) reversed.
+  one_pair = mosaic_persistent.persistent_schedule(ranges, heads=2, num_ctas=1,
+                                                   window_rounds=1)
+  # Windows of one (batch, head) pair (3 items): head 0's q tiles by work, then head 1's.
+  np.testing.assert_array_equal(one_pair, [2, 0, 4, 3, 1, 5])
+  snake = mosaic_persistent.persistent_schedule(ranges, heads=2, num_ctas=4,
+                                                window_rounds=None)
+  # Global sort (2, 3, 0, 1, 4, 5) by work, round 0 in order, round 1 (4, 5) reversed.
   np.testing.assert_array_equal(snake, [2, 3, 0, 1, 5, 4])
 
 
