@@ -694,8 +694,7 @@ def _one_line(r):
   keys = ("ok", "out_err", "lse_err", "dq_err", "dk_err", "dv_err", "nonfinite",
           "blind_out_exact_zero", "blind_lse_is_empty", "blind_dq_exact_zero",
           "unseen_dkdv_exact_zero", "plan_ms", "fwd_ms", "tflops", "dq_ms", "dkdv_ms",
-          "bwd_ms",
-          "bwd_tflops", "rel_err_vs_triton", "rel_err_vs_reference_row0_heads01",
+          "bwd_ms", "bwd_tflops", "rel_err_vs_triton", "rel_err_vs_reference_row0_heads01",
           *(f"{n}_err_vs_{w}" for w in ("triton", "reference_row0_heads01")
             for n in ("dq", "dk", "dv")), "first_call_s")
   fmt = lambda v: f"{v:.3g}" if isinstance(v, float) else str(v)
