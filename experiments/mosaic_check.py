@@ -97,16 +97,18 @@ CORRECTNESS_CASES = {
 }
 # The new schedules on a few of those cases (both consumer counts, one stage,
 # an empty row, a q chunk, a window, float16): name "<schedule>:<case>".
-SCHEDULES = ("serial", "pipelined", "pingpong", "persistent")  # mosaic_attention's
+SCHEDULES = ("serial", "pipelined", "pingpong", "persistent",
+             "persistent-pingpong")  # mosaic_attention's
 SCHEDULED_CASES = ("packed-d128", "empty-row-d64", "chunk-q512-kv1536", "tile-128x64-s1",
                    "tile-64x64-s2", "window-100-bidir", "float16-d64")
 for _schedule in SCHEDULES[1:]:
   for _case in SCHEDULED_CASES:
     CORRECTNESS_CASES[f"{_schedule}:{_case}"] = CORRECTNESS_CASES[_case]
 # The persistent kernel on 1 or 3 CTAs (many items per CTA) and on more CTAs than items.
-for _ctas, _case in [(1, "empty-row-d64"), (3, "packed-d128"), (3, "tile-64x64-s2"),
-                     (3, "chunk-q512-kv1536"), (1000, "tile-128x64-s1")]:
-  CORRECTNESS_CASES[f"persistent@{_ctas}:{_case}"] = CORRECTNESS_CASES[_case]
+for _schedule in SCHEDULES[3:]:
+  for _ctas, _case in [(1, "empty-row-d64"), (3, "packed-d128"), (3, "tile-64x64-s2"),
+                       (3, "chunk-q512-kv1536"), (1000, "tile-128x64-s1")]:
+    CORRECTNESS_CASES[f"{_schedule}@{_ctas}:{_case}"] = CORRECTNESS_CASES[_case]
 TOL = 2e-2
 
 # Backward cases: as CORRECTNESS_CASES, the last field being the tilings
@@ -158,14 +160,15 @@ TIMED_TILES = {
     (f"mosaic-{bq}x{bk}-s{s}" if sched == "serial" else f"mosaic-{sched}-{bq}x{bk}-s{s}"):
     (bq, bk, s, sched)
     for bq, bk, s in [(128, 128, 2), (128, 64, 2), (128, 64, 3)]
-    for sched in ("serial", "persistent", "pingpong", "pipelined")
+    for sched in ("serial", "persistent", "pingpong", "pipelined", "persistent-pingpong")
 }
 TIMED_TILES["mosaic-64x64-s2"] = (64, 64, 2, "serial")
 # The persistent schedule's window (mosaic_persistent.WINDOW_ROUNDS; "all": one
 # global sort by work, the first version): name -> window_rounds.
 PERSISTENT_WINDOWS = {"w1": 1, "w4": 4, "all": None}
 for _w in PERSISTENT_WINDOWS:
-  TIMED_TILES[f"mosaic-persistent-{_w}-128x128-s2"] = (128, 128, 2, f"persistent-{_w}")
+  for _schedule in SCHEDULES[3:]:
+    TIMED_TILES[f"mosaic-{_schedule}-{_w}-128x128-s2"] = (128, 128, 2, f"{_schedule}:{_w}")
 # The plan alone (masks.make_tile_plan at 128x128), which every timed call includes.
 PLAN_CASE = "plan-128x128"
 TARGET_FWD_MS = 0.45
@@ -361,14 +364,16 @@ def run_timing_case(name):
   elif name == PLAN_CASE:
     from jpack import masks
     plan = jax.jit(lambda seg, pos: masks.make_tile_plan(
-        seg, seg, pos, pos, block_q=128, block_k=128, causal=True).q_ranges)
+        seg, seg, pos, pos, block_q=128, block_k=128, causal=True,
+        sliding_window=None).q_ranges)
     return dict(plan_ms=timing.median_ms(plan, seg, pos, warmup=3, reps=20))
   else:
     *spec, schedule = TIMED_TILES[name]
     result.update(tile=spec, schedule=schedule)
     window = "default"
-    if schedule.startswith("persistent-"):  # a window variant of "persistent"
-      schedule, window = "persistent", PERSISTENT_WINDOWS[schedule.split("-", 1)[1]]
+    if ":" in schedule:  # a window variant of a persistent schedule
+      schedule, variant = schedule.split(":")
+      window = PERSISTENT_WINDOWS[variant]
     mosaic = _mosaic_fn(True, None, scale, _tile(spec), schedule)
     fn = jax.jit(lambda q, k, v, seg, pos: mosaic(q, k, v, seg, seg, pos, pos)[0])
     args = (q, k, v, seg, pos)

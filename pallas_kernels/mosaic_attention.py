@@ -35,6 +35,8 @@ outputs; they differ only in how a consumer orders its work:
                (_split_forward_kernel).
   "persistent" the serial loop in a persistent grid of CTAs walking a list of
                work items (mosaic_persistent).
+  "persistent-pingpong"
+               the persistent kernel with pingpong consumers.
 """
 
 from __future__ import annotations
@@ -61,7 +63,7 @@ __all__ = ["DEFAULT_SCHEDULE", "DEFAULT_TILE", "SCHEDULES", "check_supported", "
 DEFAULT_TILE = TileConfig(128, 128, num_stages=2)
 """Two consumer warpgroups, 128-key tiles, double-buffered (untuned starting point)."""
 
-SCHEDULES = ("serial", "pipelined", "pingpong", "persistent")
+SCHEDULES = ("serial", "pipelined", "pingpong", "persistent", "persistent-pingpong")
 """Consumer loop orders of the forward kernel (module docstring); "serial" is the default."""
 DEFAULT_SCHEDULE = "serial"
 
@@ -359,7 +361,7 @@ def forward(q, k, v, q_seg, kv_seg, q_pos, kv_pos, q_ranges, *, tile: TileConfig
   Same arguments as `segment_attention.forward`; `interpret` must be False
   (the Mosaic GPU interpreter cannot run this kernel: see tests/test_mosaic.py).
   schedule: one of SCHEDULES, the consumer loop order (module docstring).
-  num_ctas: "persistent" only, the number of CTAs launched; default
+  num_ctas: the persistent schedules only, the number of CTAs launched; default
   min(mosaic_persistent.num_sms(), number of work items B * H * Tq /
   block_major). More CTAs than items leaves the extra ones idle.
   """
@@ -367,14 +369,15 @@ def forward(q, k, v, q_seg, kv_seg, q_pos, kv_pos, q_ranges, *, tile: TileConfig
     raise NotImplementedError("the Mosaic GPU attention kernel has no interpret mode")
   if schedule not in SCHEDULES:
     raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
-  if num_ctas is not None and (schedule != "persistent" or num_ctas < 1):
-    raise ValueError(f"num_ctas must be None or >= 1, and only with schedule="
-                     f"'persistent'; got num_ctas={num_ctas}, schedule={schedule!r}")
+  persistent = schedule.startswith("persistent")
+  if num_ctas is not None and (not persistent or num_ctas < 1):
+    raise ValueError(f"num_ctas must be None or >= 1, and only with a persistent "
+                     f"schedule; got num_ctas={num_ctas}, schedule={schedule!r}")
   check_supported(q, k, tile)
-  if schedule == "persistent":
+  if persistent:
     return persistent_forward(q, k, v, q_seg, kv_seg, q_pos, kv_pos, q_ranges, tile=tile,
                               scale=scale, causal=causal, sliding_window=sliding_window,
-                              num_ctas=num_ctas)
+                              num_ctas=num_ctas, pingpong=schedule == "persistent-pingpong")
   batch, tq, heads, head_dim = q.shape
   group = heads // k.shape[2]
   num_consumers = tile.block_major // WG_ROWS

@@ -134,8 +134,14 @@ def persistent_schedule(q_ranges, heads: int, num_ctas: int,
 def _persistent_forward_kernel(schedule_ref, ranges_ref, q_ref, k_ref, v_ref, q_seg_ref,
                                q_pos_ref, kv_seg_ref, kv_pos_ref, o_ref, lse_ref, scratch, *,
                                scale, causal, sliding_window, block_k, num_stages,
-                               num_consumers, group, num_ctas):
+                               num_consumers, group, num_ctas, pingpong):
   """The persistent kernel (module docstring): serial consumers, items from schedule_ref.
+
+  pingpong (two consumers only): the consumers take turns on the tensor cores
+  as in mosaic_attention's "pingpong" schedule, through a rendezvous barrier
+  (2 arrivals a phase). Consumer 1 starts one rendezvous behind consumer 0 and
+  consumer 0 does one more after its last item; both do 2 a step in between,
+  and both run the same steps (the same items), so the phases always pair up.
 
   schedule_ref: int32 [num_items] (persistent_schedule); CTA c runs the items
   at positions c, c + num_ctas, ... Scratch: Q buffers [2 * num_consumers, 64,
@@ -144,7 +150,7 @@ def _persistent_forward_kernel(schedule_ref, ranges_ref, q_ref, k_ref, v_ref, q_
   num_consumers, 64]; the K/V ring as in mosaic_attention._forward_kernel.
   """
   (q_bufs, q_ids_smem, lse_smem, k_smem, v_smem, kv_ids_smem), barriers = scratch
-  q_ready, q_free, kv_ready, kv_consumed = barriers
+  q_ready, q_free, kv_ready, kv_consumed, *sched = barriers
   cta = lax.axis_index("ctas")
   wg = lax.axis_index("wg")
   num_items = schedule_ref.shape[0]
@@ -211,6 +217,11 @@ def _persistent_forward_kernel(schedule_ref, ranges_ref, q_ref, k_ref, v_ref, q_
     s_shape = (WG_ROWS, block_k)
     o_shape = (WG_ROWS, head_dim)
 
+    def rendezvous():
+      if sched:
+        plgpu.barrier_arrive(sched[0])
+        plgpu.barrier_wait(sched[0])
+
     def item(n, carry):
       t0, (b, qt, h, lo, full_lo, full_hi, hi) = carry
       next_item = describe(n + 1)  # loads issued now, used by the next iteration
@@ -235,6 +246,7 @@ def _persistent_forward_kernel(schedule_ref, ranges_ref, q_ref, k_ref, v_ref, q_
 
         def qk(acc_ref):
           plgpu.wgmma(acc_ref, q_smem, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
+          rendezvous()  # QK^T issued: the other consumer may finish its softmax
           return acc_ref[...]
 
         s = pl.run_scoped(qk, plgpu.ACC(s_shape, jnp.float32)) * logit_scale
@@ -246,6 +258,9 @@ def _persistent_forward_kernel(schedule_ref, ranges_ref, q_ref, k_ref, v_ref, q_
                 if masked else None)
         p, m_new, l, alpha = online_softmax(s, m, l, mask)
         acc = acc * broadcast_rows(alpha, acc.shape)
+        if sched:
+          acc, l, m_new, p = lax.optimization_barrier((acc, l, m_new, p))
+          rendezvous()  # softmax done; the other consumer issued its QK^T
 
         acc = mma_accumulate(acc, p, v_smem.at[slot], dtype)
         plgpu.barrier_arrive(kv_consumed.at[slot])  # once per step, every consumer
@@ -262,16 +277,23 @@ def _persistent_forward_kernel(schedule_ref, ranges_ref, q_ref, k_ref, v_ref, q_
       # Not awaited here: item n + 1 waits for the read, the kernel's end for the write.
       return t0 + jnp.maximum(hi - lo, 0), next_item
 
+    if sched:
+      pl.when(wg == 1)(rendezvous)
     lax.fori_loop(jnp.int32(0), count, item, (jnp.int32(0), describe(jnp.int32(0))))
+    if sched:
+      pl.when(wg == 0)(rendezvous)
     plgpu.wait_smem_to_gmem(0)
 
 
 
 def persistent_forward(q, k, v, q_seg, kv_seg, q_pos, kv_pos, q_ranges, *, tile: TileConfig,
-                       scale, causal, sliding_window, num_ctas: int | None = None):
-  """forward(..., schedule="persistent"): the schedule array, then the persistent kernel.
+                       scale, causal, sliding_window, num_ctas: int | None = None,
+                       pingpong: bool = False):
+  """forward(..., schedule="persistent[-pingpong]"): the schedule array, then the kernel.
 
   Arguments and outputs as mosaic_attention.forward, which checks them.
+  pingpong: the two consumers take turns on the tensor cores (no effect with
+  one consumer).
   num_ctas: the number of CTAs launched; default min(num_sms(), number of
   work items B * H * Tq / block_major).
   """
@@ -285,7 +307,9 @@ def persistent_forward(q, k, v, q_seg, kv_seg, q_pos, kv_pos, q_ranges, *, tile:
   if num_ctas is None:
     num_ctas = min(num_sms(), num_items)
   schedule = persistent_schedule(q_ranges, heads, num_ctas, window_rounds=WINDOW_ROUNDS)
-  kernel = functools.partial(_persistent_forward_kernel, num_ctas=num_ctas, **opts)
+  pingpong = pingpong and num_consumers == 2
+  kernel = functools.partial(_persistent_forward_kernel, num_ctas=num_ctas,
+                             pingpong=pingpong, **opts)
   barriers = (
       # q_ready[qs]: Q, q ids, q positions per consumer (3 * num_consumers copies
       # per item); q_free[qs]: one arrival per consumer per item n >= 1.
@@ -296,6 +320,8 @@ def persistent_forward(q, k, v, q_seg, kv_seg, q_pos, kv_pos, q_ranges, *, tile:
       plgpu.Barrier(num_arrivals=4, num_barriers=stages),
       plgpu.Barrier(num_arrivals=num_consumers, num_barriers=stages),
   )
+  if pingpong:
+    barriers += (plgpu.Barrier(num_arrivals=2),)  # the consumers' rendezvous
   scratch = (
       plgpu.SMEM((2 * num_consumers, WG_ROWS, head_dim), q.dtype, transforms=transforms),
       plgpu.SMEM((2 * num_consumers, 2, WG_ROWS), jnp.int32),

@@ -117,6 +117,10 @@ def test_lowers_for_cuda(case, schedule):
 # The persistent kernel with a CTA count other than the default: more CTAs than
 # work items (the extra ones idle), and one or two CTAs walking many items each
 # (2 x 512/128 x 4 = 32 items at 128-row tiles, 64 at 64-row tiles).
+PERSISTENT = [s for s in SCHEDULES if s.startswith("persistent")]
+
+
+@pytest.mark.parametrize("schedule", PERSISTENT)
 @pytest.mark.parametrize("num_ctas", [1, 2, 5, 100])
 @pytest.mark.parametrize("case", [LowerCase("default"),
                                   LowerCase("one-consumer-64x64",
@@ -124,7 +128,7 @@ def test_lowers_for_cuda(case, schedule):
                                   LowerCase("one-stage-gqa", kv_heads=1,
                                             tile=TileConfig(128, 64, num_stages=1))],
                          ids=lambda c: c.name)
-def test_persistent_lowers_for_cuda_with_any_number_of_ctas(case, num_ctas):
+def test_persistent_lowers_for_cuda_with_any_number_of_ctas(case, num_ctas, schedule):
   b, t = 2, 512
   q = jax.ShapeDtypeStruct((b, case.q_len, case.heads, case.head_dim),
                            jnp.dtype(case.dtype))
@@ -132,7 +136,7 @@ def test_persistent_lowers_for_cuda_with_any_number_of_ctas(case, num_ctas):
   ids = jax.ShapeDtypeStruct((b, t), jnp.int32)
   lowered = mosaic_forward.trace(
       q, kv, kv, ids, ids, ids, ids, causal=case.causal, window=case.window, scale=0.1,
-      tile=case.tile, schedule="persistent", num_ctas=num_ctas).lower(
+      tile=case.tile, schedule=schedule, num_ctas=num_ctas).lower(
           lowering_platforms=("cuda",))
   assert "mosaic_gpu" in lowered.as_text()
 
@@ -220,7 +224,9 @@ def test_num_sms_without_a_gpu_is_the_h100_default():
     assert mosaic_persistent.num_sms() == mosaic_persistent.DEFAULT_NUM_SMS == 132
 
 
-@pytest.mark.parametrize("schedule, num_ctas", [("serial", 4), ("persistent", 0)])
+@pytest.mark.parametrize("schedule, num_ctas", [("serial", 4), ("pingpong", 4),
+                                                ("persistent", 0),
+                                                ("persistent-pingpong", 0)])
 def test_num_ctas_needs_the_persistent_schedule(schedule, num_ctas):
   x = jnp.zeros((1, 128, 1, 64), jnp.bfloat16)
   ids = jnp.zeros((1, 128), jnp.int32)
@@ -373,13 +379,14 @@ def test_queries_that_see_nothing_output_exactly_zero(case, schedule):
 # The persistent kernel with few CTAs (many items each: the Q buffers and the
 # K/V ring cycle through many items) and with more CTAs than items.
 @pytest.mark.gpu
+@pytest.mark.parametrize("schedule", PERSISTENT)
 @pytest.mark.parametrize("num_ctas", [1, 3, 1000])
 @pytest.mark.parametrize("name", ["empty-row-d128", "gqa-4:1", "window-100-bidirectional",
                                   "chunk-q1024-kv3072", "tile-64x64-1-stage",
                                   "tile-128x64-3-stages"])
-def test_persistent_with_any_number_of_ctas_matches_reference(name, num_ctas):
+def test_persistent_with_any_number_of_ctas_matches_reference(name, num_ctas, schedule):
   case = BY_NAME[name]
-  got, want, layout = run_case(name, "persistent", num_ctas)
+  got, want, layout = run_case(name, schedule, num_ctas)
   assert_close("out", got["out"], want["out"], TOL)
   allowed = _allowed(case, layout)
   seen = np.broadcast_to(allowed.any(axis=2)[:, None, :], got["lse"].shape)
