@@ -139,9 +139,14 @@ def _persistent_forward_kernel(schedule_ref, ranges_ref, q_ref, k_ref, v_ref, q_
 
   pingpong (two consumers only): the consumers take turns on the tensor cores
   as in mosaic_attention's "pingpong" schedule, through a rendezvous barrier
-  (2 arrivals a phase). Consumer 1 starts one rendezvous behind consumer 0 and
-  consumer 0 does one more after its last item; both do 2 a step in between,
-  and both run the same steps (the same items), so the phases always pair up.
+  (2 arrivals a phase), item by item: consumer 1 starts each item one
+  rendezvous behind consumer 0 and consumer 0 does one more at the item's
+  end; both do 2 a step in between (the same steps), so the phases pair up
+  within the item. Pairing across items instead would deadlock: consumer 0,
+  a rendezvous ahead, could wait for an item's Q whose buffer consumer 1
+  releases only after that rendezvous. The ring needs 2 stages here: with one,
+  consumer 0's QK^T of step t waits for consumer 1's PV of step t - 1, which
+  follows the rendezvous that needs that QK^T.
 
   schedule_ref: int32 [num_items] (persistent_schedule); CTA c runs the items
   at positions c, c + num_ctas, ... Scratch: Q buffers [2 * num_consumers, 64,
@@ -231,6 +236,8 @@ def _persistent_forward_kernel(schedule_ref, ranges_ref, q_ref, k_ref, v_ref, q_
       rows = pl.ds(qt * block_q + wg * WG_ROWS, WG_ROWS)
       plgpu.barrier_wait(q_ready.at[qs])  # once per item, every consumer
       q_ids = tuple(row_vector(q_ids_smem.at[buf, i][...]) for i in range(2))
+      if sched:
+        pl.when(wg == 1)(rendezvous)  # one behind consumer 0 (docstring)
 
       def release_previous_item():
         """q_free[1 - qs]: item n - 1's output store has read its Q buffer."""
@@ -268,6 +275,8 @@ def _persistent_forward_kernel(schedule_ref, ranges_ref, q_ref, k_ref, v_ref, q_
 
       acc, m, l = three_runs(lo, full_lo, full_hi, hi, visit,
                              (zeros_acc(o_shape), *empty_row_stats()))
+      if sched:
+        pl.when(wg == 0)(rendezvous)  # pairs with consumer 1's last one of the item
       # A zero-tile item issued no QK^T: it releases item n - 1 here, before
       # issuing its own stores (so that the wait covers item n - 1's only).
       pl.when((hi <= lo) & has_previous)(release_previous_item)
@@ -277,11 +286,7 @@ def _persistent_forward_kernel(schedule_ref, ranges_ref, q_ref, k_ref, v_ref, q_
       # Not awaited here: item n + 1 waits for the read, the kernel's end for the write.
       return t0 + jnp.maximum(hi - lo, 0), next_item
 
-    if sched:
-      pl.when(wg == 1)(rendezvous)
     lax.fori_loop(jnp.int32(0), count, item, (jnp.int32(0), describe(jnp.int32(0))))
-    if sched:
-      pl.when(wg == 0)(rendezvous)
     plgpu.wait_smem_to_gmem(0)
 
 
@@ -293,7 +298,7 @@ def persistent_forward(q, k, v, q_seg, kv_seg, q_pos, kv_pos, q_ranges, *, tile:
 
   Arguments and outputs as mosaic_attention.forward, which checks them.
   pingpong: the two consumers take turns on the tensor cores (no effect with
-  one consumer).
+  one consumer); needs tile.num_stages >= 2 (ValueError).
   num_ctas: the number of CTAs launched; default min(num_sms(), number of
   work items B * H * Tq / block_major).
   """
@@ -308,6 +313,9 @@ def persistent_forward(q, k, v, q_seg, kv_seg, q_pos, kv_pos, q_ranges, *, tile:
     num_ctas = min(num_sms(), num_items)
   schedule = persistent_schedule(q_ranges, heads, num_ctas, window_rounds=WINDOW_ROUNDS)
   pingpong = pingpong and num_consumers == 2
+  if pingpong and stages < 2:
+    raise ValueError(f"schedule='persistent-pingpong' needs tile.num_stages >= 2 (one "
+                     f"stage would deadlock its two consumers), got {stages}")
   kernel = functools.partial(_persistent_forward_kernel, num_ctas=num_ctas,
                              pingpong=pingpong, **opts)
   barriers = (
