@@ -178,8 +178,13 @@ PERSISTENT_WINDOWS = {"w1": 1, "w4": 4, "all": None}
 for _w in PERSISTENT_WINDOWS:
   for _schedule in SCHEDULES[3:]:
     TIMED_TILES[f"mosaic-{_schedule}-{_w}-128x128-s2"] = (128, 128, 2, f"{_schedule}:{_w}")
-# The plan alone (masks.make_tile_plan at 128x128), which every timed call includes.
+# The plan alone (masks.make_tile_plan at 128x128), which every timed call includes,
+# and a few kernels timed with the plan made beforehand (name + NO_PLAN).
 PLAN_CASE = "plan-128x128"
+NO_PLAN = "+noplan"
+for _name in ("mosaic-128x128-s2", "mosaic-pingpong-128x128-s2",
+              "mosaic-persistent-pingpong-w1-128x128-s2"):
+  TIMED_TILES[_name + NO_PLAN] = TIMED_TILES[_name]
 TARGET_FWD_MS = 0.45
 
 
@@ -216,7 +221,9 @@ def _rel_err(a, b):
 
 
 def _mosaic_fn(causal, window, scale, tile, schedule="serial", num_ctas=None):
-  """jitted (q, k, v, q_seg, kv_seg, q_pos, kv_pos) -> (out, lse), plan included.
+  """jitted (q, k, v, q_seg, kv_seg, q_pos, kv_pos, plan=None) -> (out, lse).
+
+  The plan (masks.TilePlan) is made inside unless given.
 
   The persistent schedule's work array (mosaic_persistent.persistent_schedule)
   is made inside too, from the plan.
@@ -227,10 +234,11 @@ def _mosaic_fn(causal, window, scale, tile, schedule="serial", num_ctas=None):
   from pallas_kernels import mosaic_attention
 
   @jax.jit
-  def run(q, k, v, q_seg, kv_seg, q_pos, kv_pos):
-    plan = masks.make_tile_plan(q_seg, kv_seg, q_pos, kv_pos, block_q=tile.block_major,
-                                block_k=tile.block_minor, causal=causal,
-                                sliding_window=window)
+  def run(q, k, v, q_seg, kv_seg, q_pos, kv_pos, plan=None):
+    if plan is None:
+      plan = masks.make_tile_plan(q_seg, kv_seg, q_pos, kv_pos, block_q=tile.block_major,
+                                  block_k=tile.block_minor, causal=causal,
+                                  sliding_window=window)
     return mosaic_attention.forward(q, k, v, q_seg, kv_seg, q_pos, kv_pos, plan.q_ranges,
                                     tile=tile, scale=scale, causal=causal,
                                     sliding_window=window, schedule=schedule,
@@ -383,8 +391,15 @@ def run_timing_case(name):
     if ":" in schedule:  # a window variant of a persistent schedule
       schedule, variant = schedule.split(":")
       window = PERSISTENT_WINDOWS[variant]
-    mosaic = _mosaic_fn(True, None, scale, _tile(spec), schedule)
-    fn = jax.jit(lambda q, k, v, seg, pos: mosaic(q, k, v, seg, seg, pos, pos)[0])
+    tile = _tile(spec)
+    mosaic = _mosaic_fn(True, None, scale, tile, schedule)
+    plan = None  # made inside each call, as flash_attention does
+    if name.endswith(NO_PLAN):
+      from jpack import masks
+      plan = masks.make_tile_plan(seg, seg, pos, pos, block_q=tile.block_major,
+                                  block_k=tile.block_minor, causal=True,
+                                  sliding_window=None)
+    fn = jax.jit(lambda q, k, v, seg, pos: mosaic(q, k, v, seg, seg, pos, pos, plan)[0])
     args = (q, k, v, seg, pos)
     with _persistent_window(window):
       out = np.asarray(fn(*args).astype(jnp.float32))  # traced (and compiled) here
