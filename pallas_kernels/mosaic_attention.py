@@ -32,7 +32,7 @@ outputs; they differ only in how a consumer orders its work:
   "pipelined"  QK^T of step j overlaps PV of step j - 1 inside each consumer
                (_split_forward_kernel).
   "pingpong"   the two consumers take turns on the tensor cores
-               (_split_forward_kernel).
+               (_split_forward_kernel). The default (DEFAULT_SCHEDULE).
   "persistent" the serial loop in a persistent grid of CTAs walking a list of
                work items (mosaic_persistent).
   "persistent-pingpong"
@@ -64,8 +64,9 @@ DEFAULT_TILE = TileConfig(128, 128, num_stages=2)
 """Two consumer warpgroups, 128-key tiles, double-buffered (untuned starting point)."""
 
 SCHEDULES = ("serial", "pipelined", "pingpong", "persistent", "persistent-pingpong")
-"""Consumer loop orders of the forward kernel (module docstring); "serial" is the default."""
-DEFAULT_SCHEDULE = "serial"
+"""Consumer loop orders of the forward kernel (module docstring); "pingpong" is the default."""
+DEFAULT_SCHEDULE = "pingpong"
+"""The fastest measured on an H100 (experiments/perf_notes.md, entries 11 and 13)."""
 
 
 def _load_consumer_q(gmem, qo_smem, q_ids_smem, q_ready, *, qt, b, h, wg, num_consumers):

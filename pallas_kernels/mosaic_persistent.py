@@ -92,8 +92,9 @@ def num_sms() -> int:
   return int(getattr(device, "core_count", 0) or DEFAULT_NUM_SMS)
 
 
-WINDOW_ROUNDS = 2
-"""Work items sorted together, in rounds of num_ctas (persistent_schedule's window)."""
+WINDOW_ROUNDS = 1
+"""Work items sorted together, in rounds of num_ctas (persistent_schedule's window):
+1 was the fastest of 1, 2, 4 and one global sort on an H100 (perf_notes entry 13)."""
 
 
 def persistent_schedule(q_ranges, heads: int, num_ctas: int,
