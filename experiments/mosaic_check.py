@@ -32,6 +32,14 @@
    tilings, dq and dk/dv kernels timed separately (each with its tile plan,
    lse and delta given), Mosaic grads against Triton's on the whole shape and
    against the reference on one row, 2 heads.
+   The fused backward (`pallas_kernels.mosaic_fused_backward.backward_fused`:
+   dQ, dK, dV in one kernel) runs in the same two parts: correctness cases
+   named "fused-..." (the same comparisons, plus each grad against the
+   two-kernel Mosaic backward on the same inputs) and timed entries
+   "mosaic-fused-bwd-<tiling>" (plan, kernel and the dq cast in one jitted
+   call: fused_ms = bwd_ms). To compare the three backwards:
+       python experiments/mosaic_check.py --only bwd --cases \
+           fused-packed-d128,bwd-packed-d128,triton-bwd,mosaic-bwd-default,mosaic-fused-bwd-default
 
 Without --only, 1. and 2. run (as before); each part runs on its own within
 the total budget, so run the backward as its own command.
@@ -155,11 +163,50 @@ BWD_CORRECTNESS_CASES = {
     "bwd-tile-s3-d64": ("packed", 2, 1024, 1024, 4, 4, 64, "bfloat16", False, None, None,
                         ((128, 128, 3), (128, 64, 3))),
 }
+# The fused backward (mosaic_fused_backward: dQ, dK, dV in one kernel), named
+# "fused-...": the last field is its tile (block_major, block_minor, stages) or
+# None (DEFAULT_FUSED_TILE). Same comparisons as the bwd cases, plus each grad
+# against the two-kernel Mosaic backward (default tiles) on the same inputs.
+FUSED_BWD_CORRECTNESS_CASES = {
+    "fused-packed-d128": ("packed", 2, 1024, 1024, 4, 4, 128, "bfloat16", True, None, None,
+                          None),
+    "fused-packed-d64": ("packed", 2, 1024, 1024, 4, 4, 64, "bfloat16", True, None, None,
+                         None),
+    "fused-empty-row-d64": ("empty_row", 2, 1024, 1024, 2, 2, 64, "bfloat16", True, None,
+                            None, None),
+    "fused-float16-d128": ("padded", 2, 1024, 1024, 4, 4, 128, "float16", True, None, None,
+                           None),
+    "fused-bidirectional": ("padded", 2, 1024, 1024, 4, 4, 128, "bfloat16", False, None,
+                            None, None),
+    "fused-gqa-8:2-d64": ("padded", 2, 1024, 1024, 8, 2, 64, "bfloat16", True, None, None,
+                          None),
+    "fused-gqa-4:1-d128": ("packed", 2, 1024, 1024, 4, 1, 128, "bfloat16", True, None, None,
+                           None),
+    "fused-window-100-bidir": ("packed", 2, 1024, 1024, 4, 4, 128, "bfloat16", False, 100,
+                               None, None),
+    "fused-repeated-ids": ("repeated", 2, 512, 512, 2, 2, 64, "bfloat16", True, None, None,
+                           None),
+    "fused-chunk-q512-kv1536": ("padded", 2, 512, 1536, 4, 4, 128, "bfloat16", True, None,
+                                768, None),
+    "fused-tile-64x64": ("padded", 2, 1024, 1024, 4, 2, 128, "bfloat16", True, None, None,
+                         (64, 64, 2)),
+    "fused-tile-s1": ("padded", 2, 1024, 1024, 4, 4, 128, "bfloat16", True, None, None,
+                      (128, 64, 1)),
+    "fused-tile-128x128-d64": ("packed", 2, 1024, 1024, 4, 4, 64, "bfloat16", False, None,
+                               None, (128, 128, 2)),
+}
+BWD_CORRECTNESS_CASES.update(FUSED_BWD_CORRECTNESS_CASES)
 BWD_TIMED_TILES = {f"mosaic-bwd-{name}": tiles for name, tiles in [
     ("default", None),
     ("dq128x128", ((128, 128, 2), (128, 64, 2))),
     ("s3", ((128, 64, 3), (128, 64, 3))),
     ("64x64", (_DQ64, _KV64)),
+]}
+# The fused kernel on the main shape (plan, kernel and the dq cast, one jitted call).
+FUSED_BWD_TIMED_TILES = {f"mosaic-fused-bwd-{name}": tile for name, tile in [
+    ("default", None),
+    ("64x64", (64, 64, 2)),
+    ("s1", (128, 64, 1)),
 ]}
 
 MAIN = dict(batch=4, seq_len=8192, heads=16, head_dim=128, seed=0, mean_len=1024.0)
@@ -461,6 +508,39 @@ def _bwd_fns(kernels, causal, window, scale, dq_tile, dkdv_tile):
   return dq_fn, dkdv_fn
 
 
+def _fused_tile(spec):
+  """The fused kernel's tile of a spec (block_major, block_minor, stages); None = default."""
+  from pallas_kernels import mosaic_fused_backward
+  from pallas_kernels.config import TileConfig
+  if spec is None:
+    return mosaic_fused_backward.DEFAULT_FUSED_TILE
+  return TileConfig(spec[0], spec[1], num_stages=spec[2])
+
+
+@functools.lru_cache(maxsize=None)
+def _fused_fn(causal, window, scale, tile):
+  """jitted (q, k, v, do, lse, delta, q_seg, kv_seg, q_pos, kv_pos) -> (dq, dk, dv).
+
+  mosaic_fused_backward.backward_fused with its tile plan (the dK/dV plan)
+  made inside; dq comes out in q.dtype (the float32 accumulator's cast included).
+  """
+  import jax
+
+  from jpack import masks
+  from pallas_kernels import mosaic_fused_backward
+
+  @jax.jit
+  def fused(q, k, v, do, lse, delta, q_seg, kv_seg, q_pos, kv_pos):
+    ranges = masks.make_tile_plan(q_seg, kv_seg, q_pos, kv_pos, block_q=tile.block_minor,
+                                  block_k=tile.block_major, causal=causal,
+                                  sliding_window=window).kv_ranges
+    return mosaic_fused_backward.backward_fused(
+        q, k, v, do, lse, delta, q_seg, kv_seg, q_pos, kv_pos, ranges, tile=tile,
+        scale=scale, causal=causal, sliding_window=window)
+
+  return fused
+
+
 def _reference_grads(q, k, v, do, dlse, ids, causal, window, scale):
   """(dict of float32 numpy dq, dk, dv; lse; delta) from jax.vjp of the float32 reference."""
   import jax
@@ -492,7 +572,8 @@ def run_bwd_correctness_case(name):
 
   (kind, batch, q_len, kv_len, heads, kv_heads, head_dim, dtype, causal, window, off,
    tiles_spec) = BWD_CORRECTNESS_CASES[name]
-  dq_tile, dkdv_tile = _bwd_tiles(tiles_spec)
+  fused = name in FUSED_BWD_CORRECTNESS_CASES
+  tiles = (_fused_tile(tiles_spec),) if fused else _bwd_tiles(tiles_spec)
   kv_seg = _segment_ids(kind, batch, kv_len, seed=7)
   kv_pos = np.broadcast_to(np.arange(kv_len, dtype=np.int32), (batch, kv_len))
   off = off or 0
@@ -509,17 +590,23 @@ def run_bwd_correctness_case(name):
   dlse = normal(keys[4], (batch, heads, q_len))
   scale = 1.0 / np.sqrt(head_dim)
   want, lse, delta = _reference_grads(q, k, v, do, dlse, ids, causal, window, scale)
-  dq_fn, dkdv_fn = _bwd_fns(mosaic_backward, causal, window, scale, dq_tile, dkdv_tile)
+  args = (q, k, v, do, lse, delta, *ids)
+  as_np = lambda grads: {n: np.asarray(x.astype(jnp.float32))
+                         for n, x in zip(("dq", "dk", "dv"), grads)}
+  two_kernel_fns = _bwd_fns(mosaic_backward, causal, window, scale,
+                            *(_bwd_tiles(None) if fused else tiles))
   t0 = time.perf_counter()
-  dq = jax.block_until_ready(dq_fn(q, k, v, do, lse, delta, *ids))
-  dk, dv = jax.block_until_ready(dkdv_fn(q, k, v, do, lse, delta, *ids))
+  if fused:
+    dq, dk, dv = jax.block_until_ready(_fused_fn(causal, window, scale, tiles[0])(*args))
+  else:
+    dq = jax.block_until_ready(two_kernel_fns[0](*args))
+    dk, dv = jax.block_until_ready(two_kernel_fns[1](*args))
   seconds = time.perf_counter() - t0
-  got = {n: np.asarray(x.astype(jnp.float32)) for n, x in dict(dq=dq, dk=dk, dv=dv).items()}
+  got = as_np((dq, dk, dv))
   allowed = np.asarray(allowed_mask(*ids, causal=causal, sliding_window=window))
   blind_q, unseen_k = ~allowed.any(axis=2), ~allowed.any(axis=1)  # [B, Tq], [B, Tk]
   result = dict(
-      tiles=[list((t.block_major, t.block_minor, t.num_stages))
-             for t in (dq_tile, dkdv_tile)],
+      tiles=[list((t.block_major, t.block_minor, t.num_stages)) for t in tiles],
       first_call_s=round(seconds, 2),
       **{f"{n}_err": _rel_err(got[n], want[n]) for n in ("dq", "dk", "dv")},
       nonfinite=int(sum((~np.isfinite(x)).sum() for x in got.values())),
@@ -528,7 +615,12 @@ def run_bwd_correctness_case(name):
       unseen_dkdv_exact_zero=bool(np.all(got["dk"][unseen_k] == 0.0)
                                   and np.all(got["dv"][unseen_k] == 0.0)),
   )
-  result["ok"] = bool(all(result[f"{n}_err"] <= TOL for n in ("dq", "dk", "dv"))
+  errs = [f"{n}_err" for n in ("dq", "dk", "dv")]
+  if fused:  # and against the two-kernel Mosaic backward on the same inputs
+    two = as_np((two_kernel_fns[0](*args), *two_kernel_fns[1](*args)))
+    result.update({f"{n}_err_vs_two_kernel": _rel_err(got[n], two[n]) for n in two})
+    errs += [f"{n}_err_vs_two_kernel" for n in two]
+  result["ok"] = bool(all(result[e] <= TOL for e in errs)
                       and result["nonfinite"] == 0 and result["blind_dq_exact_zero"]
                       and result["unseen_dkdv_exact_zero"])
   return result
@@ -572,7 +664,11 @@ def _triton_main_grads():
 
 
 def run_bwd_timing_case(name):
-  """name: "triton-bwd" or a key of BWD_TIMED_TILES."""
+  """name: "triton-bwd", a key of BWD_TIMED_TILES or of FUSED_BWD_TIMED_TILES.
+
+  The kernels of one backward are timed one jitted call each (dq and dkdv for
+  the two-kernel ones, fused for the fused one); bwd_ms is their sum.
+  """
   import jax.numpy as jnp
   import numpy as np
 
@@ -584,16 +680,29 @@ def run_bwd_timing_case(name):
   do, lse, delta = _main_bwd_inputs()
   scale = 1.0 / np.sqrt(q.shape[-1])
   args = (q, k, v, do, lse, delta, seg, seg, pos, pos)
-  if name == "triton-bwd":
-    config = KernelConfig.for_head_dim(q.shape[-1])
-    kernels, tiles = segment_attention, (config.dq, config.dkdv)
+  if name in FUSED_BWD_TIMED_TILES:
+    tiles = (_fused_tile(FUSED_BWD_TIMED_TILES[name]),)
+    calls = dict(fused=_fused_fn(True, None, scale, tiles[0]))
   else:
-    kernels, tiles = mosaic_backward, _bwd_tiles(BWD_TIMED_TILES[name])
-  dq_fn, dkdv_fn = _bwd_fns(kernels, True, None, scale, *tiles)
+    if name == "triton-bwd":
+      config = KernelConfig.for_head_dim(q.shape[-1])
+      kernels, tiles = segment_attention, (config.dq, config.dkdv)
+    else:
+      kernels, tiles = mosaic_backward, _bwd_tiles(BWD_TIMED_TILES[name])
+    calls = dict(zip(("dq", "dkdv"), _bwd_fns(kernels, True, None, scale, *tiles)))
+
+  def grads(*a):
+    """(dq, dk, dv) of the calls, in order."""
+    out = []
+    for call in calls.values():
+      x = call(*a)
+      out.extend(x if isinstance(x, tuple) else (x,))
+    return out
+
   result = dict(tiles=[list((t.block_major, t.block_minor, t.num_stages)) for t in tiles])
   if name != "triton-bwd":
     as_np = lambda x: np.asarray(x.astype(jnp.float32))
-    got = dict(zip(("dq", "dk", "dv"), map(as_np, (dq_fn(*args), *dkdv_fn(*args)))))
+    got = dict(zip(("dq", "dk", "dv"), map(as_np, grads(*args))))
     result["nonfinite"] = int(sum((~np.isfinite(x)).sum() for x in got.values()))
     try:
       want = _triton_main_grads()
@@ -607,15 +716,13 @@ def run_bwd_timing_case(name):
     sub = [cut(x) for x in (q, k, v, do)]
     dlse = jnp.zeros((1, 2, q.shape[1]), jnp.float32)
     ref, sub_lse, sub_delta = _reference_grads(*sub, dlse, ids, True, None, scale)
-    sub_dq = dq_fn(*sub, sub_lse, sub_delta, *ids)
-    sub_dk, sub_dv = dkdv_fn(*sub, sub_lse, sub_delta, *ids)
-    for n, x in zip(("dq", "dk", "dv"), (sub_dq, sub_dk, sub_dv)):
+    for n, x in zip(("dq", "dk", "dv"), grads(*sub, sub_lse, sub_delta, *ids)):
       result[f"{n}_err_vs_reference_row0_heads01"] = _rel_err(as_np(x), ref[n])
-  dq_ms = timing.median_ms(dq_fn, *args, warmup=3, reps=20)
-  dkdv_ms = timing.median_ms(dkdv_fn, *args, warmup=3, reps=20)
+  for part, call in calls.items():
+    result[f"{part}_ms"] = timing.median_ms(call, *args, warmup=3, reps=20)
+  bwd_ms = sum(result[f"{part}_ms"] for part in calls)
   bwd_flops = 2.5 * flops  # experiments.layouts.BACKWARD_FLOPS_FACTOR
-  result.update(dq_ms=dq_ms, dkdv_ms=dkdv_ms, bwd_ms=dq_ms + dkdv_ms,
-                bwd_tflops=bwd_flops / ((dq_ms + dkdv_ms) * 1e-3) / 1e12)
+  result.update(bwd_ms=bwd_ms, bwd_tflops=bwd_flops / (bwd_ms * 1e-3) / 1e12)
   return result
 
 
@@ -722,8 +829,9 @@ def _one_line(r):
     return f"{r.get('status', '?').upper()}: {r.get('error', '')[:300]}"
   keys = ("ok", "out_err", "lse_err", "dq_err", "dk_err", "dv_err", "nonfinite",
           "blind_out_exact_zero", "blind_lse_is_empty", "blind_dq_exact_zero",
-          "unseen_dkdv_exact_zero", "plan_ms", "fwd_ms", "tflops", "dq_ms", "dkdv_ms",
-          "bwd_ms", "bwd_tflops", "rel_err_vs_triton", "rel_err_vs_reference_row0_heads01",
+          "unseen_dkdv_exact_zero", *(f"{n}_err_vs_two_kernel" for n in ("dq", "dk", "dv")),
+          "plan_ms", "fwd_ms", "tflops", "dq_ms", "dkdv_ms", "fused_ms", "bwd_ms",
+          "bwd_tflops", "rel_err_vs_triton", "rel_err_vs_reference_row0_heads01",
           *(f"{n}_err_vs_{w}" for w in ("triton", "reference_row0_heads01")
             for n in ("dq", "dk", "dv")), "first_call_s")
   fmt = lambda v: f"{v:.3g}" if isinstance(v, float) else str(v)
@@ -755,7 +863,10 @@ PART_INFO = {
     "bwd-correct": ("bwd_correctness", "correctness (Mosaic backward vs jax.vjp of the "
                     "float32 reference)", list(BWD_CORRECTNESS_CASES)),
     "bwd-time": ("bwd_timing", "timing on the main shape (backward kernels, plan "
-                 "included, lse and delta given)", ["triton-bwd", *BWD_TIMED_TILES]),
+                 "included, lse and delta given)",
+                 ["triton-bwd", "mosaic-bwd-default", "mosaic-fused-bwd-default",
+                  *(n for n in [*BWD_TIMED_TILES, *FUSED_BWD_TIMED_TILES]
+                    if not n.endswith("-default"))]),
 }
 PART_RESERVE_S = 150  # kept for each later part when an earlier one runs long
 

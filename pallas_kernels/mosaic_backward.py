@@ -73,7 +73,7 @@ from pallas_kernels.config import TileConfig
 from pallas_kernels.mosaic_common import (
     WG_ROWS, broadcast_cols, broadcast_rows, check_supported, col_vector,
     consumer_warpgroups, launch, mma_accumulate, mma_transforms, producer_warpgroup, row_vector,
-    stream_kv_tiles, three_runs, tile_doc_mask, wait_for_free_slot, zeros_acc)
+    scores_and_grads, stream_kv_tiles, stream_q_tiles, three_runs, tile_doc_mask, zeros_acc)
 from pallas_kernels.segment_attention import LOG2E, MASKED_LOGIT, _bwd_shift
 
 __all__ = ["DEFAULT_DQ_TILE", "DEFAULT_DKDV_TILE", "backward_dq", "backward_dkdv",
@@ -112,20 +112,6 @@ def check_backward_inputs(q, k, plan, tile: TileConfig, *, kv_major: bool, rule=
     raise ValueError(f"{'kv' if kv_major else 'q'}_ranges must be a range plan int32 "
                      f"[B, n_tiles, 4] = {expected} (tile lists of general masks are "
                      f"not supported), got shape {tuple(plan.shape)}")
-
-
-def _scores_and_grads(a_smem, b_smem, c_smem, d_smem, shape):
-  """(a @ b^T, c @ d^T) as float32 `shape` accumulators: two wgmmas, one wait.
-
-  a_smem, c_smem: [64, D]; b_smem, d_smem: [n, D]; shape: (64, n).
-  """
-  def both(x_ref, y_ref):
-    plgpu.wgmma(x_ref, a_smem, plgpu.transpose_ref(b_smem, (1, 0)))
-    plgpu.wgmma(y_ref, c_smem, plgpu.transpose_ref(d_smem, (1, 0)))
-    return x_ref[...], y_ref[...]
-
-  return pl.run_scoped(both, plgpu.ACC(shape, jnp.float32),
-                       plgpu.ACC(shape, jnp.float32))
 
 
 # ----------------------------------------------------------------------------
@@ -171,7 +157,7 @@ def _dq_kernel(ranges_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_se
       slot = lax.rem(j - lo, jnp.int32(num_stages))
       plgpu.barrier_wait(kv_ready.at[slot])
       k_tile = k_smem.at[slot]
-      s, dp = _scores_and_grads(qs, k_tile, dos, v_smem.at[slot], s_shape)
+      s, dp = scores_and_grads(qs, k_tile, dos, v_smem.at[slot], s_shape)
       s = s * logit_scale
       if masked:
         mask = tile_doc_mask(q_ids, kv_ids_smem, slot, s_shape, kv_major=False,
@@ -238,37 +224,6 @@ def backward_dq(q, k, v, do, lse, delta, q_seg, kv_seg, q_pos, kv_pos, q_ranges,
 # dK and dV
 
 
-def _stream_q_tiles(gmem, smem, ready, consumed, *, b, kv_head, group, lo, hi,
-                    block_q, num_stages):
-  """Producer loop: for each q head of the group, q tiles i in [lo, hi) into the ring.
-
-  gmem: (q, do [B, Tq, H, D], lse, delta [B, H, Tq], q_seg, q_pos [B, Tq]);
-  smem: (q, do [stages, block_q, D], stats float32 [stages, 2, block_q], ids
-  int32 [stages, 2, block_q]). Step t = r * (hi - lo) + i - lo; each slot's
-  `ready` barrier gets 6 arrivals (one per copy).
-  """
-  q_ref, do_ref, lse_ref, delta_ref, q_seg_ref, q_pos_ref = gmem
-  q_smem, do_smem, stats_smem, ids_smem = smem
-
-  def one_head(r):
-    h = kv_head * group + r
-
-    def load(i):
-      slot = wait_for_free_slot(r * (hi - lo) + i - lo, consumed, num_stages)
-      rows = pl.ds(i * block_q, block_q)
-      done = ready.at[slot]
-      plgpu.copy_gmem_to_smem(q_ref.at[b, rows, h], q_smem.at[slot], done)
-      plgpu.copy_gmem_to_smem(do_ref.at[b, rows, h], do_smem.at[slot], done)
-      plgpu.copy_gmem_to_smem(lse_ref.at[b, h, rows], stats_smem.at[slot, 0], done)
-      plgpu.copy_gmem_to_smem(delta_ref.at[b, h, rows], stats_smem.at[slot, 1], done)
-      plgpu.copy_gmem_to_smem(q_seg_ref.at[b, rows], ids_smem.at[slot, 0], done)
-      plgpu.copy_gmem_to_smem(q_pos_ref.at[b, rows], ids_smem.at[slot, 1], done)
-
-    pl.loop(lo, hi)(load)
-
-  pl.loop(0, group)(one_head)
-
-
 def _dkdv_kernel(ranges_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_seg_ref,
                  q_pos_ref, kv_seg_ref, kv_pos_ref, dk_ref, dv_ref, scratch, *, scale,
                  causal, sliding_window, block_q, num_stages, num_consumers, group):
@@ -282,10 +237,10 @@ def _dkdv_kernel(ranges_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_
 
   @producer_warpgroup(wg, num_consumers)
   def _producer():
-    _stream_q_tiles((q_ref, do_ref, lse_ref, delta_ref, q_seg_ref, q_pos_ref),
-                    (q_smem, do_smem, stats_smem, q_ids_smem), q_ready, q_consumed,
-                    b=b, kv_head=kv_head, group=group, lo=lo, hi=hi, block_q=block_q,
-                    num_stages=num_stages)
+    stream_q_tiles((q_ref, do_ref, lse_ref, delta_ref, q_seg_ref, q_pos_ref),
+                   (q_smem, do_smem, stats_smem, q_ids_smem), q_ready, q_consumed,
+                   b=b, kv_head=kv_head, group=group, lo=lo, hi=hi, block_q=block_q,
+                   num_stages=num_stages)
 
   @consumer_warpgroups(wg, num_consumers)
   def _consumer():
@@ -306,7 +261,7 @@ def _dkdv_kernel(ranges_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_
       slot = lax.rem(step0 + i, jnp.int32(num_stages))
       plgpu.barrier_wait(q_ready.at[slot])
       q_tile, do_tile = q_smem.at[slot], do_smem.at[slot]
-      s_t, dp_t = _scores_and_grads(ks, q_tile, vs, do_tile, s_shape)
+      s_t, dp_t = scores_and_grads(ks, q_tile, vs, do_tile, s_shape)
       s_t = s_t * logit_scale
       if masked:
         mask = tile_doc_mask(kv_ids, q_ids_smem, slot, s_shape, kv_major=True,

@@ -1,7 +1,7 @@
 """What the Mosaic GPU attention kernels share: checks, layouts, the K/V ring, the launch.
 
 Used by the forward (mosaic_attention, mosaic_persistent) and the backward
-(mosaic_backward).
+(mosaic_backward, mosaic_fused_backward).
 
 Warpgroups. Every kernel is launched by `launch` with num_consumers + 1
 warpgroups on the axis "wg": consumers 0 .. num_consumers - 1 each own
@@ -36,6 +36,12 @@ Tiles in registers are wgmma accumulators [64, n]: `row_vector` and
 the document mask of one tile and `tile_doc_mask` that of a tile whose minor
 ids sit in a ring slot.
 
+The backward kernels whose CTAs own kv tiles stream q tiles instead
+(`stream_q_tiles`) and start each step with `scores_and_grads`. Two consumer
+warpgroups that share shared memory meet at a `rendezvous`. A kernel that
+accumulates into global memory (float32 TMA reductions) is launched with
+`launch_accumulating`, which hands it its accumulators as aliased inputs.
+
 The forward kernels share the consumer's steps: `copy_q_tile` (Q with its ids
 and positions into shared memory), `online_softmax` (one kv tile of the
 base-2 online softmax) and `store_output` (the epilogue: out = acc / l and
@@ -48,6 +54,7 @@ from __future__ import annotations
 
 import functools
 
+import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
@@ -58,9 +65,10 @@ from pallas_kernels.segment_attention import EMPTY_LSE, LOG2E, MASKED_LOGIT
 
 __all__ = ["CONSUMER_REGISTERS", "LN2", "PRODUCER_REGISTERS", "WG_ROWS", "broadcast_cols",
            "broadcast_rows", "check_supported", "col_vector", "consumer_warpgroups",
-           "copy_q_tile", "doc_mask", "empty_row_stats", "launch", "mma_accumulate",
-           "mma_transforms", "online_softmax", "producer_warpgroup", "row_vector",
-           "store_output", "stream_kv_tiles", "three_runs", "tile_doc_mask",
+           "copy_q_tile", "doc_mask", "empty_row_stats", "launch", "launch_accumulating",
+           "mma_accumulate", "mma_transforms", "online_softmax", "producer_warpgroup",
+           "rendezvous", "row_vector", "scores_and_grads", "store_output",
+           "stream_kv_tiles", "stream_q_tiles", "three_runs", "tile_doc_mask",
            "wait_for_free_slot", "zeros_acc"]
 
 LN2 = 1.0 / LOG2E
@@ -101,9 +109,14 @@ def check_supported(q, k, tile: TileConfig, *, kv_major: bool = False) -> None:
   # itself when the kernel is lowered (a ValueError naming shared memory).
 
 
-def mma_transforms(dtype):
-  """SMEM tiling + swizzle for wgmma operands whose rows are head_dim wide."""
-  swizzle = 128
+def mma_transforms(dtype, swizzle=128):
+  """SMEM tiling + swizzle for wgmma operands (and TMA) of `dtype`.
+
+  The tiles are swizzle bytes wide: (8, 128 / itemsize) by default. A
+  narrower swizzle (64 or 32 bytes) gives narrower tiles, so that column
+  slices of that width stay whole tiles. Every operand of one wgmma must
+  have the same swizzle.
+  """
   return (plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)),
           plgpu.SwizzleTransform(swizzle))
 
@@ -192,21 +205,96 @@ def stream_kv_tiles(gmem, smem, ready, consumed, *, b, kv_head, lo, hi, block_k,
   pl.loop(lo, hi)(load)
 
 
+def stream_q_tiles(gmem, smem, ready, consumed, *, b, kv_head, group, lo, hi, block_q,
+                   num_stages):
+  """Producer loop: for each q head of the group, q tiles i in [lo, hi) into the ring.
+
+  gmem: (q, do [B, Tq, H, D], lse, delta [B, H, Tq], q_seg, q_pos [B, Tq]);
+  smem: (q, do [stages, block_q, D], stats float32 [stages, 2, block_q], ids
+  int32 [stages, 2, block_q]). Step t = r * (hi - lo) + i - lo for q head
+  kv_head * group + r; each slot's `ready` barrier gets 6 arrivals (one per
+  copy).
+  """
+  q_ref, do_ref, lse_ref, delta_ref, q_seg_ref, q_pos_ref = gmem
+  q_smem, do_smem, stats_smem, ids_smem = smem
+
+  def one_head(r):
+    h = kv_head * group + r
+
+    def load(i):
+      slot = wait_for_free_slot(r * (hi - lo) + i - lo, consumed, num_stages)
+      rows = pl.ds(i * block_q, block_q)
+      done = ready.at[slot]
+      plgpu.copy_gmem_to_smem(q_ref.at[b, rows, h], q_smem.at[slot], done)
+      plgpu.copy_gmem_to_smem(do_ref.at[b, rows, h], do_smem.at[slot], done)
+      plgpu.copy_gmem_to_smem(lse_ref.at[b, h, rows], stats_smem.at[slot, 0], done)
+      plgpu.copy_gmem_to_smem(delta_ref.at[b, h, rows], stats_smem.at[slot, 1], done)
+      plgpu.copy_gmem_to_smem(q_seg_ref.at[b, rows], ids_smem.at[slot, 0], done)
+      plgpu.copy_gmem_to_smem(q_pos_ref.at[b, rows], ids_smem.at[slot, 1], done)
+
+    pl.loop(lo, hi)(load)
+
+  pl.loop(0, group)(one_head)
+
+
+def _kernel_entry(kernel, scratch, barriers):
+  """kernel(*refs, (scratch_refs, barrier_refs)) with its scratch allocated for every warpgroup."""
+  def entry(*refs):
+    pl.run_scoped(lambda *s: kernel(*refs, (s[:len(scratch)], s[len(scratch):])),
+                  *scratch, *barriers, collective_axes="wg")
+
+  return entry
+
+
 def launch(kernel, args, scratch, barriers, *, out_type, grid, grid_names, num_consumers):
   """plgpu.kernel of kernel(*arg_refs, *out_refs, (scratch_refs, barrier_refs)).
 
   num_consumers + 1 warpgroups (the last one is the producer), named "wg";
   scratch and barriers are shared by all of them.
   """
-  def entry(*refs):
-    pl.run_scoped(lambda *s: kernel(*refs, (s[:len(scratch)], s[len(scratch):])),
-                  *scratch, *barriers, collective_axes="wg")
-
   return plgpu.kernel(
-      entry, out_type=out_type, grid=grid, grid_names=grid_names,
-      num_threads=num_consumers + 1, thread_name="wg",
+      _kernel_entry(kernel, scratch, barriers), out_type=out_type, grid=grid,
+      grid_names=grid_names, num_threads=num_consumers + 1, thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True),
   )(*args)
+
+
+def launch_accumulating(kernel, args, accumulators, scratch, barriers, *, out_type, grid,
+                        grid_names, num_consumers, name):
+  """As `launch`, plus global accumulators that the kernel updates in place.
+
+  accumulators: arrays (their initial values, e.g. float32 zeros); the kernel
+  sees them as gmem refs right after the args, i.e. kernel(*arg_refs,
+  *accumulator_refs, *out_refs, (scratch_refs, barrier_refs)), and may add
+  into them with TMA reductions (copy_smem_to_gmem(..., reduction_op="add")).
+  Returns (outputs as out_type, final accumulator values).
+
+  How: each accumulator becomes a jax Ref (jax.new_ref) passed to pl.kernel
+  over a plgpu.Mesh; Pallas turns a Ref argument into an input aliased to an
+  output (XLA output_operand_aliases), so the kernel starts from the given
+  values and nothing is copied back. plgpu.kernel cannot take Refs (its
+  custom_vmap wrapper drops their effects), hence pl.kernel here; the
+  launch (grid, warpgroups, compiler params) is the same as `launch`'s.
+  """
+  refs = [jax.new_ref(a) for a in accumulators]
+  mesh = plgpu.Mesh(grid=grid, grid_names=grid_names, num_threads=num_consumers + 1,
+                    thread_name="wg")
+  outs = pl.kernel(
+      _kernel_entry(kernel, scratch, barriers), out_type=out_type, mesh=mesh,
+      compiler_params=plgpu.CompilerParams(approx_math=True), name=name,
+  )(*args, *refs)
+  return outs, tuple(jax.freeze(r) for r in refs)
+
+
+def rendezvous(barrier):
+  """Arrive at `barrier` and wait for its phase: every party (num_arrivals) got here.
+
+  A barrier with num_arrivals = n used by n warpgroups, each exactly once per
+  round, completes one phase per round; no party can run a phase ahead, as
+  the next phase needs every party's next arrival.
+  """
+  plgpu.barrier_arrive(barrier)
+  plgpu.barrier_wait(barrier)
 
 
 def doc_mask(q_seg, q_pos, kv_seg, kv_pos, shape, *, kv_major, causal, sliding_window):
@@ -273,6 +361,22 @@ def mma_accumulate(acc, a, b_smem, dtype):
     plgpu.wgmma(acc_ref, a.astype(dtype), b_smem)
 
   return pl.run_state(mma)(plgpu.ACC.init(acc))
+
+
+def scores_and_grads(a_smem, b_smem, c_smem, d_smem, shape):
+  """(a @ b^T, c @ d^T) as float32 `shape` accumulators: two wgmmas, one wait.
+
+  a_smem, c_smem: [64, D]; b_smem, d_smem: [n, D]; shape: (64, n). The
+  backward's first step: (S, dP) = (Q K^T, dO V^T), or transposed (S^T,
+  dP^T) = (K Q^T, V dO^T).
+  """
+  def both(x_ref, y_ref):
+    plgpu.wgmma(x_ref, a_smem, plgpu.transpose_ref(b_smem, (1, 0)))
+    plgpu.wgmma(y_ref, c_smem, plgpu.transpose_ref(d_smem, (1, 0)))
+    return x_ref[...], y_ref[...]
+
+  return pl.run_scoped(both, plgpu.ACC(shape, jnp.float32),
+                       plgpu.ACC(shape, jnp.float32))
 
 
 def copy_q_tile(gmem, q_smem, ids_smem, index, barrier, *, b, rows, h):
