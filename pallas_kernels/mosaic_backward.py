@@ -72,7 +72,8 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from pallas_kernels.config import TileConfig
 from pallas_kernels.mosaic_common import (
     WG_ROWS, broadcast_cols, broadcast_rows, check_supported, col_vector,
-    consumer_warpgroups, launch, mma_accumulate, mma_transforms, producer_warpgroup, row_vector,
+    consumer_warpgroups, launch, load_kv_rows, mma_accumulate, mma_transforms, producer_warpgroup,
+    row_vector,
     scores_and_grads, stream_kv_tiles, stream_q_tiles, three_runs, tile_doc_mask, zeros_acc)
 from pallas_kernels.segment_attention import LOG2E, MASKED_LOGIT, _bwd_shift
 
@@ -245,14 +246,10 @@ def _dkdv_kernel(ranges_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_
   @consumer_warpgroups(wg, num_consumers)
   def _consumer():
     rows = pl.ds(kt * (num_consumers * WG_ROWS) + wg * WG_ROWS, WG_ROWS)
+    kv_ids = load_kv_rows((k_ref, v_ref, kv_seg_ref, kv_pos_ref),
+                          (k_smem, v_smem, kv_ids_smem), kv_ready.at[wg], b=b, rows=rows,
+                          kv_head=kv_head, wg=wg)
     ks, vs = k_smem.at[wg], v_smem.at[wg]
-    ready = kv_ready.at[wg]
-    plgpu.copy_gmem_to_smem(k_ref.at[b, rows, kv_head], ks, ready)
-    plgpu.copy_gmem_to_smem(v_ref.at[b, rows, kv_head], vs, ready)
-    plgpu.copy_gmem_to_smem(kv_seg_ref.at[b, rows], kv_ids_smem.at[wg, 0], ready)
-    plgpu.copy_gmem_to_smem(kv_pos_ref.at[b, rows], kv_ids_smem.at[wg, 1], ready)
-    plgpu.barrier_wait(ready)
-    kv_ids = tuple(row_vector(kv_ids_smem.at[wg, n][...]) for n in range(2))
     logit_scale = scale * LOG2E
     s_shape = (WG_ROWS, block_q)
 

@@ -66,7 +66,7 @@ from pallas_kernels.segment_attention import EMPTY_LSE, LOG2E, MASKED_LOGIT
 __all__ = ["CONSUMER_REGISTERS", "LN2", "PRODUCER_REGISTERS", "WG_ROWS", "broadcast_cols",
            "broadcast_rows", "check_supported", "col_vector", "consumer_warpgroups",
            "copy_q_tile", "doc_mask", "empty_row_stats", "launch", "launch_accumulating",
-           "mma_accumulate", "mma_transforms", "online_softmax", "producer_warpgroup",
+           "load_kv_rows", "mma_accumulate", "mma_transforms", "online_softmax", "producer_warpgroup",
            "rendezvous", "row_vector", "scores_and_grads", "store_output",
            "stream_kv_tiles", "stream_q_tiles", "three_runs", "tile_doc_mask",
            "wait_for_free_slot", "zeros_acc"]
@@ -244,6 +244,23 @@ def _kernel_entry(kernel, scratch, barriers):
                   *scratch, *barriers, collective_axes="wg")
 
   return entry
+
+
+def load_kv_rows(gmem, smem, ready, *, b, rows, kv_head, wg):
+  """One consumer's 64 key rows of a kv-major kernel: K, V, kv ids and positions, waited for.
+
+  gmem: (k, v [B, Tk, Hkv, D], kv_seg, kv_pos [B, Tk]); smem: (k, v
+  [consumers, 64, D], ids int32 [consumers, 2, 64]); ready: 4 arrivals.
+  Returns (kv_seg, kv_pos) [64] row vectors.
+  """
+  k_ref, v_ref, kv_seg_ref, kv_pos_ref = gmem
+  k_smem, v_smem, ids_smem = smem
+  plgpu.copy_gmem_to_smem(k_ref.at[b, rows, kv_head], k_smem.at[wg], ready)
+  plgpu.copy_gmem_to_smem(v_ref.at[b, rows, kv_head], v_smem.at[wg], ready)
+  plgpu.copy_gmem_to_smem(kv_seg_ref.at[b, rows], ids_smem.at[wg, 0], ready)
+  plgpu.copy_gmem_to_smem(kv_pos_ref.at[b, rows], ids_smem.at[wg, 1], ready)
+  plgpu.barrier_wait(ready)
+  return tuple(row_vector(ids_smem.at[wg, n][...]) for n in range(2))
 
 
 def launch(kernel, args, scratch, barriers, *, out_type, grid, grid_names, num_consumers):

@@ -91,7 +91,7 @@ from pallas_kernels.config import TileConfig
 from pallas_kernels.mosaic_backward import check_backward_inputs
 from pallas_kernels.mosaic_common import (
     WG_ROWS, broadcast_cols, col_vector, consumer_warpgroups, launch_accumulating,
-    mma_transforms, producer_warpgroup, rendezvous, row_vector, scores_and_grads,
+    load_kv_rows, mma_transforms, producer_warpgroup, rendezvous, row_vector, scores_and_grads,
     stream_q_tiles, three_runs, tile_doc_mask, zeros_acc)
 from pallas_kernels.segment_attention import LOG2E, MASKED_LOGIT, _bwd_shift
 
@@ -153,23 +153,6 @@ def check_fused_inputs(q, k, kv_ranges, tile: TileConfig, *, rule=None, kv_doc=N
         f"tile.block_major = 128 and head_dim 64 (one q-row part per consumer, "
         f"registers); got tile.block_minor = 128, tile.block_major = "
         f"{tile.block_major}, head_dim = {q.shape[3]}")
-
-
-def _load_kv_rows(gmem, smem, ready, *, b, rows, kv_head, wg):
-  """One consumer's 64 key rows: K, V, kv ids and positions, waited for.
-
-  gmem: (k, v [B, Tk, Hkv, D], kv_seg, kv_pos [B, Tk]); smem: (k, v
-  [consumers, 64, D], ids int32 [consumers, 2, 64]); ready: 4 arrivals.
-  Returns (kv_seg, kv_pos) [64] row vectors.
-  """
-  k_ref, v_ref, kv_seg_ref, kv_pos_ref = gmem
-  k_smem, v_smem, ids_smem = smem
-  plgpu.copy_gmem_to_smem(k_ref.at[b, rows, kv_head], k_smem.at[wg], ready)
-  plgpu.copy_gmem_to_smem(v_ref.at[b, rows, kv_head], v_smem.at[wg], ready)
-  plgpu.copy_gmem_to_smem(kv_seg_ref.at[b, rows], ids_smem.at[wg, 0], ready)
-  plgpu.copy_gmem_to_smem(kv_pos_ref.at[b, rows], ids_smem.at[wg, 1], ready)
-  plgpu.barrier_wait(ready)
-  return tuple(row_vector(ids_smem.at[wg, n][...]) for n in range(2))
 
 
 def _probs_and_score_grads(s_t, dp_t, stats_smem, slot, mask, logit_scale):
@@ -241,7 +224,7 @@ def _fused_kernel(ranges_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q
   @consumer_warpgroups(wg, num_consumers)
   def _consumer():
     rows = pl.ds(kt * (num_consumers * WG_ROWS) + wg * WG_ROWS, WG_ROWS)
-    kv_ids = _load_kv_rows((k_ref, v_ref, kv_seg_ref, kv_pos_ref),
+    kv_ids = load_kv_rows((k_ref, v_ref, kv_seg_ref, kv_pos_ref),
                            (k_smem, v_smem, kv_ids_smem), kv_ready.at[wg], b=b, rows=rows,
                            kv_head=kv_head, wg=wg)
     ks, vs = k_smem.at[wg], v_smem.at[wg]
