@@ -53,7 +53,7 @@ from pallas_kernels.config import TileConfig
 from pallas_kernels.mosaic_common import (
     WG_ROWS, broadcast_rows, check_supported, consumer_warpgroups, copy_q_tile,
     empty_row_stats, launch, mma_accumulate, mma_transforms, online_softmax,
-    producer_warpgroup, row_vector, store_output, stream_kv_tiles, three_runs,
+    producer_warpgroup, rendezvous, row_vector, store_output, stream_kv_tiles, three_runs,
     tile_doc_mask, wait_for_free_slot, zeros_acc)
 from pallas_kernels.mosaic_persistent import persistent_forward
 from pallas_kernels.segment_attention import LOG2E
@@ -312,15 +312,12 @@ def _split_forward_kernel(ranges_ref, q_ref, k_ref, v_ref, q_seg_ref, q_pos_ref,
       # 0 and consumer 0 does one more after its loop, so both do 2 per step
       # plus 1, whatever the trip count (both walk the same plan row).
       (sched_barrier,) = sched
-
-      def rendezvous():
-        plgpu.barrier_arrive(sched_barrier)
-        plgpu.barrier_wait(sched_barrier)
+      meet = functools.partial(rendezvous, sched_barrier)
     else:
-      sched_barrier, rendezvous = None, lambda: None
+      sched_barrier, meet = None, lambda: None
 
     if sched_barrier is not None:
-      pl.when(wg == 1)(rendezvous)
+      pl.when(wg == 1)(meet)
 
     def visit(j, carry, *, masked):
       acc, m, l = carry
@@ -329,7 +326,7 @@ def _split_forward_kernel(ranges_ref, q_ref, k_ref, v_ref, q_seg_ref, q_pos_ref,
 
       def qk(s_ref):
         plgpu.wgmma(s_ref, q_smem, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
-        rendezvous()  # QK^T issued: the other consumer may finish its softmax
+        meet()  # QK^T issued: the other consumer may finish its softmax
         return s_ref[...]
 
       s = pl.run_scoped(qk, plgpu.ACC(s_shape, jnp.float32))
@@ -350,7 +347,7 @@ def _split_forward_kernel(ranges_ref, q_ref, k_ref, v_ref, q_seg_ref, q_pos_ref,
 
     acc, m, l = three_loops(lo, visit, (zeros_acc(o_shape), *empty_row_stats()))
     if sched_barrier is not None:
-      pl.when(wg == 0)(rendezvous)
+      pl.when(wg == 0)(meet)
     finish(acc, m, l)
 
 

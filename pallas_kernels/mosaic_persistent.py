@@ -69,8 +69,8 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from pallas_kernels.config import TileConfig
 from pallas_kernels.mosaic_common import (
     WG_ROWS, broadcast_rows, consumer_warpgroups, copy_q_tile, empty_row_stats, launch,
-    mma_accumulate, mma_transforms, online_softmax, producer_warpgroup, row_vector, store_output,
-    three_runs, tile_doc_mask, wait_for_free_slot, zeros_acc)
+    mma_accumulate, mma_transforms, online_softmax, producer_warpgroup, rendezvous, row_vector,
+    store_output, three_runs, tile_doc_mask, wait_for_free_slot, zeros_acc)
 from pallas_kernels.segment_attention import LOG2E
 
 __all__ = ["DEFAULT_NUM_SMS", "num_sms", "persistent_forward", "persistent_schedule"]
@@ -121,9 +121,9 @@ def persistent_schedule(q_ranges, heads: int, num_ctas: int,
                           (batch, heads, n_q)).reshape(-1)  # (b, h, qt) order
   b, h, qt = np.unravel_index(np.arange(n_items), (batch, heads, n_q))
   items = jnp.asarray((b * n_q + qt) * heads + h, jnp.int32)
-  pairs = (n_items if window_rounds is None else
-           max(1, -(-window_rounds * num_ctas // n_q)) * n_q)  # items per window
-  window = jnp.asarray(np.arange(n_items) // pairs, jnp.int32)
+  window_items = (n_items if window_rounds is None else  # whole (batch, head) pairs
+                  max(1, -(-window_rounds * num_ctas // n_q)) * n_q)
+  window = jnp.asarray(np.arange(n_items) // window_items, jnp.int32)
   items = items[jnp.lexsort((-work, window))]  # by window, then heaviest first (stable)
   pos = np.arange(n_items)
   rnd, lane = pos // num_ctas, pos % num_ctas
@@ -136,7 +136,7 @@ def _persistent_forward_kernel(schedule_ref, ranges_ref, q_ref, k_ref, v_ref, q_
                                q_pos_ref, kv_seg_ref, kv_pos_ref, o_ref, lse_ref, scratch, *,
                                scale, causal, sliding_window, block_k, num_stages,
                                num_consumers, group, num_ctas, pingpong):
-  """The persistent kernel (module docstring): serial consumers, items from schedule_ref.
+  """The persistent kernel (module docstring): serial or pingpong consumers, items from schedule_ref.
 
   pingpong (two consumers only): the consumers take turns on the tensor cores
   as in mosaic_attention's "pingpong" schedule, through a rendezvous barrier
@@ -223,10 +223,8 @@ def _persistent_forward_kernel(schedule_ref, ranges_ref, q_ref, k_ref, v_ref, q_
     s_shape = (WG_ROWS, block_k)
     o_shape = (WG_ROWS, head_dim)
 
-    def rendezvous():
-      if sched:
-        plgpu.barrier_arrive(sched[0])
-        plgpu.barrier_wait(sched[0])
+    # The pingpong consumers' meeting point (docstring); nothing without it.
+    meet = functools.partial(rendezvous, sched[0]) if sched else lambda: None
 
     def item(n, carry):
       t0, (b, qt, h, lo, full_lo, full_hi, hi) = carry
@@ -238,7 +236,7 @@ def _persistent_forward_kernel(schedule_ref, ranges_ref, q_ref, k_ref, v_ref, q_
       plgpu.barrier_wait(q_ready.at[qs])  # once per item, every consumer
       q_ids = tuple(row_vector(q_ids_smem.at[buf, i][...]) for i in range(2))
       if sched:
-        pl.when(wg == 1)(rendezvous)  # one behind consumer 0 (docstring)
+        pl.when(wg == 1)(meet)  # one behind consumer 0 (docstring)
 
       def release_previous_item():
         """q_free[1 - qs]: item n - 1's output store has read its Q buffer."""
@@ -254,7 +252,7 @@ def _persistent_forward_kernel(schedule_ref, ranges_ref, q_ref, k_ref, v_ref, q_
 
         def qk(acc_ref):
           plgpu.wgmma(acc_ref, q_smem, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
-          rendezvous()  # QK^T issued: the other consumer may finish its softmax
+          meet()  # QK^T issued: the other consumer may finish its softmax
           return acc_ref[...]
 
         s = pl.run_scoped(qk, plgpu.ACC(s_shape, jnp.float32)) * logit_scale
@@ -268,7 +266,7 @@ def _persistent_forward_kernel(schedule_ref, ranges_ref, q_ref, k_ref, v_ref, q_
         acc = acc * broadcast_rows(alpha, acc.shape)
         if sched:
           acc, l, m_new, p = lax.optimization_barrier((acc, l, m_new, p))
-          rendezvous()  # softmax done; the other consumer issued its QK^T
+          meet()  # softmax done; the other consumer issued its QK^T
 
         acc = mma_accumulate(acc, p, v_smem.at[slot], dtype)
         plgpu.barrier_arrive(kv_consumed.at[slot])  # once per step, every consumer
@@ -277,7 +275,7 @@ def _persistent_forward_kernel(schedule_ref, ranges_ref, q_ref, k_ref, v_ref, q_
       acc, m, l = three_runs(lo, full_lo, full_hi, hi, visit,
                              (zeros_acc(o_shape), *empty_row_stats()))
       if sched:
-        pl.when(wg == 0)(rendezvous)  # pairs with consumer 1's last one of the item
+        pl.when(wg == 0)(meet)  # pairs with consumer 1's last one of the item
       # A zero-tile item issued no QK^T: it releases item n - 1 here, before
       # issuing its own stores (so that the wait covers item n - 1's only).
       pl.when((hi <= lo) & has_previous)(release_previous_item)
