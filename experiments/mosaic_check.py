@@ -56,6 +56,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import ctypes
 import functools
 import json
 import os
@@ -762,6 +763,19 @@ def _pump(proc):
   return lines, stderr_tail
 
 
+def _die_with_parent():
+  """In a worker before exec: SIGKILL when the parent dies (Linux prctl PR_SET_PDEATHSIG).
+
+  Workers run in their own session (so that a hung one's group can be
+  killed), which an outer `timeout` or a killed parent would not reach: a
+  left-over worker then holds the GPU. Elsewhere this does nothing.
+  """
+  try:
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+  except OSError:
+    pass
+
+
 def _run_workers(kind, names, deadline, results, case_timeout=CASE_TIMEOUT_S):
   """Runs `names` in workers, a fresh worker after a hang; fills results[name]."""
   todo = list(names)
@@ -772,7 +786,8 @@ def _run_workers(kind, names, deadline, results, case_timeout=CASE_TIMEOUT_S):
       return
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", kind, *todo]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True, cwd=REPO_ROOT)
+                            start_new_session=True, preexec_fn=_die_with_parent,
+                            cwd=REPO_ROOT)
     lines, stderr_tail = _pump(proc)
     current, last = None, time.monotonic()
     while True:
