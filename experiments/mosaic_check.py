@@ -236,6 +236,14 @@ for _name in ("mosaic-128x128-s2", "mosaic-pingpong-128x128-s2",
 TARGET_FWD_MS = 0.45
 
 
+
+def schedule_of_case(name):
+  """(schedule, num_ctas or None) of a CORRECTNESS_CASES name "[<schedule>[@<n>]:]<case>"."""
+  prefix, _, ctas = name.split(":")[0].partition("@")
+  schedule = prefix if prefix in SCHEDULES else "serial"
+  return schedule, int(ctas) if ctas else None
+
+
 # ----------------------------------------------------------------------------
 # Worker side (imports JAX)
 
@@ -312,9 +320,7 @@ def run_correctness_case(name):
 
   (kind, batch, q_len, kv_len, heads, kv_heads, head_dim, dtype, causal, window, off,
    tile_spec) = CORRECTNESS_CASES[name]
-  prefix, _, ctas = name.split(":")[0].partition("@")
-  schedule = prefix if prefix in SCHEDULES else "serial"
-  num_ctas = int(ctas) if ctas else None
+  schedule, num_ctas = schedule_of_case(name)
   tile = _tile(tile_spec)
   kv_seg = _segment_ids(kind, batch, kv_len, seed=7)
   kv_pos = np.broadcast_to(np.arange(kv_len, dtype=np.int32), (batch, kv_len))

@@ -1,0 +1,91 @@
+"""The GPU check script's own plumbing, on CPU: experiments/mosaic_check.py.
+
+Its case tables must name only calls the kernels accept (a refused case costs
+a GPU run), and its workers must not outlive it (a left-over worker keeps
+the GPU busy for the next command).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from experiments import mosaic_check
+from pallas_kernels import mosaic_attention
+
+
+def _forward_shapes(name):
+  """jax.eval_shape of the Mosaic forward a correctness case runs (tracing checks it all)."""
+  (_, batch, q_len, kv_len, heads, kv_heads, head_dim, dtype, causal, window, _,
+   tile_spec) = mosaic_check.CORRECTNESS_CASES[name]
+  schedule, num_ctas = mosaic_check.schedule_of_case(name)
+  tile = mosaic_check._tile(tile_spec)
+  dt = jnp.dtype(dtype)
+  q = jax.ShapeDtypeStruct((batch, q_len, heads, head_dim), dt)
+  kv = jax.ShapeDtypeStruct((batch, kv_len, kv_heads, head_dim), dt)
+  q_ids = jax.ShapeDtypeStruct((batch, q_len), jnp.int32)
+  kv_ids = jax.ShapeDtypeStruct((batch, kv_len), jnp.int32)
+  ranges = jax.ShapeDtypeStruct((batch, q_len // tile.block_major, 4), jnp.int32)
+  return jax.eval_shape(
+      lambda *a: mosaic_attention.forward(*a, tile=tile, scale=0.1, causal=causal,
+                                          sliding_window=window, schedule=schedule,
+                                          num_ctas=num_ctas),
+      q, kv, kv, q_ids, kv_ids, q_ids, kv_ids, ranges)
+
+
+@pytest.mark.parametrize("name", sorted(mosaic_check.CORRECTNESS_CASES))
+def test_every_correctness_case_is_a_call_the_forward_accepts(name):
+  out, lse = _forward_shapes(name)
+  batch, q_len, heads = (mosaic_check.CORRECTNESS_CASES[name][i] for i in (1, 2, 4))
+  assert lse.shape == (batch, heads, q_len) and out.shape[:3] == (batch, q_len, heads)
+
+
+def test_case_names_give_their_schedule_and_cta_count():
+  assert mosaic_check.schedule_of_case("packed-d128") == ("serial", None)
+  assert mosaic_check.schedule_of_case("pingpong:packed-d128") == ("pingpong", None)
+  assert (mosaic_check.schedule_of_case("persistent-pingpong@3:packed-d128")
+          == ("persistent-pingpong", 3))
+
+
+def test_every_timed_forward_names_a_schedule():
+  for name, (*_, schedule) in mosaic_check.TIMED_TILES.items():
+    base, _, window = schedule.partition(":")
+    assert base in mosaic_attention.SCHEDULES, name
+    assert not window or window in mosaic_check.PERSISTENT_WINDOWS, name
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"),
+                    reason="PR_SET_PDEATHSIG is Linux-only (elsewhere workers may outlive)")
+def test_workers_die_with_their_parent():
+  # A parent that starts a worker the way mosaic_check does, prints its pid, then sleeps.
+  parent_code = (
+      "import subprocess, sys, time\n"
+      "from experiments.mosaic_check import _die_with_parent\n"
+      "w = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'],\n"
+      "                     start_new_session=True, preexec_fn=_die_with_parent)\n"
+      "print(w.pid, flush=True)\n"
+      "time.sleep(60)\n")
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  parent = subprocess.Popen([sys.executable, "-c", parent_code], stdout=subprocess.PIPE,
+                            text=True, cwd=repo)
+  worker = int(parent.stdout.readline())
+  parent.kill()
+  parent.wait()
+  deadline = time.monotonic() + 10
+  while time.monotonic() < deadline:
+    try:
+      with open(f"/proc/{worker}/status") as f:
+        state = next(line for line in f if line.startswith("State:"))
+    except FileNotFoundError:
+      return  # gone (reaped)
+    if "Z" in state.split()[1]:
+      return  # dead, not yet reaped by its new parent
+    time.sleep(0.1)
+  os.kill(worker, 9)
+  pytest.fail(f"worker {worker} still running 10 s after its parent was killed")
