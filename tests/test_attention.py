@@ -55,6 +55,12 @@ class Case:
   def scale(self):
     return None if self.scale_mult == 1.0 else self.scale_mult / math.sqrt(self.head_dim)
 
+  @property
+  def tol(self):
+    """float32 tolerance: rounding in the softmax and its gradient grows with the logits
+    (x50 logits reach a few hundred: dk errors of 1.2e-5 seen), so it scales with them."""
+    return F32_TOL * max(1.0, self.scale_mult / 10)
+
   def layouts(self, kinds=ALL_KINDS):
     if self.chunk:
       return chunk_layouts(B, self.q_len, self.kv_len, kinds)
@@ -172,7 +178,7 @@ def case_params(names=None):
 def test_output_matches_reference(case, data, seed):
   layout = data.draw(case.layouts())
   got, want = run_both(case, layout, seed)
-  assert_close("out", got["out"], want["out"], F32_TOL)
+  assert_close("out", got["out"], want["out"], case.tol)
 
 
 @case_params()
@@ -181,7 +187,7 @@ def test_lse_matches_reference(case, data, seed):
   layout = data.draw(case.layouts())
   got, want = run_both(case, layout, seed)
   seen = lse_rows(case, seen_rows(case, layout))
-  assert_close("lse", got["lse"][seen], want["lse"][seen], F32_TOL)
+  assert_close("lse", got["lse"][seen], want["lse"][seen], case.tol)
 
 
 @case_params()
@@ -201,7 +207,7 @@ def test_gradients_match_reference(case, data, seed):
   layout = data.draw(case.layouts())
   got, want = run_both(case, layout, seed)
   for name in ("dq", "dk", "dv"):
-    assert_close(name, got[name], want[name], F32_TOL)
+    assert_close(name, got[name], want[name], case.tol)
 
 
 @case_params(["gqa-4:2", "chunk-q48-kv80"])
@@ -212,7 +218,7 @@ def test_gradients_of_output_alone_match_reference(case, data, seed):
   layout = data.draw(case.layouts())
   got, want = run_both(case, layout, seed, residuals=False)
   for name in ("out", "dq", "dk", "dv"):
-    assert_close(name, got[name], want[name], F32_TOL)
+    assert_close(name, got[name], want[name], case.tol)
 
 
 # ----------------------------------------------------------------------------
@@ -445,7 +451,7 @@ def test_backward_from_residuals_is_the_vjp(case, impl, data, seed):
                               do, dlse)
   for name, x in zip(("dq", "dk", "dv"), got):
     assert_finite(name, x)
-    assert_close(name, x, want[name], F32_TOL)
+    assert_close(name, x, want[name], case.tol)
 
 
 @case_params(BWD_CASES)
@@ -462,9 +468,9 @@ def test_chunks_of_keys_get_their_share_from_the_whole_rows_residuals(case, impl
   cut = case.kv_len // 3
   parts = [_grads_from_residuals(case, layout, impl, q, k, v, want["out"], want["lse"],
                                  do, dlse, kv) for kv in ((0, cut), (cut, None))]
-  assert_close("dq", parts[0][0] + parts[1][0], want["dq"], F32_TOL)
-  assert_close("dk", jnp.concatenate([parts[0][1], parts[1][1]], 1), want["dk"], F32_TOL)
-  assert_close("dv", jnp.concatenate([parts[0][2], parts[1][2]], 1), want["dv"], F32_TOL)
+  assert_close("dq", parts[0][0] + parts[1][0], want["dq"], case.tol)
+  assert_close("dk", jnp.concatenate([parts[0][1], parts[1][1]], 1), want["dk"], case.tol)
+  assert_close("dv", jnp.concatenate([parts[0][2], parts[1][2]], 1), want["dv"], case.tol)
 
 
 # ----------------------------------------------------------------------------
