@@ -65,11 +65,11 @@ from pallas_kernels.segment_attention import EMPTY_LSE, LOG2E, MASKED_LOGIT
 
 __all__ = ["CONSUMER_REGISTERS", "LN2", "PRODUCER_REGISTERS", "WG_ROWS", "broadcast_cols",
            "broadcast_rows", "check_supported", "col_vector", "consumer_warpgroups",
-           "copy_q_tile", "doc_mask", "empty_row_stats", "launch", "launch_accumulating",
-           "load_kv_rows", "mma_accumulate", "mma_transforms", "online_softmax", "producer_warpgroup",
-           "rendezvous", "row_vector", "scores_and_grads", "store_output",
-           "stream_kv_tiles", "stream_q_tiles", "three_runs", "tile_doc_mask",
-           "wait_for_free_slot", "zeros_acc"]
+           "copy_kv_tile", "copy_q_tile", "doc_mask", "empty_row_stats", "launch",
+           "launch_accumulating", "load_kv_rows", "mma_accumulate", "mma_transforms",
+           "online_softmax", "producer_warpgroup", "rendezvous", "row_vector",
+           "scores_and_grads", "store_output", "stream_kv_tiles", "stream_q_tiles",
+           "three_runs", "tile_doc_mask", "wait_for_free_slot", "zeros_acc"]
 
 LN2 = 1.0 / LOG2E
 WG_ROWS = 64  # rows of one wgmma M tile, owned by one consumer warpgroup
@@ -190,19 +190,26 @@ def stream_kv_tiles(gmem, smem, ready, consumed, *, b, kv_head, lo, hi, block_k,
   barrier gets 4 arrivals (one per copy); the slot's `consumed` barrier is
   waited for steps t >= num_stages (wait_for_free_slot).
   """
-  k_ref, v_ref, kv_seg_ref, kv_pos_ref = gmem
-  k_smem, v_smem, kv_ids_smem = smem
-
   def load(j):
     slot = wait_for_free_slot(j - lo, consumed, num_stages)
-    cols = pl.ds(j * block_k, block_k)
-    done = ready.at[slot]
-    plgpu.copy_gmem_to_smem(k_ref.at[b, cols, kv_head], k_smem.at[slot], done)
-    plgpu.copy_gmem_to_smem(v_ref.at[b, cols, kv_head], v_smem.at[slot], done)
-    plgpu.copy_gmem_to_smem(kv_seg_ref.at[b, cols], kv_ids_smem.at[slot, 0], done)
-    plgpu.copy_gmem_to_smem(kv_pos_ref.at[b, cols], kv_ids_smem.at[slot, 1], done)
+    copy_kv_tile(gmem, smem, ready.at[slot], slot, b=b, j=j, kv_head=kv_head,
+                 block_k=block_k)
 
   pl.loop(lo, hi)(load)
+
+
+def copy_kv_tile(gmem, smem, done, slot, *, b, j, kv_head, block_k):
+  """TMA of kv tile j (K, V, kv ids, kv positions) into ring slot `slot`: 4 arrivals on done.
+
+  gmem, smem: as stream_kv_tiles'. Does not wait.
+  """
+  k_ref, v_ref, kv_seg_ref, kv_pos_ref = gmem
+  k_smem, v_smem, kv_ids_smem = smem
+  cols = pl.ds(j * block_k, block_k)
+  plgpu.copy_gmem_to_smem(k_ref.at[b, cols, kv_head], k_smem.at[slot], done)
+  plgpu.copy_gmem_to_smem(v_ref.at[b, cols, kv_head], v_smem.at[slot], done)
+  plgpu.copy_gmem_to_smem(kv_seg_ref.at[b, cols], kv_ids_smem.at[slot, 0], done)
+  plgpu.copy_gmem_to_smem(kv_pos_ref.at[b, cols], kv_ids_smem.at[slot, 1], done)
 
 
 def stream_q_tiles(gmem, smem, ready, consumed, *, b, kv_head, group, lo, hi, block_q,

@@ -68,7 +68,8 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.config import TileConfig
 from pallas_kernels.mosaic_common import (
-    WG_ROWS, broadcast_rows, consumer_warpgroups, copy_q_tile, empty_row_stats, launch,
+    WG_ROWS, broadcast_rows, consumer_warpgroups, copy_kv_tile, copy_q_tile, empty_row_stats,
+    launch,
     mma_accumulate, mma_transforms, online_softmax, producer_warpgroup, rendezvous, row_vector,
     store_output, three_runs, tile_doc_mask, wait_for_free_slot, zeros_acc)
 from pallas_kernels.segment_attention import LOG2E
@@ -205,12 +206,8 @@ def _persistent_forward_kernel(schedule_ref, ranges_ref, q_ref, k_ref, v_ref, q_
         # kv_ready[slot]: 4 copies per step; kv_consumed[slot]: waited for step
         # t - num_stages (the slot's previous use, possibly of an earlier item).
         slot = wait_for_free_slot(t, kv_consumed, num_stages)
-        cols = pl.ds(j * block_k, block_k)
-        done = kv_ready.at[slot]
-        plgpu.copy_gmem_to_smem(k_ref.at[b, cols, kv_head], k_smem.at[slot], done)
-        plgpu.copy_gmem_to_smem(v_ref.at[b, cols, kv_head], v_smem.at[slot], done)
-        plgpu.copy_gmem_to_smem(kv_seg_ref.at[b, cols], kv_ids_smem.at[slot, 0], done)
-        plgpu.copy_gmem_to_smem(kv_pos_ref.at[b, cols], kv_ids_smem.at[slot, 1], done)
+        copy_kv_tile((k_ref, v_ref, kv_seg_ref, kv_pos_ref), (k_smem, v_smem, kv_ids_smem),
+                     kv_ready.at[slot], slot, b=b, j=j, kv_head=kv_head, block_k=block_k)
         return t + 1
 
       return lax.fori_loop(lo, hi, load, t)
