@@ -32,11 +32,12 @@ outputs; they differ only in how a consumer orders its work:
   "pipelined"  QK^T of step j overlaps PV of step j - 1 inside each consumer
                (_split_forward_kernel).
   "pingpong"   the two consumers take turns on the tensor cores
-               (_split_forward_kernel). The default (DEFAULT_SCHEDULE).
+               (_split_forward_kernel). The default for one-stage tiles.
   "persistent" the serial loop in a persistent grid of CTAs walking a list of
                work items (mosaic_persistent).
   "persistent-pingpong"
-               the persistent kernel with pingpong consumers.
+               the persistent kernel with pingpong consumers. The default
+               (DEFAULT_SCHEDULE) when the tile has 2 stages or more.
 """
 
 from __future__ import annotations
@@ -58,15 +59,18 @@ from pallas_kernels.mosaic_common import (
 from pallas_kernels.mosaic_persistent import persistent_forward
 from pallas_kernels.segment_attention import LOG2E
 
-__all__ = ["DEFAULT_SCHEDULE", "DEFAULT_TILE", "SCHEDULES", "check_supported", "forward"]
+__all__ = ["DEFAULT_SCHEDULE", "DEFAULT_TILE", "ONE_STAGE_SCHEDULE", "SCHEDULES",
+           "check_supported", "forward"]
 
 DEFAULT_TILE = TileConfig(128, 128, num_stages=2)
 """Two consumer warpgroups, 128-key tiles, double-buffered (untuned starting point)."""
 
 SCHEDULES = ("serial", "pipelined", "pingpong", "persistent", "persistent-pingpong")
-"""Consumer loop orders of the forward kernel (module docstring); "pingpong" is the default."""
-DEFAULT_SCHEDULE = "pingpong"
-"""The fastest measured on an H100 (experiments/perf_notes.md, entries 11 and 13)."""
+"""Consumer loop orders of the forward kernel (module docstring)."""
+DEFAULT_SCHEDULE = "persistent-pingpong"
+"""The fastest measured on an H100 (experiments/perf_notes.md, entry 16); it needs
+2 stages, so one-stage tiles default to ONE_STAGE_SCHEDULE."""
+ONE_STAGE_SCHEDULE = "pingpong"
 
 
 def _load_consumer_q(gmem, qo_smem, q_ids_smem, q_ready, *, qt, b, h, wg, num_consumers):
@@ -127,11 +131,11 @@ def _forward_kernel(ranges_ref, q_ref, k_ref, v_ref, q_seg_ref, q_pos_ref,
         plgpu.wgmma(acc_ref, q_smem, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
         return acc_ref[...]
 
-      s = pl.run_scoped(qk, plgpu.ACC(s_shape, jnp.float32)) * logit_scale
+      s = pl.run_scoped(qk, plgpu.ACC(s_shape, jnp.float32))
       mask = (tile_doc_mask(q_ids, kv_ids_smem, slot, s_shape, kv_major=False,
                             causal=causal, sliding_window=sliding_window)
               if masked else None)
-      p, m_new, l, alpha = online_softmax(s, m, l, mask)
+      p, m_new, l, alpha = online_softmax(s, m, l, mask, logit_scale=logit_scale)
       acc = acc * broadcast_rows(alpha, acc.shape)
 
       acc = mma_accumulate(acc, p, v_smem.at[slot], dtype)
@@ -240,11 +244,10 @@ def _split_forward_kernel(ranges_ref, q_ref, k_ref, v_ref, q_seg_ref, q_pos_ref,
 
     def softmax(s, m, l, slot, masked):
       """(p in dtype, m_new, l_new, alpha) of raw logits s [64, block_k] of `slot`."""
-      s = s * logit_scale
       mask = (tile_doc_mask(q_ids, kv_ids_smem, slot, s_shape, kv_major=False,
                             causal=causal, sliding_window=sliding_window)
               if masked else None)
-      p, m_new, l_new, alpha = online_softmax(s, m, l, mask)
+      p, m_new, l_new, alpha = online_softmax(s, m, l, mask, logit_scale=logit_scale)
       return p.astype(dtype), m_new, l_new, alpha
 
     def finish(acc, m, l):
@@ -353,18 +356,22 @@ def _split_forward_kernel(ranges_ref, q_ref, k_ref, v_ref, q_seg_ref, q_pos_ref,
 
 def forward(q, k, v, q_seg, kv_seg, q_pos, kv_pos, q_ranges, *, tile: TileConfig,
             scale, causal, sliding_window, interpret=False,
-            schedule: str = DEFAULT_SCHEDULE, num_ctas: int | None = None):
+            schedule: str | None = None, num_ctas: int | None = None):
   """Returns (out [B, Tq, H, D] in q.dtype, lse float32 [B, H, Tq]).
 
   Same arguments as `segment_attention.forward`; `interpret` must be False
   (the Mosaic GPU interpreter cannot run this kernel: see tests/test_mosaic.py).
-  schedule: one of SCHEDULES, the consumer loop order (module docstring).
+  schedule: one of SCHEDULES, the consumer loop order (module docstring);
+  None: DEFAULT_SCHEDULE, or ONE_STAGE_SCHEDULE if tile.num_stages == 1 (same
+  outputs either way).
   num_ctas: the persistent schedules only, the number of CTAs launched; default
   min(mosaic_persistent.num_sms(), number of work items B * H * Tq /
   block_major). More CTAs than items leaves the extra ones idle.
   """
   if interpret:
     raise NotImplementedError("the Mosaic GPU attention kernel has no interpret mode")
+  if schedule is None:
+    schedule = DEFAULT_SCHEDULE if tile.num_stages >= 2 else ONE_STAGE_SCHEDULE
   if schedule not in SCHEDULES:
     raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
   persistent = schedule.startswith("persistent")

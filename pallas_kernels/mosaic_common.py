@@ -279,8 +279,14 @@ def launch(kernel, args, scratch, barriers, *, out_type, grid, grid_names, num_c
   return plgpu.kernel(
       _kernel_entry(kernel, scratch, barriers), out_type=out_type, grid=grid,
       grid_names=grid_names, num_threads=num_consumers + 1, thread_name="wg",
-      compiler_params=plgpu.CompilerParams(approx_math=True),
+      compiler_params=plgpu.CompilerParams(approx_math=True, **PROFILE),
   )(*args)
+
+
+PROFILE = {}
+"""Extra plgpu.CompilerParams for `launch`, normally none. experiments/fwd_probe.py
+sets profile_space and profile_dir here to record the kernels' jax.named_scope
+regions per warpgroup (Mosaic GPU's on-device profiler)."""
 
 
 def launch_accumulating(kernel, args, accumulators, scratch, barriers, *, out_type, grid,
@@ -416,21 +422,27 @@ def copy_q_tile(gmem, q_smem, ids_smem, index, barrier, *, b, rows, h):
   plgpu.copy_gmem_to_smem(q_pos_ref.at[b, rows], ids_smem.at[index, 1], barrier)
 
 
-def online_softmax(s, m, l, mask=None):
+def online_softmax(s, m, l, mask=None, *, logit_scale=1.0):
   """One kv tile of the base-2 online softmax: (p, m_new, l_new, alpha).
 
-  s: float32 [64, n] logits already scaled by scale * log2(e); m, l: [64] row
-  max and row sum so far; mask: bool [64, n] or None (no masking). p is
-  float32 [64, n]; the caller rescales acc by alpha [64].
+  s: float32 [64, n] raw logits (q . k); logit_scale: scale * log2(e),
+  applied inside, so that the exponent s * logit_scale - m is one FMA per
+  element (the row max is taken on the raw logits and scaled per row). m, l:
+  [64] row max (scaled, base 2) and row sum so far; mask: bool [64, n] or None
+  (no masking). p is float32 [64, n]; the caller rescales acc by alpha [64].
+  A masked logit's exponent is MASKED_LOGIT * logit_scale - m, whose exp2 is
+  exactly 0 for any logit_scale above 1e-20.
   """
   if mask is not None:
     s = jnp.where(mask, s, MASKED_LOGIT)
-  m_new = jnp.maximum(m, jnp.max(s, axis=1))
+  raw_max = jnp.max(s, axis=1)
+  tile_max = jnp.where(raw_max == MASKED_LOGIT, MASKED_LOGIT, raw_max * logit_scale)
+  m_new = jnp.maximum(m, tile_max)
   # A row that has seen nothing keeps m_new == MASKED_LOGIT; shifting it
   # by 0 instead makes its masked p exactly 0 (see segment_attention).
   shift = jnp.where(m_new == MASKED_LOGIT, 0.0, m_new)
   alpha = jnp.exp2(m - shift)
-  p = jnp.exp2(s - broadcast_rows(shift, s.shape))
+  p = jnp.exp2(s * logit_scale - broadcast_rows(shift, s.shape))
   l_new = l * alpha + jnp.sum(p, axis=1)
   return p, m_new, l_new, alpha
 

@@ -1,33 +1,42 @@
 """Segment-masked flash attention, forward: the "persistent" Mosaic GPU schedule.
 
-`mosaic_attention.forward(..., schedule="persistent")` runs `persistent_forward`:
-the serial consumer loop of mosaic_attention in a persistent kernel, a grid of
-`num_ctas` CTAs (default: the GPU's SM count, see num_sms), each walking a list
-of work items (batch, head, q tile) from a schedule array (persistent_schedule:
-(batch, head)-major windows for L2 locality, heaviest plan rows first within a
-window, dealt to the CTAs in snake order; CTA c reads positions c, c +
-num_ctas, ...). The producer streams Q (with the q ids and
-positions) of every item and the K/V tiles of every item without draining
-between items, so the next item's loads land while the consumers finish the
-current one; the consumers stage each item's output in the item's own Q buffer
-and store it with TMA, without waiting for the store. Same contract, inputs
-and outputs as the other schedules (mosaic_attention).
+`mosaic_attention.forward(..., schedule="persistent[-pingpong]")` runs
+`persistent_forward`: the consumer loop of mosaic_attention in a persistent
+kernel, a grid of `num_ctas` CTAs (default: the GPU's SM count, see num_sms),
+each walking a list of work items (batch, head, q tile) from an item table
+(persistent_schedule orders the items: (batch, head)-major windows for L2
+locality, heaviest plan rows first within a window, empty items after all
+others, dealt to the CTAs in snake order; item_table turns each into its
+coordinates and plan row; CTA c reads rows c, c + num_ctas, ...). The producer
+streams Q (with the q ids and positions) and the K/V tiles of every item
+without draining between items, so the next item's loads land while the
+consumers finish the current one; the consumers stage each item's output in
+the item's own Q buffer and store it with TMA, without waiting for the store.
+Same contract, inputs and outputs as the other schedules (mosaic_attention).
+The loops carry named scopes (c_qk, c_softmax, p_load_kv, ...): regions of
+Mosaic GPU's on-device profiler when it is on (experiments/fwd_probe.py
+--profile), no code otherwise.
 
-Synchronisation. The CTA's items are n = 0 .. N-1; item n uses Q buffer pair
-qs = n % 2 (one 64-row buffer per consumer, which also stages that consumer's
-output of the item). Step t counts kv tiles over all the CTA's items (item n's
-first step is the number of tiles of items 0 .. n-1) and uses ring slot
-t % num_stages, so the K/V ring (mosaic_common) runs on across items exactly
-as within one plan row. Per barrier (who arrives, how often):
-  q_ready[qs]:  the producer's TMA of item n's Q, q ids and q positions, one
-                copy of each per consumer: 3 * num_consumers arrivals per
-                item, every item (zero-tile ones too). Every consumer waits
-                it once per item.
-  q_free[qs]:   every consumer, once per item n >= 1, releases item n - 1's
-                buffer pair (1 - qs) after its output store has read shared
-                memory (wait_smem_to_gmem read-only): right after item n's
-                first QK^T, or, for a zero-tile item n, before item n issues
-                its own stores. num_consumers arrivals per release. The
+Items. A CTA's items are n = 0 .. N-1, the busy ones (hi > lo: at least one
+kv tile) first, then the empty ones (persistent_schedule). A busy item n uses
+Q buffer pair qs = n % 2 (one 64-row buffer per consumer, which also stages
+that consumer's output of the item). Step t counts kv tiles over all the
+CTA's items (item n's first step is the number of tiles of items 0 .. n-1) and
+uses ring slot t % num_stages, so the K/V ring (mosaic_common) runs on across
+items exactly as within one plan row. An empty item needs no Q: the producer
+loads nothing for it, and each consumer writes its zeros and EMPTY_LSE
+through its own buffer of pair n % 2 once its own earlier stores from that
+buffer have read it (nothing else touches the buffer any more: no busy item
+follows).
+
+Synchronisation, per barrier (who arrives, how often):
+  q_ready[qs]:  the producer's TMA of busy item n's Q, q ids and q positions,
+                one copy of each per consumer: 3 * num_consumers arrivals per
+                busy item. Every consumer waits it once per busy item.
+  q_free[qs]:   every consumer, once per busy item n >= 1, releases item n -
+                1's buffer pair (1 - qs) after its output store has read
+                shared memory (wait_smem_to_gmem read-only), right after item
+                n's first QK^T. num_consumers arrivals per release. The
                 producer waits it before loading Q of item n >= 2 (the
                 release of item n - 2, made during item n - 1).
   kv_ready[s]:  the producer's 4 copies of step t (K, V, kv ids, kv
@@ -35,24 +44,20 @@ as within one plan row. Per barrier (who arrives, how often):
   kv_consumed[s]: every consumer, once per step, after its PV; the producer
                 waits it before loading step t >= num_stages (the completion
                 of step t - num_stages, possibly of an earlier item).
-Balance across item boundaries: both sides derive N, every item's plan row
-and hence every step count from the same schedule array, so they agree on t
-and on n. A zero-tile item has no steps (t unchanged; no kv copies, no kv
-waits) but still one q_ready phase and one q_free release; a one-tile item has
-one step like any other. The last item: the releases of items 0 .. N-2 happen
-(in items 1 .. N-1), the producer waits those of 0 .. N-3, so the release of
-item N-2 completes a phase nobody waits for, and item N-1 releases nothing
-(its store is awaited at the kernel's end); likewise the last num_stages
-kv_consumed completions are never waited. Unwaited completions at the end are
-harmless: the kernel ends. No barrier runs two phases ahead of a waiter, which
-keeps the per-thread parity tracking of barrier_wait exact: q_ready's
-completion for item n + 2 needs the release of item n, which every consumer
-makes after waiting q_ready for item n + 1; q_free's release of item n + 2 is
-made in item n + 3, whose Q the producer loads only after waiting the release
-of item n + 1; the kv barriers as in the serial schedule (mosaic_common). No
-cycle: the release the producer waits for (item n - 2, in item n - 1) needs
-only Q and the first K/V tile of item n - 1, both issued before. A CTA with no
-items (num_ctas > number of items) skips both loops.
+  rendezvous (pingpong only): see _persistent_forward_kernel.
+Balance: both sides read every item's plan row from the same table, so they
+agree on t and n. The last busy item releases nothing (its store is awaited
+at the kernel's end), the release of the one before completes a phase nobody
+waits for, and likewise the last num_stages kv_consumed completions: harmless,
+the kernel ends. No barrier runs two phases ahead of a waiter, which keeps
+the per-thread parity tracking of barrier_wait exact: q_ready's completion for
+item n + 2 needs the release of item n, which every consumer makes after
+waiting q_ready for item n + 1; q_free's release of item n + 2 is made in item
+n + 3, whose Q the producer loads only after waiting the release of item n +
+1; the kv barriers as in the serial schedule (mosaic_common). No cycle: the
+release the producer waits for (item n - 2, in item n - 1) needs only Q and
+the first K/V tile of item n - 1, both issued before. A CTA with no items
+(num_ctas > number of items) skips both loops.
 """
 
 from __future__ import annotations
@@ -74,7 +79,8 @@ from pallas_kernels.mosaic_common import (
     store_output, three_runs, tile_doc_mask, wait_for_free_slot, zeros_acc)
 from pallas_kernels.segment_attention import LOG2E
 
-__all__ = ["DEFAULT_NUM_SMS", "num_sms", "persistent_forward", "persistent_schedule"]
+__all__ = ["DEFAULT_NUM_SMS", "item_table", "num_sms", "persistent_forward",
+           "persistent_schedule"]
 
 DEFAULT_NUM_SMS = 132
 """SMs of an H100 SXM: the persistent grid when the device does not say (num_sms)."""
@@ -111,10 +117,12 @@ def persistent_schedule(q_ranges, heads: int, num_ctas: int,
   time, entry 13 of experiments/perf_notes.md). Balance within that: the
   items are cut into windows of whole (batch, head) pairs, about
   window_rounds * num_ctas items each (None: one window, the global sort),
-  sorted by descending work inside a window (stable), and dealt in rounds of
-  num_ctas: CTA c takes the c-th item of an even round and the c-th from the
-  end of an odd round (snake order, which evens out the heavy firsts), and
-  reads positions c, c + num_ctas, c + 2 * num_ctas, ... of the result.
+  sorted by descending work inside a window (stable); the empty items (work
+  0, no kv tile) go after all the others, so that every CTA meets them last
+  (the kernel relies on it). The result is dealt in rounds of num_ctas: CTA c
+  takes the c-th item of an even round and the c-th from the end of an odd
+  round (snake order, which evens out the heavy firsts), and reads positions
+  c, c + num_ctas, c + 2 * num_ctas, ... of the result.
   """
   batch, n_q, _ = q_ranges.shape
   n_items = batch * n_q * heads
@@ -125,7 +133,9 @@ def persistent_schedule(q_ranges, heads: int, num_ctas: int,
   window_items = (n_items if window_rounds is None else  # whole (batch, head) pairs
                   max(1, -(-window_rounds * num_ctas // n_q)) * n_q)
   window = jnp.asarray(np.arange(n_items) // window_items, jnp.int32)
-  items = items[jnp.lexsort((-work, window))]  # by window, then heaviest first (stable)
+  # Empty items last of all (the kernel needs them after a CTA's other items),
+  # then by window, then heaviest first (stable).
+  items = items[jnp.lexsort((-work, window, work <= 0))]
   pos = np.arange(n_items)
   rnd, lane = pos // num_ctas, pos % num_ctas
   round_size = np.minimum(num_ctas, n_items - rnd * num_ctas)
@@ -133,36 +143,53 @@ def persistent_schedule(q_ranges, heads: int, num_ctas: int,
   return items[sorted_pos]
 
 
-def _persistent_forward_kernel(schedule_ref, ranges_ref, q_ref, k_ref, v_ref, q_seg_ref,
+def item_table(q_ranges, schedule, heads: int):
+  """int32 [num_items, 8]: row i = (b, qt, h, lo, full_lo, full_hi, hi, 0) of item schedule[i].
+
+  q_ranges: int32 [B, nq, 4]; schedule: int32 [num_items], items encoded as
+  (b * nq + qt) * heads + h (persistent_schedule). The kernel reads a row with
+  independent loads, instead of decoding the item and then loading its plan
+  row (two dependent trips to global memory at every item).
+  """
+  n_q = q_ranges.shape[1]
+  h, row = schedule % heads, schedule // heads
+  b, qt = row // n_q, row % n_q
+  return jnp.concatenate([jnp.stack([b, qt, h], axis=1), q_ranges[b, qt],
+                          jnp.zeros_like(h)[:, None]], axis=1).astype(jnp.int32)
+
+
+def _persistent_forward_kernel(items_ref, q_ref, k_ref, v_ref, q_seg_ref,
                                q_pos_ref, kv_seg_ref, kv_pos_ref, o_ref, lse_ref, scratch, *,
                                scale, causal, sliding_window, block_k, num_stages,
                                num_consumers, group, num_ctas, pingpong):
-  """The persistent kernel (module docstring): serial or pingpong consumers, items from schedule_ref.
+  """The persistent kernel (module docstring): serial or pingpong consumers.
 
   pingpong (two consumers only): the consumers take turns on the tensor cores
   as in mosaic_attention's "pingpong" schedule, through a rendezvous barrier
-  (2 arrivals a phase), item by item: consumer 1 starts each item one
-  rendezvous behind consumer 0 and consumer 0 does one more at the item's
-  end; both do 2 a step in between (the same steps), so the phases pair up
-  within the item. Pairing across items instead would deadlock: consumer 0,
-  a rendezvous ahead, could wait for an item's Q whose buffer consumer 1
-  releases only after that rendezvous. The ring needs 2 stages here: with one,
-  consumer 0's QK^T of step t waits for consumer 1's PV of step t - 1, which
-  follows the rendezvous that needs that QK^T.
+  (2 arrivals a phase) met twice a step (after the QK^T issue, after the
+  softmax). Consumer 1 starts one rendezvous behind consumer 0 and consumer 0
+  does one more after its last item, and the pairing runs on across items, so
+  the tensor cores stay busy at item boundaries. This is deadlock-free because
+  a consumer's waits outside the rendezvous never need the other consumer to
+  be further ahead than one rendezvous: the release that the next Q load
+  needs is made right after an item's first QK^T, and empty items (which
+  have no rendezvous and wait for nothing) come after all busy ones. The
+  ring needs 2 stages: with one, consumer 0's QK^T of step t waits for
+  consumer 1's PV of step t - 1, which follows the rendezvous that needs
+  that QK^T.
 
-  schedule_ref: int32 [num_items] (persistent_schedule); CTA c runs the items
-  at positions c, c + num_ctas, ... Scratch: Q buffers [2 * num_consumers, 64,
-  D] (item n, consumer wg: buffer (n % 2) * num_consumers + wg), which also
-  stage that item's output; q ids [2 * num_consumers, 2, 64]; lse [2 *
-  num_consumers, 64]; the K/V ring as in mosaic_attention._forward_kernel.
+  items_ref: int32 [num_items, 8] (item_table); CTA c runs the items of rows
+  c, c + num_ctas, ... Scratch: Q buffers [2 * num_consumers, 64, D] (item n,
+  consumer wg: buffer (n % 2) * num_consumers + wg), which also stage that
+  item's output; q ids [2 * num_consumers, 2, 64]; lse [2 * num_consumers,
+  64]; the K/V ring as in mosaic_attention._forward_kernel.
   """
   (q_bufs, q_ids_smem, lse_smem, k_smem, v_smem, kv_ids_smem), barriers = scratch
   q_ready, q_free, kv_ready, kv_consumed, *sched = barriers
   cta = lax.axis_index("ctas")
   wg = lax.axis_index("wg")
-  num_items = schedule_ref.shape[0]
-  heads, head_dim = q_ref.shape[2], q_ref.shape[3]
-  n_q_tiles = ranges_ref.shape[1]
+  num_items = items_ref.shape[0]
+  head_dim = q_ref.shape[3]
   block_q = num_consumers * WG_ROWS
   dtype = q_ref.dtype
   stages = jnp.int32(num_stages)
@@ -170,13 +197,12 @@ def _persistent_forward_kernel(schedule_ref, ranges_ref, q_ref, k_ref, v_ref, q_
   count = lax.div(jnp.int32(num_items + num_ctas - 1) - cta, jnp.int32(num_ctas))
 
   def describe(n):
-    """(b, qt, h, lo, full_lo, full_hi, hi) of the CTA's item n (clamped into the array)."""
+    """(b, qt, h, lo, full_lo, full_hi, hi) of the CTA's item n (clamped into the table).
+
+    Seven independent loads: nothing waits for them until they are used.
+    """
     pos = jnp.minimum(cta + n * num_ctas, jnp.int32(num_items - 1))
-    item = schedule_ref[pos]
-    h = lax.rem(item, jnp.int32(heads))
-    row = lax.div(item, jnp.int32(heads))
-    qt, b = lax.rem(row, jnp.int32(n_q_tiles)), lax.div(row, jnp.int32(n_q_tiles))
-    return (b, qt, h, *(ranges_ref[b, qt, i] for i in range(4)))
+    return tuple(items_ref[pos, i] for i in range(7))
 
   def q_buffer(n, consumer):
     return lax.rem(n, jnp.int32(2)) * num_consumers + consumer
@@ -184,35 +210,42 @@ def _persistent_forward_kernel(schedule_ref, ranges_ref, q_ref, k_ref, v_ref, q_
   @producer_warpgroup(wg, num_consumers)
   def _producer():
 
-    def item(n, t):
-      b, qt, h, lo, _, _, hi = describe(n)
+    def item(n, carry):
+      t, (b, qt, h, lo, _, _, hi) = carry
+      next_item = describe(n + 1)  # loaded now, used by the next iteration
       qs = lax.rem(n, jnp.int32(2))
 
-      # q_free[qs]: wait for every consumer's release of item n - 2 (the last
-      # user of this Q buffer); items 0 and 1 find their buffer fresh.
-      @pl.when(n >= 2)
-      def _wait_q_buffer():
-        plgpu.barrier_wait(q_free.at[qs])
+      @pl.when(hi > lo)  # an empty item loads nothing (its output needs no Q)
+      def _load_q():
+        # q_free[qs]: wait for every consumer's release of item n - 2 (the last
+        # user of this Q buffer); items 0 and 1 find their buffer fresh.
+        @pl.when(n >= 2)
+        def _wait_q_buffer():
+          plgpu.barrier_wait(q_free.at[qs])
 
-      # q_ready[qs]: 3 copies per consumer (Q, q ids, q positions) per item.
-      for c in range(num_consumers):
-        rows = pl.ds(qt * block_q + c * WG_ROWS, WG_ROWS)
-        buf = q_buffer(n, c)
-        copy_q_tile((q_ref, q_seg_ref, q_pos_ref), q_bufs.at[buf], q_ids_smem, buf,
-                    q_ready.at[qs], b=b, rows=rows, h=h)
+        # q_ready[qs]: 3 copies per consumer (Q, q ids, q positions) per item.
+        for c in range(num_consumers):
+          rows = pl.ds(qt * block_q + c * WG_ROWS, WG_ROWS)
+          buf = q_buffer(n, c)
+          with jax.named_scope("p_load_q"):
+            copy_q_tile((q_ref, q_seg_ref, q_pos_ref), q_bufs.at[buf], q_ids_smem, buf,
+                        q_ready.at[qs], b=b, rows=rows, h=h)
+
       kv_head = lax.div(h, jnp.int32(group))
 
       def load(j, t):
         # kv_ready[slot]: 4 copies per step; kv_consumed[slot]: waited for step
         # t - num_stages (the slot's previous use, possibly of an earlier item).
-        slot = wait_for_free_slot(t, kv_consumed, num_stages)
-        copy_kv_tile((k_ref, v_ref, kv_seg_ref, kv_pos_ref), (k_smem, v_smem, kv_ids_smem),
-                     kv_ready.at[slot], slot, b=b, j=j, kv_head=kv_head, block_k=block_k)
+        with jax.named_scope("p_wait_slot"):
+          slot = wait_for_free_slot(t, kv_consumed, num_stages)
+        with jax.named_scope("p_load_kv"):
+          copy_kv_tile((k_ref, v_ref, kv_seg_ref, kv_pos_ref), (k_smem, v_smem, kv_ids_smem),
+                       kv_ready.at[slot], slot, b=b, j=j, kv_head=kv_head, block_k=block_k)
         return t + 1
 
-      return lax.fori_loop(lo, hi, load, t)
+      return lax.fori_loop(lo, hi, load, t), next_item
 
-    lax.fori_loop(jnp.int32(0), count, item, jnp.int32(0))
+    lax.fori_loop(jnp.int32(0), count, item, (jnp.int32(0), describe(jnp.int32(0))))
 
   @consumer_warpgroups(wg, num_consumers)
   def _consumer():
@@ -222,6 +255,8 @@ def _persistent_forward_kernel(schedule_ref, ranges_ref, q_ref, k_ref, v_ref, q_
 
     # The pingpong consumers' meeting point (docstring); nothing without it.
     meet = functools.partial(rendezvous, sched[0]) if sched else lambda: None
+    if sched:
+      pl.when(wg == 1)(meet)  # consumer 1 runs one rendezvous behind (docstring)
 
     def item(n, carry):
       t0, (b, qt, h, lo, full_lo, full_hi, hi) = carry
@@ -230,67 +265,76 @@ def _persistent_forward_kernel(schedule_ref, ranges_ref, q_ref, k_ref, v_ref, q_
       buf = q_buffer(n, wg)
       q_smem = q_bufs.at[buf]
       rows = pl.ds(qt * block_q + wg * WG_ROWS, WG_ROWS)
-      plgpu.barrier_wait(q_ready.at[qs])  # once per item, every consumer
-      q_ids = tuple(row_vector(q_ids_smem.at[buf, i][...]) for i in range(2))
-      if sched:
-        pl.when(wg == 1)(meet)  # one behind consumer 0 (docstring)
+      out_refs = (q_smem, lse_smem.at[buf], o_ref.at[b, rows, h], lse_ref.at[b, h, rows])
 
-      def release_previous_item():
-        """q_free[1 - qs]: item n - 1's output store has read its Q buffer."""
+      @pl.when(hi > lo)
+      def _attend():
+        with jax.named_scope("c_wait_q"):
+          plgpu.barrier_wait(q_ready.at[qs])  # once per item, every consumer
+        q_ids = tuple(row_vector(q_ids_smem.at[buf, i][...]) for i in range(2))
+
+        def visit(j, carry, *, masked):
+          acc, m, l = carry
+          slot = lax.rem(t0 + (j - lo), stages)
+          with jax.named_scope("c_wait_kv"):
+            plgpu.barrier_wait(kv_ready.at[slot])  # once per step, every consumer
+
+          def qk(acc_ref):
+            plgpu.wgmma(acc_ref, q_smem, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
+            meet()  # QK^T issued: the other consumer may finish its softmax
+            return acc_ref[...]
+
+          with jax.named_scope("c_qk"):
+            s = pl.run_scoped(qk, plgpu.ACC(s_shape, jnp.float32))
+
+          # q_free[1 - qs]: the release of item n - 1, once per item, after the
+          # first QK^T (so the store had time to read its Q buffer).
+          @pl.when((j == lo) & (n >= 1))
+          def _release_previous_item():
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+            plgpu.barrier_arrive(q_free.at[1 - qs])
+
+          with jax.named_scope("c_softmax_masked" if masked else "c_softmax"):
+            mask = (tile_doc_mask(q_ids, kv_ids_smem, slot, s_shape, kv_major=False,
+                                  causal=causal, sliding_window=sliding_window)
+                    if masked else None)
+            p, m_new, l, alpha = online_softmax(s, m, l, mask, logit_scale=logit_scale)
+            acc = acc * broadcast_rows(alpha, acc.shape)
+          if sched:
+            acc, l, m_new, p = lax.optimization_barrier((acc, l, m_new, p))
+            with jax.named_scope("c_meet"):
+              meet()  # softmax done; the other consumer issued its QK^T
+
+          with jax.named_scope("c_pv"):
+            acc = mma_accumulate(acc, p, v_smem.at[slot], dtype)
+          plgpu.barrier_arrive(kv_consumed.at[slot])  # once per step, every consumer
+          return acc, m_new, l
+
+        acc, m, l = three_runs(lo, full_lo, full_hi, hi, visit,
+                               (zeros_acc(o_shape), *empty_row_stats()))
+        with jax.named_scope("c_store"):
+          store_output(acc, m, l, *out_refs)
+
+      @pl.when(hi <= lo)
+      def _write_empty():
+        # Empty items come last (persistent_schedule) and have no Q: the
+        # buffer's last reader was this consumer's own store of item n - 2.
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-        plgpu.barrier_arrive(q_free.at[1 - qs])
+        store_output(zeros_acc(o_shape), *empty_row_stats(), *out_refs)
 
-      has_previous = n >= 1
-
-      def visit(j, carry, *, masked):
-        acc, m, l = carry
-        slot = lax.rem(t0 + (j - lo), stages)
-        plgpu.barrier_wait(kv_ready.at[slot])  # once per step, every consumer
-
-        def qk(acc_ref):
-          plgpu.wgmma(acc_ref, q_smem, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
-          meet()  # QK^T issued: the other consumer may finish its softmax
-          return acc_ref[...]
-
-        s = pl.run_scoped(qk, plgpu.ACC(s_shape, jnp.float32)) * logit_scale
-        # The release of item n - 1, once per item, after the first QK^T (the
-        # store had the Q wait and the QK^T to read; no wgmma is in flight here).
-        pl.when((j == lo) & has_previous)(release_previous_item)
-        mask = (tile_doc_mask(q_ids, kv_ids_smem, slot, s_shape, kv_major=False,
-                              causal=causal, sliding_window=sliding_window)
-                if masked else None)
-        p, m_new, l, alpha = online_softmax(s, m, l, mask)
-        acc = acc * broadcast_rows(alpha, acc.shape)
-        if sched:
-          acc, l, m_new, p = lax.optimization_barrier((acc, l, m_new, p))
-          meet()  # softmax done; the other consumer issued its QK^T
-
-        acc = mma_accumulate(acc, p, v_smem.at[slot], dtype)
-        plgpu.barrier_arrive(kv_consumed.at[slot])  # once per step, every consumer
-        return acc, m_new, l
-
-      acc, m, l = three_runs(lo, full_lo, full_hi, hi, visit,
-                             (zeros_acc(o_shape), *empty_row_stats()))
-      if sched:
-        pl.when(wg == 0)(meet)  # pairs with consumer 1's last one of the item
-      # A zero-tile item issued no QK^T: it releases item n - 1 here, before
-      # issuing its own stores (so that the wait covers item n - 1's only).
-      pl.when((hi <= lo) & has_previous)(release_previous_item)
-
-      store_output(acc, m, l, q_smem, lse_smem.at[buf], o_ref.at[b, rows, h],
-                   lse_ref.at[b, h, rows])
       # Not awaited here: item n + 1 waits for the read, the kernel's end for the write.
       return t0 + jnp.maximum(hi - lo, 0), next_item
 
     lax.fori_loop(jnp.int32(0), count, item, (jnp.int32(0), describe(jnp.int32(0))))
+    if sched:
+      pl.when(wg == 0)(meet)  # pairs with consumer 1's last one
     plgpu.wait_smem_to_gmem(0)
-
 
 
 def persistent_forward(q, k, v, q_seg, kv_seg, q_pos, kv_pos, q_ranges, *, tile: TileConfig,
                        scale, causal, sliding_window, num_ctas: int | None = None,
                        pingpong: bool = False):
-  """forward(..., schedule="persistent[-pingpong]"): the schedule array, then the kernel.
+  """forward(..., schedule="persistent[-pingpong]"): the item table, then the kernel.
 
   Arguments and outputs as mosaic_attention.forward, which checks them.
   pingpong: the two consumers take turns on the tensor cores (no effect with
@@ -307,7 +351,8 @@ def persistent_forward(q, k, v, q_seg, kv_seg, q_pos, kv_pos, q_ranges, *, tile:
   num_items = batch * heads * q_ranges.shape[1]
   if num_ctas is None:
     num_ctas = min(num_sms(), num_items)
-  schedule = persistent_schedule(q_ranges, heads, num_ctas, window_rounds=WINDOW_ROUNDS)
+  items = item_table(q_ranges, persistent_schedule(q_ranges, heads, num_ctas,
+                                                   window_rounds=WINDOW_ROUNDS), heads)
   pingpong = pingpong and num_consumers == 2
   if pingpong and stages < 2:
     raise ValueError(f"schedule='persistent-pingpong' needs tile.num_stages >= 2 (one "
@@ -335,7 +380,7 @@ def persistent_forward(q, k, v, q_seg, kv_seg, q_pos, kv_pos, q_ranges, *, tile:
       plgpu.SMEM((stages, 2, bk), jnp.int32),
   )
   return launch(
-      kernel, (schedule, q_ranges, q, k, v, q_seg, q_pos, kv_seg, kv_pos), scratch,
+      kernel, (items, q, k, v, q_seg, q_pos, kv_seg, kv_pos), scratch,
       barriers,
       out_type=(jax.ShapeDtypeStruct(q.shape, q.dtype),
                 jax.ShapeDtypeStruct((batch, heads, tq), jnp.float32)),

@@ -53,7 +53,7 @@ schedules = pytest.mark.parametrize("schedule", SCHEDULES)
 @functools.partial(jax.jit, static_argnames=("causal", "window", "scale", "tile",
                                              "schedule", "num_ctas"))
 def mosaic_forward(q, k, v, q_seg, kv_seg, q_pos, kv_pos, *, causal, window, scale,
-                   tile, schedule=mosaic_attention.DEFAULT_SCHEDULE, num_ctas=None):
+                   tile, schedule=None, num_ctas=None):
   """(out, lse) of the Mosaic kernel, with its tile plan; lengths multiples of the tile."""
   plan = masks.make_tile_plan(q_seg, kv_seg, q_pos, kv_pos, block_q=tile.block_major,
                               block_k=tile.block_minor, causal=causal,
@@ -189,6 +189,14 @@ def test_persistent_schedule_global_sort_runs_every_item_once_heaviest_first(see
     assert np.all(np.diff(work[c::num_ctas]) <= 0)
 
 
+def _unsnake(schedule, num_ctas):
+  """The sorted order behind persistent_schedule's snake dealing (odd rounds reversed)."""
+  return np.concatenate([
+      (lambda chunk, r: chunk if r % 2 == 0 else chunk[::-1])(schedule[i:i + num_ctas],
+                                                                i // num_ctas)
+      for i in range(0, len(schedule), num_ctas)])
+
+
 @pytest.mark.parametrize("num_ctas, window_rounds", [(1, 1), (3, 2), (7, 2), (20, 1),
                                                     (64, 2), (1000, 2)])
 @pytest.mark.parametrize("seed", [0, 1])
@@ -199,23 +207,31 @@ def test_persistent_schedule_windows_keep_heads_together(seed, num_ctas, window_
                                                               window_rounds=window_rounds))
   n_items = batch * n_q * heads
   np.testing.assert_array_equal(np.sort(schedule), np.arange(n_items))  # each item once
-  # Undo the snake dealing: odd rounds reversed gives the windowed sort order.
-  order = np.concatenate([
-      (lambda chunk, r: chunk if r % 2 == 0 else chunk[::-1])(schedule[i:i + num_ctas],
-                                                                i // num_ctas)
-      for i in range(0, n_items, num_ctas)])
-  pairs = max(1, -(-window_rounds * num_ctas // n_q))  # (batch, head) pairs per window
-  size = pairs * n_q
-  b_h = (order // heads // n_q) * heads + order % heads  # the item's (batch, head) pair
+  order = _unsnake(schedule, num_ctas)
   work = _work_of_items(ranges, heads, order)
-  for start in range(0, n_items, size):
-    window = slice(start, start + size)
-    first_pair = start // n_q
-    # A window holds exactly its pairs' items, heaviest first.
-    np.testing.assert_array_equal(np.unique(b_h[window]),
-                                  np.arange(first_pair, min(first_pair + pairs,
-                                                            batch * heads)))
-    assert np.all(np.diff(work[window]) <= 0)
+  busy = int((work > 0).sum())
+  assert np.all(work[:busy] > 0) and np.all(work[busy:] == 0)  # empty items last
+  pairs = max(1, -(-window_rounds * num_ctas // n_q))  # (batch, head) pairs per window
+  b_h = (order // heads // n_q) * heads + order % heads  # the item's (batch, head) pair
+  window = b_h[:busy] // pairs
+  # The other items: window after window, heaviest first within a window.
+  assert np.all(np.diff(window) >= 0)
+  for w in np.unique(window):
+    assert np.all(np.diff(work[:busy][window == w]) <= 0)
+
+
+@pytest.mark.parametrize("num_ctas", [1, 3, 7, 64, 1000])
+@pytest.mark.parametrize("window_rounds", [1, None])
+def test_persistent_schedule_gives_every_cta_its_empty_items_last(num_ctas, window_rounds):
+  batch, n_q, n_k, heads = 3, 16, 16, 5
+  ranges = _random_ranges(2, batch, n_q, n_k)
+  schedule = np.asarray(mosaic_persistent.persistent_schedule(ranges, heads, num_ctas,
+                                                              window_rounds=window_rounds))
+  work = _work_of_items(ranges, heads, schedule)
+  assert (work == 0).any()
+  for c in range(min(num_ctas, len(schedule))):
+    empty = work[c::num_ctas] == 0
+    assert not np.any(empty[:-1] & ~empty[1:])  # never an empty item before a busy one
 
 
 def test_persistent_schedule_orders_items_head_major():
@@ -223,12 +239,25 @@ def test_persistent_schedule_orders_items_head_major():
   ranges = jnp.asarray([[[0, 0, 0, 2], [0, 0, 0, 5], [0, 0, 0, 0]]], jnp.int32)
   one_pair = mosaic_persistent.persistent_schedule(ranges, heads=2, num_ctas=1,
                                                    window_rounds=1)
-  # Windows of one (batch, head) pair (3 items): head 0's q tiles by work, then head 1's.
-  np.testing.assert_array_equal(one_pair, [2, 0, 4, 3, 1, 5])
+  # Windows of one (batch, head) pair: head 0's busy q tiles by work, then head
+  # 1's, then the empty ones (q tile 2 of both heads).
+  np.testing.assert_array_equal(one_pair, [2, 0, 3, 1, 4, 5])
   snake = mosaic_persistent.persistent_schedule(ranges, heads=2, num_ctas=4,
                                                 window_rounds=None)
   # Global sort (2, 3, 0, 1, 4, 5) by work, round 0 in order, round 1 (4, 5) reversed.
   np.testing.assert_array_equal(snake, [2, 3, 0, 1, 5, 4])
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_item_table_holds_each_items_coordinates_and_plan_row(seed):
+  batch, n_q, n_k, heads = 2, 8, 8, 3
+  ranges = _random_ranges(seed, batch, n_q, n_k)
+  schedule = mosaic_persistent.persistent_schedule(ranges, heads, 4)
+  table = np.asarray(mosaic_persistent.item_table(ranges, schedule, heads))
+  assert table.shape == (batch * n_q * heads, 8) and table.dtype == np.int32
+  for row, item in zip(table, np.asarray(schedule)):
+    b, qt, h = item // heads // n_q, item // heads % n_q, item % heads
+    np.testing.assert_array_equal(row, [b, qt, h, *np.asarray(ranges)[b, qt], 0])
 
 
 def test_num_sms_without_a_gpu_is_the_h100_default():

@@ -1,0 +1,236 @@
+"""Probe the Mosaic GPU forward kernel: variants x layouts, kernel only, on a GPU.
+
+    PYTHONPATH=. python experiments/fwd_probe.py \\
+        --variants persistent-pingpong,pingpong,serial@128x64s3 --layouts packed,dense,full
+
+A variant is "schedule[@BQxBKsS]": a schedule of mosaic_attention.SCHEDULES
+and an optional tiling (default mosaic_attention.DEFAULT_TILE). Layouts, all
+B=4 (--batch), T=8192, H=16, D=128 bfloat16 (the main shape of
+bench_attention.py):
+  packed  lognormal documents of mean length 1024, causal (the main case);
+  padded  packed, the last 700 tokens of each row padding (segment id 0);
+  dense   one document per row, causal (long loops, masks on the diagonal);
+  full    one document per row, not causal (every tile full: the loop alone);
+  blocks  documents of 1024 tokens, not causal (short loops, no masks);
+  blocksc documents of 1024 tokens, causal (short loops, masks on the diagonal).
+
+Per (layout, variant): the median time of the kernel with its tile plan made
+beforehand (experiments/timing.py), useful TFLOP/s (document-masked work) and
+executed TFLOP/s (every visited tile counted whole), and the relative error
+of the output against the layout's first variant; the first variant is
+checked against the float32 reference on row 0, heads 0-1. One JSON line per
+result on stdout (and in $OUT/fwd_probe.json when OUT is set).
+
+--dump DIR writes each variant's ptxas report (registers, spills) and SASS
+(Mosaic GPU's MOSAIC_GPU_DUMP_PTXAS / MOSAIC_GPU_DUMP_SASS, printed by the
+compiler) to DIR/<variant>.txt, at its first compile. The SASS needs nvdisasm
+in the CUDA root jaxlib uses, which the GPU machine lacks; the compiled kernel
+is left in /tmp/mosaic-gpu-*/kernel.bin either way, for `nvdisasm -c` elsewhere.
+
+--profile DIR runs each variant once with Mosaic GPU's on-device profiler
+(plgpu.CompilerParams profile_space / profile_dir: a timestamp at the entry
+and exit of every jax.named_scope region of the kernel, per warpgroup), writes
+the Perfetto trace to DIR and prints, per warpgroup role and region, the
+share of the time and the median cycles spent in it (summarize_trace; no
+timing then: the profiler's shared-memory stores perturb it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import glob
+import json
+import os
+import sys
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO_ROOT not in sys.path:
+  sys.path.insert(0, REPO_ROOT)
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from experiments import timing  # noqa: E402
+from experiments.layouts import causal_doc_flops, packed_segment_ids  # noqa: E402
+from jpack import masks  # noqa: E402
+from jpack.attention import reference_attention  # noqa: E402
+from pallas_kernels import mosaic_attention, mosaic_common  # noqa: E402
+from pallas_kernels.config import TileConfig  # noqa: E402
+
+BATCH, SEQ_LEN, HEADS, HEAD_DIM = 4, 8192, 16, 128
+LAYOUTS = ("packed", "padded", "dense", "full", "blocks", "blocksc")
+
+
+def layout(name, seed=0, batch=None):
+  """(segment ids int32 [B, T], causal) of a layout (module docstring)."""
+  batch = batch or BATCH
+  if name in ("packed", "padded"):
+    seg = packed_segment_ids(batch, SEQ_LEN, seed=seed, mean_len=1024.0)
+    if name == "padded":
+      seg[:, -700:] = 0
+    return seg, True
+  ones = np.ones((batch, SEQ_LEN), np.int32)
+  if name in ("dense", "full"):
+    return ones, name == "dense"
+  if name in ("blocks", "blocksc"):
+    return 1 + np.arange(SEQ_LEN, dtype=np.int32)[None].repeat(batch, 0) // 1024, \
+        name == "blocksc"
+  raise ValueError(f"layout must be one of {LAYOUTS}, got {name!r}")
+
+
+def parse_variant(text):
+  """(schedule, TileConfig) of "schedule[@BQxBKsS]"."""
+  schedule, _, tiling = text.partition("@")
+  if schedule not in mosaic_attention.SCHEDULES:
+    raise ValueError(f"schedule must be one of {mosaic_attention.SCHEDULES}, got {schedule!r}")
+  tile = mosaic_attention.DEFAULT_TILE
+  if tiling:
+    bq, rest = tiling.split("x")
+    bk, stages = rest.split("s")
+    tile = TileConfig(int(bq), int(bk), num_stages=int(stages))
+  return schedule, tile
+
+
+@contextlib.contextmanager
+def compiler_dump(path):
+  """Mosaic GPU's ptxas report and SASS of kernels compiled inside, into `path` (None: off)."""
+  if path is None:
+    yield
+    return
+  names = ("MOSAIC_GPU_DUMP_PTXAS", "MOSAIC_GPU_DUMP_SASS")
+  sys.stdout.flush()
+  saved_fd = os.dup(1)
+  with open(path, "w") as f:
+    os.dup2(f.fileno(), 1)
+    os.environ.update({n: "1" for n in names})
+    try:
+      yield
+    finally:
+      sys.stdout.flush()
+      os.dup2(saved_fd, 1)
+      os.close(saved_fd)
+      for n in names:
+        os.environ.pop(n, None)
+
+
+def summarize_trace(path, warpgroups=3):
+  """{role: {region: (share of the warpgroups' time, median cycles)}} of a profiler trace.
+
+  Roles: "consumer" (warpgroups 0 .. warpgroups - 2) and "producer" (the
+  last); a warpgroup's time runs from its first event to its last; outermost
+  regions only. Mosaic GPU's profiler stamps events with the SM clock, written
+  as ts = (start + cycles) / 1000, so a duration * 1000 is in cycles.
+  """
+  with open(path) as f:
+    events = json.load(f)["traceEvents"]
+  by_tid = collections.defaultdict(list)
+  for e in events:
+    by_tid[e["tid"]].append(e)
+  spans = {"consumer": collections.defaultdict(list), "producer": collections.defaultdict(list)}
+  total = collections.Counter()
+  for tid, evs in by_tid.items():
+    role = "producer" if (tid - 1) % warpgroups == warpgroups - 1 else "consumer"
+    total[role] += evs[-1]["ts"] - evs[0]["ts"]
+    stack = []
+    for e in evs:
+      if e["ph"] == "B":
+        stack.append(e)
+      elif stack:
+        begin = stack.pop()
+        if not stack:
+          spans[role][begin["name"]].append(e["ts"] - begin["ts"])
+  return {role: {name: (round(sum(d) / total[role], 4), round(1000 * float(np.median(d))))
+                 for name, d in sorted(spans[role].items(), key=lambda kv: -sum(kv[1]))}
+          for role in spans if total[role]}
+
+
+def rel_err(a, b):
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--variants", default=mosaic_attention.DEFAULT_SCHEDULE)
+  p.add_argument("--layouts", default="packed")
+  p.add_argument("--reps", type=int, default=20)
+  p.add_argument("--dump", default=None, help="directory for ptxas reports and SASS")
+  p.add_argument("--profile", default=None, help="directory for profiler traces")
+  p.add_argument("--profile-space", type=int, default=300,
+                 help="profiled regions per warpgroup (shared memory: 16 bytes each)")
+  p.add_argument("--batch", type=int, default=BATCH)
+  args = p.parse_args()
+  variants = [(v, *parse_variant(v)) for v in args.variants.split(",")]
+  results, dumped = [], set()
+  kq, kk, kv = jax.random.split(jax.random.key(0), 3)
+  shape = (args.batch, SEQ_LEN, HEADS, HEAD_DIM)
+  q, k, v = (jax.random.normal(key, shape, jnp.bfloat16) for key in (kq, kk, kv))
+  scale = 1.0 / np.sqrt(HEAD_DIM)
+  pos = jnp.broadcast_to(jnp.arange(SEQ_LEN, dtype=jnp.int32), (args.batch, SEQ_LEN))
+  for d in (args.dump, args.profile):
+    if d:
+      os.makedirs(d, exist_ok=True)
+  for layout_name in args.layouts.split(","):
+    seg_np, causal = layout(layout_name, batch=args.batch)
+    seg = jnp.asarray(seg_np)
+    flops = causal_doc_flops(seg_np, HEADS, HEAD_DIM, causal=causal)
+    first_out = None
+    for name, schedule, tile in variants:
+      result = dict(layout=layout_name, variant=name)
+      try:
+        plan = masks.make_tile_plan(seg, seg, pos, pos, block_q=tile.block_major,
+                                    block_k=tile.block_minor, causal=causal,
+                                    sliding_window=None)
+        ranges = np.asarray(plan.q_ranges)
+        tiles = int((ranges[..., 3] - ranges[..., 0]).clip(0).sum()) * HEADS
+        executed = 4.0 * tiles * tile.block_major * tile.block_minor * HEAD_DIM
+        fn = jax.jit(lambda q, k, v, seg, pos, ranges: mosaic_attention.forward(
+            q, k, v, seg, seg, pos, pos, ranges, tile=tile, scale=scale, causal=causal,
+            sliding_window=None, schedule=schedule)[0])
+        args_ = (q, k, v, seg, pos, plan.q_ranges)
+        dump = (os.path.join(args.dump, name.replace("@", "_") + ".txt")
+                if args.dump and name not in dumped else None)
+        if args.profile:
+          trace_dir = os.path.join(args.profile, f"{layout_name}-{len(results)}")
+          os.makedirs(trace_dir)
+          mosaic_common.PROFILE = dict(profile_space=args.profile_space,
+                                       profile_dir=trace_dir)
+        try:
+          with compiler_dump(dump):
+            out = np.asarray(fn(*args_).astype(jnp.float32))
+        finally:
+          mosaic_common.PROFILE = {}
+        dumped.add(name)
+        if args.profile:
+          jax.effects_barrier()
+          (trace,) = glob.glob(os.path.join(trace_dir, "*.json"))
+          result["trace"] = trace
+          result["shares"] = summarize_trace(trace, 1 + tile.block_major // 64)
+          print(json.dumps(result), flush=True)
+          results.append(result)
+          continue
+        if first_out is None:
+          first_out = out
+          f32 = lambda x: x[:1, :, :2].astype(jnp.float32)
+          want = reference_attention(f32(q), f32(k), f32(v), segment_ids=seg[:1],
+                                     causal=causal, scale=scale)
+          result["rel_err_vs_reference_row0"] = rel_err(out[:1, :, :2], want)
+        result["rel_err_vs_first"] = rel_err(out, first_out)
+        result["nonfinite"] = int((~np.isfinite(out)).sum())
+        ms = timing.median_ms(fn, *args_, warmup=3, reps=args.reps)
+        result.update(ms=round(ms, 4), useful_tflops=round(flops / ms / 1e9, 1),
+                      executed_tflops=round(executed / ms / 1e9, 1), tiles=tiles)
+      except Exception as exc:  # noqa: BLE001 - a failed variant is a result
+        result["error"] = f"{type(exc).__name__}: {exc}"[:400]
+      print(json.dumps(result), flush=True)
+      results.append(result)
+  if out_dir := os.environ.get("OUT"):
+    with open(os.path.join(out_dir, "fwd_probe.json"), "w") as f:
+      json.dump(dict(device=jax.devices()[0].device_kind, results=results), f, indent=1)
+
+
+if __name__ == "__main__":
+  main()
