@@ -114,12 +114,10 @@ def persistent_schedule(q_ranges, heads: int, num_ctas: int,
   Locality first: items are taken (batch, head)-major, q tiles fastest, so the
   CTAs running at one time share the K/V of a few heads in L2 (sorting all
   items by work spread every round over all heads: K/V came from HBM each
-  time, entry 13 of experiments/perf_notes.md), or of a stretch of one long
-  row (whole heads did not do: one head of a 131072-token row has 64 MB of
-  K/V, more than L2; entry 16). Balance within that: the items are cut into
-  windows of window_rounds * num_ctas consecutive items (None: one window,
-  the global sort), sorted by descending work inside a window (stable); the
-  empty items (work
+  time, entry 13 of experiments/perf_notes.md). Balance within that: the
+  items are cut into windows of whole (batch, head) pairs, about
+  window_rounds * num_ctas items each (None: one window, the global sort),
+  sorted by descending work inside a window (stable); the empty items (work
   0, no kv tile) go after all the others, so that every CTA meets them last
   (the kernel relies on it). The result is dealt in rounds of num_ctas: CTA c
   takes the c-th item of an even round and the c-th from the end of an odd
@@ -132,7 +130,8 @@ def persistent_schedule(q_ranges, heads: int, num_ctas: int,
                           (batch, heads, n_q)).reshape(-1)  # (b, h, qt) order
   b, h, qt = np.unravel_index(np.arange(n_items), (batch, heads, n_q))
   items = jnp.asarray((b * n_q + qt) * heads + h, jnp.int32)
-  window_items = n_items if window_rounds is None else window_rounds * num_ctas
+  window_items = (n_items if window_rounds is None else  # whole (batch, head) pairs
+                  max(1, -(-window_rounds * num_ctas // n_q)) * n_q)
   window = jnp.asarray(np.arange(n_items) // window_items, jnp.int32)
   # Empty items last of all (the kernel needs them after a CTA's other items),
   # then by window, then heaviest first (stable).

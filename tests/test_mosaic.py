@@ -200,8 +200,7 @@ def _unsnake(schedule, num_ctas):
 @pytest.mark.parametrize("num_ctas, window_rounds", [(1, 1), (3, 2), (7, 2), (20, 1),
                                                     (64, 2), (1000, 2)])
 @pytest.mark.parametrize("seed", [0, 1])
-def test_persistent_schedule_windows_keep_neighbours_together(seed, num_ctas,
-                                                              window_rounds):
+def test_persistent_schedule_windows_keep_heads_together(seed, num_ctas, window_rounds):
   batch, n_q, n_k, heads = 3, 16, 16, 5
   ranges = _random_ranges(seed, batch, n_q, n_k)
   schedule = np.asarray(mosaic_persistent.persistent_schedule(ranges, heads, num_ctas,
@@ -212,10 +211,10 @@ def test_persistent_schedule_windows_keep_neighbours_together(seed, num_ctas,
   work = _work_of_items(ranges, heads, order)
   busy = int((work > 0).sum())
   assert np.all(work[:busy] > 0) and np.all(work[busy:] == 0)  # empty items last
-  # The item's position in (batch, head, q tile) order, and its window.
-  b, qt, h = order // heads // n_q, order // heads % n_q, order % heads
-  window = ((b * heads + h) * n_q + qt)[:busy] // (window_rounds * num_ctas)
-  # The busy items: window after window, heaviest first within a window.
+  pairs = max(1, -(-window_rounds * num_ctas // n_q))  # (batch, head) pairs per window
+  b_h = (order // heads // n_q) * heads + order % heads  # the item's (batch, head) pair
+  window = b_h[:busy] // pairs
+  # The other items: window after window, heaviest first within a window.
   assert np.all(np.diff(window) >= 0)
   for w in np.unique(window):
     assert np.all(np.diff(work[:busy][window == w]) <= 0)
@@ -240,14 +239,9 @@ def test_persistent_schedule_orders_items_head_major():
   ranges = jnp.asarray([[[0, 0, 0, 2], [0, 0, 0, 5], [0, 0, 0, 0]]], jnp.int32)
   one_pair = mosaic_persistent.persistent_schedule(ranges, heads=2, num_ctas=1,
                                                    window_rounds=1)
-  # Windows of one item: (batch, head, q tile) order, the empty ones (q tile 2
-  # of both heads) last.
-  np.testing.assert_array_equal(one_pair, [0, 2, 1, 3, 4, 5])
-  two = mosaic_persistent.persistent_schedule(ranges, heads=2, num_ctas=1,
-                                              window_rounds=2)
-  # Windows of two: (head 0: q tiles 0, 1), (head 0 q tile 2, head 1 q tile 0),
-  # (head 1: q tiles 1, 2), each by work, then the empty ones.
-  np.testing.assert_array_equal(two, [2, 0, 1, 3, 4, 5])
+  # Windows of one (batch, head) pair: head 0's busy q tiles by work, then head
+  # 1's, then the empty ones (q tile 2 of both heads).
+  np.testing.assert_array_equal(one_pair, [2, 0, 3, 1, 4, 5])
   snake = mosaic_persistent.persistent_schedule(ranges, heads=2, num_ctas=4,
                                                 window_rounds=None)
   # Global sort (2, 3, 0, 1, 4, 5) by work, round 0 in order, round 1 (4, 5) reversed.
