@@ -32,12 +32,13 @@ outputs; they differ only in how a consumer orders its work:
   "pipelined"  QK^T of step j overlaps PV of step j - 1 inside each consumer
                (_split_forward_kernel).
   "pingpong"   the two consumers take turns on the tensor cores
-               (_split_forward_kernel). The default for one-stage tiles.
+               (_split_forward_kernel). The default for one-stage tiles and
+               long rows (default_schedule).
   "persistent" the serial loop in a persistent grid of CTAs walking a list of
                work items (mosaic_persistent).
   "persistent-pingpong"
                the persistent kernel with pingpong consumers. The default
-               (DEFAULT_SCHEDULE) when the tile has 2 stages or more.
+               (DEFAULT_SCHEDULE) otherwise.
 """
 
 from __future__ import annotations
@@ -59,8 +60,8 @@ from pallas_kernels.mosaic_common import (
 from pallas_kernels.mosaic_persistent import persistent_forward
 from pallas_kernels.segment_attention import LOG2E
 
-__all__ = ["DEFAULT_SCHEDULE", "DEFAULT_TILE", "ONE_STAGE_SCHEDULE", "SCHEDULES",
-           "check_supported", "forward"]
+__all__ = ["DEFAULT_SCHEDULE", "DEFAULT_TILE", "GRID_SCHEDULE", "PERSISTENT_MAX_KV_BYTES",
+           "SCHEDULES", "check_supported", "default_schedule", "forward"]
 
 DEFAULT_TILE = TileConfig(128, 128, num_stages=2)
 """Two consumer warpgroups, 128-key tiles, double-buffered (untuned starting point)."""
@@ -68,9 +69,30 @@ DEFAULT_TILE = TileConfig(128, 128, num_stages=2)
 SCHEDULES = ("serial", "pipelined", "pingpong", "persistent", "persistent-pingpong")
 """Consumer loop orders of the forward kernel (module docstring)."""
 DEFAULT_SCHEDULE = "persistent-pingpong"
-"""The fastest measured on an H100 (experiments/perf_notes.md, entry 16); it needs
-2 stages, so one-stage tiles default to ONE_STAGE_SCHEDULE."""
-ONE_STAGE_SCHEDULE = "pingpong"
+"""The fastest measured on an H100 at T = 8192 (experiments/perf_notes.md, entry 16)."""
+GRID_SCHEDULE = "pingpong"
+"""The default where DEFAULT_SCHEDULE is not (default_schedule)."""
+PERSISTENT_MAX_KV_BYTES = 16 * 2**20
+"""K and V bytes of one (batch, kv head) above which the grid schedule is the default."""
+
+
+def default_schedule(tile: TileConfig, k) -> str:
+  """The schedule `forward` runs when none is named: DEFAULT_SCHEDULE, or GRID_SCHEDULE.
+
+  k: [B, Tk, Hkv, D]. GRID_SCHEDULE for one-stage tiles (DEFAULT_SCHEDULE
+  needs 2 stages) and for long rows: the persistent kernel takes its items
+  (batch, head)-major, heaviest first within a head, so the CTAs running at
+  once read K/V from all over the head's row, and once that is far above L2
+  (50 MB) the grid order, q tiles in sequence, is faster: 2.645 against 2.929
+  ms at T = 131072 (64 MB of K/V per head), while at T = 8192 (4 MB) the
+  persistent kernel is faster (0.528 against 0.551 ms). The 16 MB threshold
+  lies between the two measurements, not on one.
+  """
+  _, tk, _, head_dim = k.shape
+  kv_bytes = 2 * tk * head_dim * jnp.dtype(k.dtype).itemsize
+  if tile.num_stages < 2 or kv_bytes > PERSISTENT_MAX_KV_BYTES:
+    return GRID_SCHEDULE
+  return DEFAULT_SCHEDULE
 
 
 def _load_consumer_q(gmem, qo_smem, q_ids_smem, q_ready, *, qt, b, h, wg, num_consumers):
@@ -362,8 +384,7 @@ def forward(q, k, v, q_seg, kv_seg, q_pos, kv_pos, q_ranges, *, tile: TileConfig
   Same arguments as `segment_attention.forward`; `interpret` must be False
   (the Mosaic GPU interpreter cannot run this kernel: see tests/test_mosaic.py).
   schedule: one of SCHEDULES, the consumer loop order (module docstring);
-  None: DEFAULT_SCHEDULE, or ONE_STAGE_SCHEDULE if tile.num_stages == 1 (same
-  outputs either way).
+  None: default_schedule(tile, k) (every schedule gives the same outputs).
   num_ctas: the persistent schedules only, the number of CTAs launched; default
   min(mosaic_persistent.num_sms(), number of work items B * H * Tq /
   block_major). More CTAs than items leaves the extra ones idle.
@@ -371,7 +392,7 @@ def forward(q, k, v, q_seg, kv_seg, q_pos, kv_pos, q_ranges, *, tile: TileConfig
   if interpret:
     raise NotImplementedError("the Mosaic GPU attention kernel has no interpret mode")
   if schedule is None:
-    schedule = DEFAULT_SCHEDULE if tile.num_stages >= 2 else ONE_STAGE_SCHEDULE
+    schedule = default_schedule(tile, k)
   if schedule not in SCHEDULES:
     raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
   persistent = schedule.startswith("persistent")

@@ -699,3 +699,16 @@ def test_the_reference_runs_a_mosaic_plan():
   np.testing.assert_array_equal(
       flash_attention(q, k, v, plan=plan, implementation="xla"),
       reference_attention(q, k, v, segment_ids=seg))
+
+
+@pytest.mark.parametrize("seq_len, stages, want", [
+    (8192, 2, "persistent-pingpong"),  # 4 MB of K/V per head
+    (32768, 2, "persistent-pingpong"),  # 16 MB: at the threshold
+    (131072, 2, "pingpong"),  # 64 MB: the grid order keeps K/V in L2
+    (8192, 1, "pingpong"),  # persistent-pingpong needs 2 stages
+])
+def test_default_schedule_by_stages_and_kv_bytes(seq_len, stages, want):
+  k = jax.ShapeDtypeStruct((1, seq_len, 4, 128), jnp.bfloat16)
+  tile = TileConfig(128, 128, num_stages=stages)
+  assert mosaic_attention.default_schedule(tile, k) == want
+  assert want in (mosaic_attention.DEFAULT_SCHEDULE, mosaic_attention.GRID_SCHEDULE)
