@@ -91,7 +91,7 @@ from pallas_kernels.config import TileConfig
 from pallas_kernels.mosaic_backward import check_backward_inputs
 from pallas_kernels.mosaic_common import (
     WG_ROWS, broadcast_cols, col_vector, consumer_warpgroups, launch_accumulating,
-    load_kv_rows, mma_transforms, producer_warpgroup, rendezvous, row_vector, scores_and_grads,
+    load_kv_rows, mma_transforms, producer_warpgroup, rendezvous, scores_and_grads,
     stream_q_tiles, three_runs, tile_doc_mask, zeros_acc)
 from pallas_kernels.segment_attention import LOG2E, MASKED_LOGIT, _bwd_shift
 

@@ -1,8 +1,9 @@
-"""The GPU check script's own plumbing, on CPU: experiments/mosaic_check.py.
+"""The GPU check scripts' own plumbing, on CPU: experiments/mosaic_check.py, fwd_probe.py.
 
-Its case tables must name only calls the kernels accept (a refused case costs
-a GPU run), and its workers must not outlive it (a left-over worker keeps
-the GPU busy for the next command).
+Their case tables must name only calls the kernels accept (a refused case
+costs a GPU run), mosaic_check's workers must not outlive it (a left-over
+worker keeps the GPU busy for the next command), and fwd_probe's layouts and
+profile summary must say what its docstring says.
 """
 
 from __future__ import annotations
@@ -16,7 +17,11 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from experiments import mosaic_check
+import json
+
+import numpy as np
+
+from experiments import fwd_probe, mosaic_check
 from pallas_kernels import mosaic_attention
 
 
@@ -89,3 +94,39 @@ def test_workers_die_with_their_parent():
     time.sleep(0.1)
   os.kill(worker, 9)
   pytest.fail(f"worker {worker} still running 10 s after its parent was killed")
+
+
+def test_fwd_probe_variants_parse_into_schedules_and_tiles():
+  assert fwd_probe.parse_variant("pingpong") == ("pingpong", mosaic_attention.DEFAULT_TILE)
+  schedule, tile = fwd_probe.parse_variant("serial@128x64s3")
+  assert schedule == "serial"
+  assert (tile.block_major, tile.block_minor, tile.num_stages) == (128, 64, 3)
+  with pytest.raises(ValueError, match="schedule"):
+    fwd_probe.parse_variant("eager")
+
+
+@pytest.mark.parametrize("name", fwd_probe.LAYOUTS)
+def test_fwd_probe_layouts_are_packed_rows_of_the_main_shape(name):
+  seg, causal = fwd_probe.layout(name, batch=2)
+  assert seg.shape == (2, fwd_probe.SEQ_LEN) and seg.dtype == np.int32
+  assert causal == (name not in ("full", "blocks"))
+  assert (seg[:, -700:] == 0).all() == (name == "padded")
+  if name in ("dense", "full"):
+    assert (seg == 1).all()
+  if name in ("blocks", "blocksc"):
+    assert len(np.unique(seg[0])) == fwd_probe.SEQ_LEN // 1024
+
+
+def test_fwd_probe_summarizes_a_profile_per_role(tmp_path):
+  # Warpgroups 0, 1 consume, 2 produces (tid = 1 + warpgroup for CTA 0).
+  events = []
+  for tid, name, start, end in [(1, "c_qk", 0, 2), (1, "c_pv", 5, 10), (2, "c_qk", 0, 10),
+                                (3, "p_load_kv", 0, 1), (3, "p_wait_slot", 1, 10)]:
+    events += [dict(name=name, ph="B", ts=start, pid=1, tid=tid),
+               dict(name=name, ph="E", ts=end, pid=1, tid=tid)]
+  path = tmp_path / "trace.json"
+  path.write_text(json.dumps(dict(traceEvents=events)))
+  shares = fwd_probe.summarize_trace(str(path))
+  # Consumers: 20 time units in all; c_qk 2 + 10, c_pv 5; medians in cycles (x 1000).
+  assert shares["consumer"] == {"c_qk": (0.6, 6000), "c_pv": (0.25, 5000)}
+  assert shares["producer"] == {"p_wait_slot": (0.9, 9000), "p_load_kv": (0.1, 1000)}
