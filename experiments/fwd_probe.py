@@ -23,7 +23,7 @@ result on stdout (and in $OUT/fwd_probe.json when OUT is set).
 
 --dump DIR writes each variant's ptxas report (registers, spills) and SASS
 (Mosaic GPU's MOSAIC_GPU_DUMP_PTXAS / MOSAIC_GPU_DUMP_SASS, printed by the
-compiler) to DIR/<variant>.txt, at its first compile. The SASS needs nvdisasm
+compiler) to DIR/<variant>.txt when it compiles. The SASS needs nvdisasm
 in the CUDA root jaxlib uses, which the GPU machine lacks; the compiled kernel
 is left in /tmp/mosaic-gpu-*/kernel.bin either way, for `nvdisasm -c` elsewhere.
 
@@ -152,6 +152,58 @@ def rel_err(a, b):
   return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
+def kernel(tile, schedule, scale, causal):
+  """jitted (q, k, v, seg, pos, q_ranges) -> out of the Mosaic forward (self-attention)."""
+  return jax.jit(lambda q, k, v, seg, pos, ranges: mosaic_attention.forward(
+      q, k, v, seg, seg, pos, pos, ranges, tile=tile, scale=scale, causal=causal,
+      sliding_window=None, schedule=schedule)[0])
+
+
+def run_variant(name, schedule, tile, layout_name, inputs, args, first_out):
+  """(result dict, out float32 numpy) of one variant on one layout (module docstring).
+
+  inputs: (q, k, v, segment ids, positions) of the layout; first_out: the
+  layout's first output (None: this is the first, checked against the reference).
+  """
+  q, k, v, seg, pos = inputs
+  seg_np, causal = layout(layout_name, batch=q.shape[0])
+  scale = 1.0 / np.sqrt(HEAD_DIM)
+  plan = masks.make_tile_plan(seg, seg, pos, pos, block_q=tile.block_major,
+                              block_k=tile.block_minor, causal=causal, sliding_window=None)
+  ranges = np.asarray(plan.q_ranges)
+  tiles = int((ranges[..., 3] - ranges[..., 0]).clip(0).sum()) * HEADS
+  fn, fn_args = kernel(tile, schedule, scale, causal), (*inputs, plan.q_ranges)
+  result = {}
+  dump = args.dump and os.path.join(args.dump, name.replace("@", "_") + ".txt")
+  trace_dir = args.profile and os.path.join(args.profile, f"{layout_name}-{name}")
+  if trace_dir:
+    os.makedirs(trace_dir, exist_ok=True)
+    mosaic_common.PROFILE = dict(profile_space=args.profile_space, profile_dir=trace_dir)
+  try:
+    with compiler_dump(dump or None):
+      out = np.asarray(fn(*fn_args).astype(jnp.float32))  # compiles (and profiles) here
+  finally:
+    mosaic_common.PROFILE = {}
+  if first_out is None:
+    f32 = lambda x: x[:1, :, :2].astype(jnp.float32)
+    want = reference_attention(f32(q), f32(k), f32(v), segment_ids=seg[:1], causal=causal,
+                               scale=scale)
+    result["rel_err_vs_reference_row0"] = rel_err(out[:1, :, :2], want)
+  result["rel_err_vs_first"] = rel_err(out, out if first_out is None else first_out)
+  result["nonfinite"] = int((~np.isfinite(out)).sum())
+  if trace_dir:
+    jax.effects_barrier()
+    trace = max(glob.glob(os.path.join(trace_dir, "*.json")), key=os.path.getmtime)
+    result.update(trace=trace, regions=summarize_trace(trace, 1 + tile.block_major // 64))
+  else:
+    ms = timing.median_ms(fn, *fn_args, warmup=3, reps=args.reps)
+    flops = causal_doc_flops(seg_np, HEADS, HEAD_DIM, causal=causal)
+    executed = 4.0 * tiles * tile.block_major * tile.block_minor * HEAD_DIM
+    result.update(ms=round(ms, 4), useful_tflops=round(flops / ms / 1e9, 1),
+                  executed_tflops=round(executed / ms / 1e9, 1), tiles=tiles)
+  return result, out
+
+
 def main():
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--variants", default=mosaic_attention.DEFAULT_SCHEDULE)
@@ -164,65 +216,23 @@ def main():
   p.add_argument("--batch", type=int, default=BATCH)
   args = p.parse_args()
   variants = [(v, *parse_variant(v)) for v in args.variants.split(",")]
-  results, dumped = [], set()
-  kq, kk, kv = jax.random.split(jax.random.key(0), 3)
-  shape = (args.batch, SEQ_LEN, HEADS, HEAD_DIM)
-  q, k, v = (jax.random.normal(key, shape, jnp.bfloat16) for key in (kq, kk, kv))
-  scale = 1.0 / np.sqrt(HEAD_DIM)
-  pos = jnp.broadcast_to(jnp.arange(SEQ_LEN, dtype=jnp.int32), (args.batch, SEQ_LEN))
   for d in (args.dump, args.profile):
     if d:
       os.makedirs(d, exist_ok=True)
+  shape = (args.batch, SEQ_LEN, HEADS, HEAD_DIM)
+  q, k, v = (jax.random.normal(key, shape, jnp.bfloat16)
+             for key in jax.random.split(jax.random.key(0), 3))
+  pos = jnp.broadcast_to(jnp.arange(SEQ_LEN, dtype=jnp.int32), (args.batch, SEQ_LEN))
+  results = []
   for layout_name in args.layouts.split(","):
-    seg_np, causal = layout(layout_name, batch=args.batch)
-    seg = jnp.asarray(seg_np)
-    flops = causal_doc_flops(seg_np, HEADS, HEAD_DIM, causal=causal)
+    inputs = (q, k, v, jnp.asarray(layout(layout_name, batch=args.batch)[0]), pos)
     first_out = None
     for name, schedule, tile in variants:
       result = dict(layout=layout_name, variant=name)
       try:
-        plan = masks.make_tile_plan(seg, seg, pos, pos, block_q=tile.block_major,
-                                    block_k=tile.block_minor, causal=causal,
-                                    sliding_window=None)
-        ranges = np.asarray(plan.q_ranges)
-        tiles = int((ranges[..., 3] - ranges[..., 0]).clip(0).sum()) * HEADS
-        executed = 4.0 * tiles * tile.block_major * tile.block_minor * HEAD_DIM
-        fn = jax.jit(lambda q, k, v, seg, pos, ranges: mosaic_attention.forward(
-            q, k, v, seg, seg, pos, pos, ranges, tile=tile, scale=scale, causal=causal,
-            sliding_window=None, schedule=schedule)[0])
-        args_ = (q, k, v, seg, pos, plan.q_ranges)
-        dump = (os.path.join(args.dump, name.replace("@", "_") + ".txt")
-                if args.dump and name not in dumped else None)
-        if args.profile:
-          trace_dir = os.path.join(args.profile, f"{layout_name}-{len(results)}")
-          os.makedirs(trace_dir)
-          mosaic_common.PROFILE = dict(profile_space=args.profile_space,
-                                       profile_dir=trace_dir)
-        try:
-          with compiler_dump(dump):
-            out = np.asarray(fn(*args_).astype(jnp.float32))
-        finally:
-          mosaic_common.PROFILE = {}
-        dumped.add(name)
-        if args.profile:
-          jax.effects_barrier()
-          (trace,) = glob.glob(os.path.join(trace_dir, "*.json"))
-          result["trace"] = trace
-          result["shares"] = summarize_trace(trace, 1 + tile.block_major // 64)
-          print(json.dumps(result), flush=True)
-          results.append(result)
-          continue
-        if first_out is None:
-          first_out = out
-          f32 = lambda x: x[:1, :, :2].astype(jnp.float32)
-          want = reference_attention(f32(q), f32(k), f32(v), segment_ids=seg[:1],
-                                     causal=causal, scale=scale)
-          result["rel_err_vs_reference_row0"] = rel_err(out[:1, :, :2], want)
-        result["rel_err_vs_first"] = rel_err(out, first_out)
-        result["nonfinite"] = int((~np.isfinite(out)).sum())
-        ms = timing.median_ms(fn, *args_, warmup=3, reps=args.reps)
-        result.update(ms=round(ms, 4), useful_tflops=round(flops / ms / 1e9, 1),
-                      executed_tflops=round(executed / ms / 1e9, 1), tiles=tiles)
+        found, out = run_variant(name, schedule, tile, layout_name, inputs, args, first_out)
+        result.update(found)
+        first_out = out if first_out is None else first_out
       except Exception as exc:  # noqa: BLE001 - a failed variant is a result
         result["error"] = f"{type(exc).__name__}: {exc}"[:400]
       print(json.dumps(result), flush=True)

@@ -130,3 +130,26 @@ def test_fwd_probe_summarizes_a_profile_per_role(tmp_path):
   # Consumers: 20 time units in all; c_qk 2 + 10, c_pv 5; medians in cycles (x 1000).
   assert shares["consumer"] == {"c_qk": (0.6, 6000), "c_pv": (0.25, 5000)}
   assert shares["producer"] == {"p_wait_slot": (0.9, 9000), "p_load_kv": (0.1, 1000)}
+
+
+def test_fwd_probe_runs_variants_and_times_them(monkeypatch):
+  # The kernel swapped for the jnp reference (no GPU here) on a small shape.
+  from jpack.attention import reference_attention
+  monkeypatch.setattr(fwd_probe, "SEQ_LEN", 1024)
+  monkeypatch.setattr(fwd_probe, "HEADS", 2)
+  monkeypatch.setattr(fwd_probe, "kernel", lambda tile, schedule, scale, causal: jax.jit(
+      lambda q, k, v, seg, pos, ranges: reference_attention(
+          q, k, v, segment_ids=seg, causal=causal, scale=scale).astype(q.dtype)))
+  args = type("Args", (), dict(dump=None, profile=None, reps=2))()
+  shape = (1, 1024, 2, fwd_probe.HEAD_DIM)
+  q, k, v = (jax.random.normal(key, shape, jnp.bfloat16)
+             for key in jax.random.split(jax.random.key(1), 3))
+  pos = jnp.arange(1024, dtype=jnp.int32)[None]
+  seg = jnp.asarray(fwd_probe.layout("blocksc", batch=1)[0])
+  first, out = fwd_probe.run_variant("pingpong", "pingpong", mosaic_attention.DEFAULT_TILE,
+                                     "blocksc", (q, k, v, seg, pos), args, None)
+  assert first["rel_err_vs_reference_row0"] < 1e-2 and first["rel_err_vs_first"] == 0.0
+  assert first["nonfinite"] == 0 and first["ms"] > 0 and first["tiles"] == 8 * 9 // 2 * 2
+  again, _ = fwd_probe.run_variant("serial", "serial", mosaic_attention.DEFAULT_TILE,
+                                   "blocksc", (q, k, v, seg, pos), args, out)
+  assert again["rel_err_vs_first"] == 0.0 and "rel_err_vs_reference_row0" not in again
