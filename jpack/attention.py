@@ -190,6 +190,9 @@ def _check_options(causal, sliding_window, scale):
     raise ValueError(f"sliding_window must be a positive int or None, got {sliding_window!r}")
   if scale is not None and not isinstance(scale, (int, float, np.floating)):
     raise TypeError(f"scale must be a Python float or None, got {type(scale).__name__}")
+  if scale is not None and not (math.isfinite(scale) and scale > 0):
+    # The kernels take the row max of the unscaled logits (mosaic_common.online_softmax).
+    raise ValueError(f"scale must be a positive finite float, got {scale!r}")
 
 
 def _check_config(config, interpret):
@@ -575,7 +578,7 @@ def flash_attention(
     plan: an `AttentionPlan` from `make_attention_plan`, instead of the ids,
       positions, sliding_window and mask (which it holds) and config; causal
       must be what the plan was made with. Saves planning in every layer.
-    scale: logit scale, default 1/sqrt(D).
+    scale: logit scale, a positive finite float; default 1/sqrt(D).
     implementation: "pallas" (the GPU kernels, Triton lowering), "mosaic"
       (the Mosaic GPU kernels, forward and backward: Hopper, sm90), "xla"
       (the plain-jnp reference, float32 math, memory O(Tq*Tk)), or "auto":

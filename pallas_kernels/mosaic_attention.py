@@ -60,8 +60,9 @@ from pallas_kernels.mosaic_common import (
 from pallas_kernels.mosaic_persistent import persistent_forward
 from pallas_kernels.segment_attention import LOG2E
 
-__all__ = ["DEFAULT_SCHEDULE", "DEFAULT_TILE", "GRID_SCHEDULE", "PERSISTENT_MAX_KV_BYTES",
-           "SCHEDULES", "check_supported", "default_schedule", "forward"]
+__all__ = ["DEFAULT_SCHEDULE", "DEFAULT_TILE", "GRID_SCHEDULE", "MIN_SCALE",
+           "PERSISTENT_MAX_KV_BYTES", "SCHEDULES", "check_supported", "default_schedule",
+           "forward"]
 
 DEFAULT_TILE = TileConfig(128, 128, num_stages=2)
 """Two consumer warpgroups, 128-key tiles, double-buffered (untuned starting point)."""
@@ -72,6 +73,8 @@ DEFAULT_SCHEDULE = "persistent-pingpong"
 """The fastest measured on an H100 at T = 8192 (experiments/perf_notes.md, entry 16)."""
 GRID_SCHEDULE = "pingpong"
 """The default where DEFAULT_SCHEDULE is not (default_schedule)."""
+MIN_SCALE = 1e-20
+"""Smallest logit scale `forward` takes (mosaic_common.online_softmax: masked logits)."""
 PERSISTENT_MAX_KV_BYTES = 16 * 2**20
 """K and V bytes of one (batch, kv head) above which the grid schedule is the default."""
 
@@ -391,6 +394,9 @@ def forward(q, k, v, q_seg, kv_seg, q_pos, kv_pos, q_ranges, *, tile: TileConfig
   """
   if interpret:
     raise NotImplementedError("the Mosaic GPU attention kernel has no interpret mode")
+  if not scale >= MIN_SCALE:
+    raise ValueError(f"scale must be >= {MIN_SCALE} for the Mosaic forward (its masked "
+                     f"logits must underflow to exactly 0 after scaling), got {scale!r}")
   if schedule is None:
     schedule = default_schedule(tile, k)
   if schedule not in SCHEDULES:

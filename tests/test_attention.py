@@ -513,6 +513,10 @@ def _bad_calls():
   yield "unknown implementation", lambda: flash_attention(q, k, v, implementation="triton"), ValueError, r"implementation must be 'auto', 'pallas', 'mosaic' or 'xla', got 'triton'"
   yield "sliding_window=0", lambda: flash_attention(q, k, v, sliding_window=0), ValueError, r"sliding_window must be a positive int"
   yield "sliding_window float", lambda: flash_attention(q, k, v, sliding_window=8.0), ValueError, r"sliding_window must be a positive int"
+  yield "scale 0", lambda: flash_attention(q, k, v, scale=0.0), ValueError, r"scale must be a positive finite float, got 0.0"
+  yield "scale negative", lambda: flash_attention(q, k, v, scale=-0.125), ValueError, r"scale must be a positive finite float"
+  yield "scale inf", lambda: flash_attention(q, k, v, scale=float("inf")), ValueError, r"scale must be a positive finite float"
+  yield "scale nan", lambda: flash_attention(q, k, v, scale=float("nan")), ValueError, r"scale must be a positive finite float"
   yield "causal not a bool", lambda: flash_attention(q, k, v, causal=1), TypeError, r"causal must be a bool"
   yield "causal a string", lambda: flash_attention(q, k, v, causal="yes"), TypeError, r"causal must be a bool"
   yield "mismatched dtypes", lambda: flash_attention(q, k.astype(jnp.bfloat16), v), TypeError, r"q, k, v must share a dtype"
@@ -530,6 +534,7 @@ def _bad_backward_calls():
   yield "bwd lse wrong shape", lambda: flash_attention_bwd(q, k, v, q, lse[:, :, :16], q), ValueError, r"lse must have shape \(1, 2, 32\)"
   yield "bwd dlse wrong shape", lambda: flash_attention_bwd(q, k, v, q, lse, q, dlse=lse[0]), ValueError, r"dlse must have shape \(1, 2, 32\)"
   yield "bwd float segment_ids", lambda: flash_attention_bwd(q, k, v, q, lse, q, segment_ids=_ids(dtype=_f32)), TypeError, r"segment_ids must be an integer array"
+  yield "bwd scale negative", lambda: flash_attention_bwd(q, k, v, q, lse, q, scale=-1.0), ValueError, r"scale must be a positive finite float"
 
 
 BAD_CALLS = list(_bad_calls()) + list(_bad_backward_calls())

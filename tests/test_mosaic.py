@@ -712,3 +712,14 @@ def test_default_schedule_by_stages_and_kv_bytes(seq_len, stages, want):
   tile = TileConfig(128, 128, num_stages=stages)
   assert mosaic_attention.default_schedule(tile, k) == want
   assert want in (mosaic_attention.DEFAULT_SCHEDULE, mosaic_attention.GRID_SCHEDULE)
+
+
+@pytest.mark.parametrize("scale", [0.0, -0.1, 1e-30, float("nan")])
+def test_forward_refuses_a_scale_its_masking_cannot_take(scale):
+  q = jax.ShapeDtypeStruct((1, 256, 2, 128), jnp.bfloat16)
+  ids = jax.ShapeDtypeStruct((1, 256), jnp.int32)
+  ranges = jax.ShapeDtypeStruct((1, 2, 4), jnp.int32)
+  with pytest.raises(ValueError, match="scale must be >= 1e-20"):
+    jax.eval_shape(lambda *a: mosaic_attention.forward(
+        *a, tile=mosaic_attention.DEFAULT_TILE, scale=scale, causal=True,
+        sliding_window=None), q, q, q, ids, ids, ids, ids, ranges)
