@@ -9,8 +9,8 @@
    all-padding row, GQA, a q chunk against a longer kv row, several tilings.
    Per case: rel errors of out and lse (rows that see something), NaN/inf
    counts, whether rows that see nothing have out exactly 0 and lse EMPTY_LSE.
-   Cases named "<schedule>:<case>" run a non-default consumer schedule
-   (mosaic_attention.SCHEDULES: "pipelined", "pingpong", "persistent");
+   Unprefixed cases run the "serial" schedule; cases named "<schedule>:<case>"
+   run another one of mosaic_attention.SCHEDULES;
    "persistent@<n>:<case>" runs the persistent kernel on n CTAs (1 and 3: many
    items per CTA; 1000: more CTAs than items).
 2. Timing on the main shape (B=4, T=8192, H=16, D=128, bf16, causal, lognormal
