@@ -70,15 +70,17 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.config import TileConfig
+from pallas_kernels.mosaic_backward_steps import dkdv_step, dq_step, row_stats
 from pallas_kernels.mosaic_common import (
-    WG_ROWS, broadcast_cols, broadcast_rows, check_supported, col_vector,
-    consumer_warpgroups, launch, load_kv_rows, mma_accumulate, mma_transforms, producer_warpgroup,
-    row_vector,
-    scores_and_grads, stream_kv_tiles, stream_q_tiles, three_runs, tile_doc_mask, zeros_acc)
-from pallas_kernels.segment_attention import LOG2E, MASKED_LOGIT, _bwd_shift
+    WG_ROWS, check_supported, consumer_warpgroups, launch, load_kv_rows, mma_transforms,
+    producer_warpgroup, row_vector, stream_kv_tiles, stream_q_tiles, three_runs, zeros_acc)
+from pallas_kernels.mosaic_persistent_backward import (
+    persistent_backward_dkdv, persistent_backward_dq)
+from pallas_kernels.segment_attention import LOG2E
 
-__all__ = ["DEFAULT_DQ_TILE", "DEFAULT_DKDV_TILE", "backward_dq", "backward_dkdv",
-           "check_backward_inputs"]
+__all__ = ["DEFAULT_DQ_TILE", "DEFAULT_DKDV_TILE", "DEFAULT_SCHEDULES", "SCHEDULES",
+           "backward_dq", "backward_dkdv", "check_backward_inputs", "default_schedule",
+           "persistent_fits"]
 
 DEFAULT_DQ_TILE = TileConfig(128, 64, num_stages=2)
 """dQ: two consumer warpgroups (128 q rows), 64-key tiles, double-buffered.
@@ -90,6 +92,60 @@ DEFAULT_DKDV_TILE = TileConfig(128, 64, num_stages=2)
 
 Untuned starting point: 64-query tiles keep S^T and dP^T at 32 registers each
 next to the dK and dV accumulators (64 each at D = 128)."""
+
+SCHEDULES = ("grid", "persistent")
+"""How a backward kernel walks its major tiles: one CTA each ("grid"), or a
+persistent kernel of one CTA per SM walking lists of them
+(mosaic_persistent_backward). Both give the same outputs."""
+DEFAULT_SCHEDULES = {"dq": "persistent", "dkdv": "grid"}
+"""Each kernel's faster schedule on an H100 at T = 8192 (experiments/perf_notes.md,
+entry 17): the persistent dQ kernel is 5-7% faster than the grid one on packed
+documents, the persistent dK/dV kernel 3% slower (4% faster with every tile full)."""
+PERSISTENT_MAX_SMEM_BYTES = 220 * 1024
+"""Largest K/V/Q/dO shared memory of a default persistent kernel (227 KiB in all)."""
+PERSISTENT_MAX_STREAM_BYTES = 16 * 2**20
+"""Streamed bytes per head above which the grid is the default (default_schedule)."""
+
+
+def persistent_fits(tile: TileConfig, streamed) -> bool:
+  """Whether the persistent kernel's operands fit in PERSISTENT_MAX_SMEM_BYTES.
+
+  streamed: as default_schedule's. Two buffer pairs of the major operands
+  (2 * block_major rows of two operands) next to the ring of the minor ones.
+  """
+  row_bytes = 2 * streamed.shape[3] * jnp.dtype(streamed.dtype).itemsize  # two operands
+  rows = 2 * tile.block_major + tile.num_stages * tile.block_minor
+  return rows * row_bytes <= PERSISTENT_MAX_SMEM_BYTES
+
+
+def default_schedule(tile: TileConfig, streamed, kernel: str) -> str:
+  """The schedule a backward kernel runs when none is named: DEFAULT_SCHEDULES or "grid".
+
+  kernel: "dq" or "dkdv"; streamed: the operand whose tiles stream through
+  the ring, with its partner (K and V for dQ: pass k [B, Tk, Hkv, D]; Q and dO
+  for dK/dV: pass q). "grid" where the persistent kernel would not fit in shared memory (two buffer pairs
+  of major operands next to the ring) and for long rows, more than
+  PERSISTENT_MAX_STREAM_BYTES of streamed operands per head: the threshold of
+  the persistent forward (mosaic_attention.default_schedule), whose item order
+  thrashes L2 there.
+  """
+  _, length, _, head_dim = streamed.shape
+  stream_bytes = 2 * length * head_dim * jnp.dtype(streamed.dtype).itemsize
+  if not persistent_fits(tile, streamed) or stream_bytes > PERSISTENT_MAX_STREAM_BYTES:
+    return "grid"
+  return DEFAULT_SCHEDULES[kernel]
+
+
+def _pick_schedule(schedule, num_ctas, tile, streamed, kernel):
+  """The schedule to run (default_schedule if None); ValueError for bad arguments."""
+  if schedule is None:
+    schedule = default_schedule(tile, streamed, kernel)
+  if schedule not in SCHEDULES:
+    raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+  if num_ctas is not None and (schedule != "persistent" or num_ctas < 1):
+    raise ValueError(f"num_ctas must be None or >= 1, and only with schedule="
+                     f"'persistent'; got num_ctas={num_ctas}, schedule={schedule!r}")
+  return schedule
 
 
 def check_backward_inputs(q, k, plan, tile: TileConfig, *, kv_major: bool, rule=None,
@@ -128,6 +184,7 @@ def _dq_kernel(ranges_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_se
   wg = lax.axis_index("wg")
   lo, full_lo, full_hi, hi = (ranges_ref[b, qt, n] for n in range(4))
   dtype = q_ref.dtype
+  step_opts = dict(logit_scale=scale * LOG2E, causal=causal, sliding_window=sliding_window)
 
   @producer_warpgroup(wg, num_consumers)
   def _producer():
@@ -148,26 +205,14 @@ def _dq_kernel(ranges_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_se
     plgpu.copy_gmem_to_smem(q_seg_ref.at[b, rows], q_ids_smem.at[wg, 0], ready)
     plgpu.copy_gmem_to_smem(q_pos_ref.at[b, rows], q_ids_smem.at[wg, 1], ready)
     plgpu.barrier_wait(ready)
-    lse2 = _bwd_shift(row_vector(stats_smem.at[wg, 0][...]))
-    delta = row_vector(stats_smem.at[wg, 1][...])
+    stats = row_stats(stats_smem.at[wg])
     q_ids = tuple(row_vector(q_ids_smem.at[wg, n][...]) for n in range(2))
-    logit_scale = scale * LOG2E
-    s_shape = (WG_ROWS, block_k)
 
     def visit(j, dq, *, masked):
       slot = lax.rem(j - lo, jnp.int32(num_stages))
       plgpu.barrier_wait(kv_ready.at[slot])
-      k_tile = k_smem.at[slot]
-      s, dp = scores_and_grads(qs, k_tile, dos, v_smem.at[slot], s_shape)
-      s = s * logit_scale
-      if masked:
-        mask = tile_doc_mask(q_ids, kv_ids_smem, slot, s_shape, kv_major=False,
-                             causal=causal, sliding_window=sliding_window)
-        s = jnp.where(mask, s, MASKED_LOGIT)
-      p = jnp.exp2(s - broadcast_rows(lse2, s_shape))
-      ds = p * (dp - broadcast_rows(delta, s_shape))
-
-      dq = mma_accumulate(dq, ds, k_tile, dtype)
+      dq = dq_step(dq, qs, dos, k_smem.at[slot], v_smem.at[slot], stats, q_ids,
+                   kv_ids_smem, slot, masked=masked, **step_opts)
       plgpu.barrier_arrive(kv_consumed.at[slot])
       return dq
 
@@ -181,14 +226,21 @@ def _dq_kernel(ranges_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_se
 
 def backward_dq(q, k, v, do, lse, delta, q_seg, kv_seg, q_pos, kv_pos, q_ranges, *,
                 tile: TileConfig, scale, causal, sliding_window, rule=None, kv_doc=None,
-                dense=None, interpret=False):
+                dense=None, interpret=False, schedule: str | None = None,
+                num_ctas: int | None = None):
   """dQ [B, Tq, H, D] in q.dtype; arguments as `segment_attention.backward_dq`.
 
   q_ranges: int32 [B, Tq / tile.block_major, 4]. rule, kv_doc, dense must be
   None and interpret False (accepted so that the call matches the Triton one).
+  schedule: one of SCHEDULES, None for default_schedule(tile, k, "dq"); num_ctas:
+  the persistent kernel's CTAs (default: one per SM, at most one per item).
   """
   check_backward_inputs(q, k, q_ranges, tile, kv_major=False, rule=rule,
                         kv_doc=kv_doc, dense=dense, interpret=interpret)
+  if _pick_schedule(schedule, num_ctas, tile, k, "dq") == "persistent":
+    return persistent_backward_dq(q, k, v, do, lse, delta, q_seg, kv_seg, q_pos, kv_pos,
+                                  q_ranges, tile=tile, scale=scale, causal=causal,
+                                  sliding_window=sliding_window, num_ctas=num_ctas)
   batch, tq, heads, head_dim = q.shape
   num_consumers = tile.block_major // WG_ROWS
   bk, stages = tile.block_minor, tile.num_stages
@@ -235,6 +287,7 @@ def _dkdv_kernel(ranges_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_
   wg = lax.axis_index("wg")
   lo, full_lo, full_hi, hi = (ranges_ref[b, kt, n] for n in range(4))
   dtype = k_ref.dtype
+  step_opts = dict(logit_scale=scale * LOG2E, causal=causal, sliding_window=sliding_window)
 
   @producer_warpgroup(wg, num_consumers)
   def _producer():
@@ -250,33 +303,14 @@ def _dkdv_kernel(ranges_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_
                           (k_smem, v_smem, kv_ids_smem), kv_ready.at[wg], b=b, rows=rows,
                           kv_head=kv_head, wg=wg)
     ks, vs = k_smem.at[wg], v_smem.at[wg]
-    logit_scale = scale * LOG2E
-    s_shape = (WG_ROWS, block_q)
 
     def visit(i, carry, *, step0, masked):
-      dk, dv = carry
       slot = lax.rem(step0 + i, jnp.int32(num_stages))
       plgpu.barrier_wait(q_ready.at[slot])
-      q_tile, do_tile = q_smem.at[slot], do_smem.at[slot]
-      s_t, dp_t = scores_and_grads(ks, q_tile, vs, do_tile, s_shape)
-      s_t = s_t * logit_scale
-      if masked:
-        mask = tile_doc_mask(kv_ids, q_ids_smem, slot, s_shape, kv_major=True,
-                             causal=causal, sliding_window=sliding_window)
-        s_t = jnp.where(mask, s_t, MASKED_LOGIT)
-      lse2 = _bwd_shift(col_vector(stats_smem.at[slot, 0][...]))
-      delta = col_vector(stats_smem.at[slot, 1][...])
-      p_t = jnp.exp2(s_t - broadcast_cols(lse2, s_shape))
-      ds_t = p_t * (dp_t - broadcast_cols(delta, s_shape))
-
-      def grads(refs):
-        dk_ref, dv_ref = refs
-        plgpu.wgmma(dv_ref, p_t.astype(dtype), do_tile)
-        plgpu.wgmma(dk_ref, ds_t.astype(dtype), q_tile)
-
-      dk, dv = pl.run_state(grads)((plgpu.ACC.init(dk), plgpu.ACC.init(dv)))
+      carry = dkdv_step(*carry, ks, vs, q_smem.at[slot], do_smem.at[slot], stats_smem,
+                        q_ids_smem, slot, kv_ids, masked=masked, **step_opts)
       plgpu.barrier_arrive(q_consumed.at[slot])
-      return dk, dv
+      return carry
 
     def one_head(r, carry):
       # The producer's step counter: r * (hi - lo) + i - lo.
@@ -300,16 +334,22 @@ def _dkdv_kernel(ranges_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_
 
 def backward_dkdv(q, k, v, do, lse, delta, q_seg, kv_seg, q_pos, kv_pos, kv_ranges, *,
                   tile: TileConfig, scale, causal, sliding_window, rule=None,
-                  kv_doc=None, dense=None, interpret=False):
+                  kv_doc=None, dense=None, interpret=False, schedule: str | None = None,
+                  num_ctas: int | None = None):
   """(dK in k.dtype, dV in v.dtype) [B, Tk, Hkv, D], summed over each kv head's q heads.
 
   Arguments as `segment_attention.backward_dkdv`; kv_ranges: int32
   [B, Tk / tile.block_major, 4] (the kv_ranges of a plan made with block_q =
   tile.block_minor, block_k = tile.block_major). rule, kv_doc, dense must be
-  None and interpret False.
+  None and interpret False. schedule, num_ctas: as backward_dq's
+  (default_schedule(tile, q, "dkdv")).
   """
   check_backward_inputs(q, k, kv_ranges, tile, kv_major=True, rule=rule,
                         kv_doc=kv_doc, dense=dense, interpret=interpret)
+  if _pick_schedule(schedule, num_ctas, tile, q, "dkdv") == "persistent":
+    return persistent_backward_dkdv(q, k, v, do, lse, delta, q_seg, kv_seg, q_pos, kv_pos,
+                                    kv_ranges, tile=tile, scale=scale, causal=causal,
+                                    sliding_window=sliding_window, num_ctas=num_ctas)
   batch, tk, kv_heads, head_dim = k.shape
   num_consumers = tile.block_major // WG_ROWS
   bq, stages = tile.block_minor, tile.num_stages

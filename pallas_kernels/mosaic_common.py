@@ -182,16 +182,18 @@ def wait_for_free_slot(t, consumed, num_stages):
 
 
 def stream_kv_tiles(gmem, smem, ready, consumed, *, b, kv_head, lo, hi, block_k,
-                    num_stages):
-  """Producer loop: kv tiles j in [lo, hi) into ring slot (j - lo) % num_stages.
+                    num_stages, first_step=0):
+  """Producer loop: kv tiles j in [lo, hi) as steps t = first_step + j - lo of the ring.
 
   gmem: (k, v [B, Tk, Hkv, D], kv_seg, kv_pos [B, Tk]); smem: (k, v
-  [stages, block_k, D], ids int32 [stages, 2, block_k]). Each slot's `ready`
-  barrier gets 4 arrivals (one per copy); the slot's `consumed` barrier is
-  waited for steps t >= num_stages (wait_for_free_slot).
+  [stages, block_k, D], ids int32 [stages, 2, block_k]). Step t uses slot
+  t % num_stages; each slot's `ready` barrier gets 4 arrivals (one per copy);
+  the slot's `consumed` barrier is waited for steps t >= num_stages
+  (wait_for_free_slot). first_step: steps already streamed through the ring
+  (a persistent kernel's earlier items).
   """
   def load(j):
-    slot = wait_for_free_slot(j - lo, consumed, num_stages)
+    slot = wait_for_free_slot(first_step + j - lo, consumed, num_stages)
     copy_kv_tile(gmem, smem, ready.at[slot], slot, b=b, j=j, kv_head=kv_head,
                  block_k=block_k)
 
@@ -213,14 +215,14 @@ def copy_kv_tile(gmem, smem, done, slot, *, b, j, kv_head, block_k):
 
 
 def stream_q_tiles(gmem, smem, ready, consumed, *, b, kv_head, group, lo, hi, block_q,
-                   num_stages):
+                   num_stages, first_step=0):
   """Producer loop: for each q head of the group, q tiles i in [lo, hi) into the ring.
 
   gmem: (q, do [B, Tq, H, D], lse, delta [B, H, Tq], q_seg, q_pos [B, Tq]);
   smem: (q, do [stages, block_q, D], stats float32 [stages, 2, block_q], ids
-  int32 [stages, 2, block_q]). Step t = r * (hi - lo) + i - lo for q head
-  kv_head * group + r; each slot's `ready` barrier gets 6 arrivals (one per
-  copy).
+  int32 [stages, 2, block_q]). Step t = first_step + r * (hi - lo) + i - lo
+  for q head kv_head * group + r; each slot's `ready` barrier gets 6
+  arrivals (one per copy). first_step as in stream_kv_tiles.
   """
   q_ref, do_ref, lse_ref, delta_ref, q_seg_ref, q_pos_ref = gmem
   q_smem, do_smem, stats_smem, ids_smem = smem
@@ -229,7 +231,8 @@ def stream_q_tiles(gmem, smem, ready, consumed, *, b, kv_head, group, lo, hi, bl
     h = kv_head * group + r
 
     def load(i):
-      slot = wait_for_free_slot(r * (hi - lo) + i - lo, consumed, num_stages)
+      slot = wait_for_free_slot(first_step + r * (hi - lo) + i - lo, consumed,
+                                num_stages)
       rows = pl.ds(i * block_q, block_q)
       done = ready.at[slot]
       plgpu.copy_gmem_to_smem(q_ref.at[b, rows, h], q_smem.at[slot], done)

@@ -79,7 +79,7 @@ from pallas_kernels.mosaic_common import (
     store_output, three_runs, tile_doc_mask, wait_for_free_slot, zeros_acc)
 from pallas_kernels.segment_attention import LOG2E
 
-__all__ = ["DEFAULT_NUM_SMS", "item_table", "num_sms", "persistent_forward",
+__all__ = ["DEFAULT_NUM_SMS", "cta_items", "item_table", "num_sms", "persistent_forward",
            "persistent_schedule"]
 
 DEFAULT_NUM_SMS = 132
@@ -104,6 +104,34 @@ WINDOW_ROUNDS = 1
 1 was the fastest of 1, 2, 4 and one global sort on an H100 (perf_notes entry 13)."""
 
 
+RANK_MAX_ITEMS = 8192
+"""Up to this many items _stable_order ranks by comparing all pairs, not by sorting."""
+
+
+def _stable_order(work, window: np.ndarray):
+  """int32 [n]: the stable order of items by (work <= 0, window, -work).
+
+  work: int32 [n] (clipped to [0, 65535] for the order: longer rows tie);
+  window: numpy int [n]. One int32 key; up to RANK_MAX_ITEMS items each
+  item's rank is counted over all pairs (one fused compare-and-sum and one
+  scatter, several times faster on a GPU than XLA's sort of 4096 items with
+  three keys, which took 44 us a call), above that the key is sorted.
+  """
+  n = work.shape[0]
+  if window.max(initial=0) >= 2**14:  # the key would not fit in int32
+    return jnp.lexsort((-jnp.clip(work, 0, 2**16 - 1), jnp.asarray(window, jnp.int32),
+                        work <= 0)).astype(jnp.int32)
+  key = ((work <= 0).astype(jnp.int32) << 30 | jnp.asarray(window << 16, jnp.int32)
+         | (2**16 - 1 - jnp.clip(work, 0, 2**16 - 1)))
+  if n > RANK_MAX_ITEMS:
+    return jnp.argsort(key, stable=True).astype(jnp.int32)
+  index = jnp.arange(n, dtype=jnp.int32)
+  before = (key[None, :] < key[:, None]) | ((key[None, :] == key[:, None])
+                                             & (index[None, :] < index[:, None]))
+  rank = jnp.sum(before, axis=1, dtype=jnp.int32)  # items ordered before item i
+  return jnp.zeros(n, jnp.int32).at[rank].set(index, unique_indices=True)
+
+
 def persistent_schedule(q_ranges, heads: int, num_ctas: int,
                         window_rounds: int | None = WINDOW_ROUNDS):
   """int32 [B * nq * heads]: the work items of the persistent forward, in its reading order.
@@ -117,8 +145,8 @@ def persistent_schedule(q_ranges, heads: int, num_ctas: int,
   time, entry 13 of experiments/perf_notes.md). Balance within that: the
   items are cut into windows of whole (batch, head) pairs, about
   window_rounds * num_ctas items each (None: one window, the global sort),
-  sorted by descending work inside a window (stable); the empty items (work
-  0, no kv tile) go after all the others, so that every CTA meets them last
+  sorted by descending work inside a window (stable, _stable_order); the
+  empty items (work 0, no kv tile) go after all the others, so that every CTA meets them last
   (the kernel relies on it). The result is dealt in rounds of num_ctas: CTA c
   takes the c-th item of an even round and the c-th from the end of an odd
   round (snake order, which evens out the heavy firsts), and reads positions
@@ -132,10 +160,10 @@ def persistent_schedule(q_ranges, heads: int, num_ctas: int,
   items = jnp.asarray((b * n_q + qt) * heads + h, jnp.int32)
   window_items = (n_items if window_rounds is None else  # whole (batch, head) pairs
                   max(1, -(-window_rounds * num_ctas // n_q)) * n_q)
-  window = jnp.asarray(np.arange(n_items) // window_items, jnp.int32)
+  window = np.arange(n_items) // window_items
   # Empty items last of all (the kernel needs them after a CTA's other items),
   # then by window, then heaviest first (stable).
-  items = items[jnp.lexsort((-work, window, work <= 0))]
+  items = items[_stable_order(work, window)]
   pos = np.arange(n_items)
   rnd, lane = pos // num_ctas, pos % num_ctas
   round_size = np.minimum(num_ctas, n_items - rnd * num_ctas)
@@ -156,6 +184,26 @@ def item_table(q_ranges, schedule, heads: int):
   b, qt = row // n_q, row % n_q
   return jnp.concatenate([jnp.stack([b, qt, h], axis=1), q_ranges[b, qt],
                           jnp.zeros_like(h)[:, None]], axis=1).astype(jnp.int32)
+
+
+def cta_items(items_ref, num_ctas: int):
+  """(count, describe): the work items of this CTA (grid axis "ctas") in an item table.
+
+  items_ref: int32 [num_items, 8] (item_table); CTA c owns rows c, c + num_ctas,
+  ... count: int32, how many (0 if c >= num_items). describe(n): (b, tile, h,
+  lo, full_lo, full_hi, hi) of the CTA's item n, seven independent loads that
+  nothing waits for until they are used; n is clamped into the table, so a
+  loop may prefetch describe(n + 1) at its last item.
+  """
+  cta = lax.axis_index("ctas")
+  num_items = items_ref.shape[0]
+  count = lax.div(jnp.int32(num_items + num_ctas - 1) - cta, jnp.int32(num_ctas))
+
+  def describe(n):
+    pos = jnp.minimum(cta + n * num_ctas, jnp.int32(num_items - 1))
+    return tuple(items_ref[pos, i] for i in range(7))
+
+  return count, describe
 
 
 def _persistent_forward_kernel(items_ref, q_ref, k_ref, v_ref, q_seg_ref,
@@ -186,23 +234,12 @@ def _persistent_forward_kernel(items_ref, q_ref, k_ref, v_ref, q_seg_ref,
   """
   (q_bufs, q_ids_smem, lse_smem, k_smem, v_smem, kv_ids_smem), barriers = scratch
   q_ready, q_free, kv_ready, kv_consumed, *sched = barriers
-  cta = lax.axis_index("ctas")
   wg = lax.axis_index("wg")
-  num_items = items_ref.shape[0]
   head_dim = q_ref.shape[3]
   block_q = num_consumers * WG_ROWS
   dtype = q_ref.dtype
   stages = jnp.int32(num_stages)
-  # Items of this CTA: positions cta + n * num_ctas < num_items (0 if cta >= num_items).
-  count = lax.div(jnp.int32(num_items + num_ctas - 1) - cta, jnp.int32(num_ctas))
-
-  def describe(n):
-    """(b, qt, h, lo, full_lo, full_hi, hi) of the CTA's item n (clamped into the table).
-
-    Seven independent loads: nothing waits for them until they are used.
-    """
-    pos = jnp.minimum(cta + n * num_ctas, jnp.int32(num_items - 1))
-    return tuple(items_ref[pos, i] for i in range(7))
+  count, describe = cta_items(items_ref, num_ctas)
 
   def q_buffer(n, consumer):
     return lax.rem(n, jnp.int32(2)) * num_consumers + consumer

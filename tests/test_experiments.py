@@ -1,4 +1,4 @@
-"""The GPU check scripts' own plumbing, on CPU: experiments/mosaic_check.py, fwd_probe.py.
+"""The GPU check scripts' own plumbing, on CPU: mosaic_check.py, fwd_probe.py, bwd_probe.py.
 
 Their case tables must name only calls the kernels accept (a refused case
 costs a GPU run), mosaic_check's workers must not outlive it (a left-over
@@ -8,6 +8,7 @@ profile summary must say what its docstring says.
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
@@ -21,7 +22,7 @@ import json
 
 import numpy as np
 
-from experiments import fwd_probe, mosaic_check
+from experiments import bwd_probe, fwd_probe, mosaic_check
 from pallas_kernels import mosaic_attention
 
 
@@ -153,3 +154,40 @@ def test_fwd_probe_runs_variants_and_times_them(monkeypatch):
   again, _ = fwd_probe.run_variant("serial", "serial", mosaic_attention.DEFAULT_TILE,
                                    "blocksc", (q, k, v, seg, pos), args, out)
   assert again["rel_err_vs_first"] == 0.0 and "rel_err_vs_reference_row0" not in again
+
+
+def test_bwd_probe_variants_parse_into_schedules_and_cta_counts():
+  assert bwd_probe.parse_variant("grid") == ("grid", None)
+  assert bwd_probe.parse_variant("persistent:3") == ("persistent", 3)
+  with pytest.raises(ValueError, match="schedule"):
+    bwd_probe.parse_variant("pingpong")
+
+
+def test_bwd_probe_runs_variants_and_times_them(monkeypatch):
+  # The kernels swapped for the reference's vjp (no GPU here) on a small shape.
+  def fake_kernels(schedule, num_ctas, causal, scale):
+    def grads(q, k, v, do, lse, delta, seg, pos, ranges):
+      return tuple(g.astype(q.dtype) for g in bwd_probe.reference_grads(
+          q, k, v, do, seg, causal, scale).values())
+
+    return (jax.jit(lambda *a: grads(*a)[0]), jax.jit(lambda *a: grads(*a)[1:]))
+
+  monkeypatch.setattr(bwd_probe, "kernels", fake_kernels)
+  monkeypatch.setattr(bwd_probe, "residuals", functools.partial(
+      bwd_probe.residuals, reference=True))
+  monkeypatch.setattr(bwd_probe, "HEADS", 2)
+  shape = (1, 1024, 2, bwd_probe.HEAD_DIM)
+  q, k, v, do = (jax.random.normal(key, shape, jnp.bfloat16)
+                 for key in jax.random.split(jax.random.key(2), 4))
+  pos = jnp.arange(1024, dtype=jnp.int32)[None]
+  seg = jnp.asarray(fwd_probe.layout("blocksc", batch=1)[0][:, :1024])
+  inputs = (q, k, v, do, seg, pos)
+  first, grads = bwd_probe.run_variant("grid", None, inputs, True, None, reps=1)
+  for name in bwd_probe.GRADS:
+    assert first[f"{name}_err_vs_reference_row0"] < 1e-2
+  assert first["nonfinite"] == 0 and first["bwd_ms"] == pytest.approx(
+      first["dq_ms"] + first["dkdv_ms"], abs=1e-3)
+  flops = 2.5 * 4 * 128 * 2 * 512 * 513  # 2 heads, 2 causal documents of 512
+  assert first["useful_tflops"] == pytest.approx(flops / first["bwd_ms"] / 1e9, abs=0.1)
+  again, _ = bwd_probe.run_variant("persistent", 3, inputs, True, grads, reps=1)
+  assert again["dq_err_vs_first"] == 0.0 and "dq_err_vs_reference_row0" not in again

@@ -189,6 +189,18 @@ def test_persistent_schedule_global_sort_runs_every_item_once_heaviest_first(see
     assert np.all(np.diff(work[c::num_ctas]) <= 0)
 
 
+@pytest.mark.parametrize("n, window_offset", [(1, 0), (100, 0), (4096, 0), (9000, 0),
+                                               (300, 2**14)])
+def test_stable_order_sorts_by_emptiness_window_and_descending_work(n, window_offset):
+  # The three paths: pair ranks (n <= 8192), argsort of one key, lexsort (big windows).
+  rng = np.random.default_rng(n)
+  work = rng.integers(-2, 70000 if n == 100 else 12, n).astype(np.int32)  # ties, clipping
+  window = np.arange(n) // max(1, n // 7) + window_offset
+  got = np.asarray(mosaic_persistent._stable_order(jnp.asarray(work), window))
+  want = np.lexsort((-np.clip(work, 0, 2**16 - 1), window, work <= 0))
+  np.testing.assert_array_equal(got, want)
+
+
 def _unsnake(schedule, num_ctas):
   """The sorted order behind persistent_schedule's snake dealing (odd rounds reversed)."""
   return np.concatenate([

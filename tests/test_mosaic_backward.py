@@ -46,14 +46,19 @@ def _plans(q_seg, kv_seg, q_pos, kv_pos, *, causal, window, dq_tile, dkdv_tile):
 
 
 @functools.partial(jax.jit, static_argnames=("causal", "window", "scale", "dq_tile",
-                                             "dkdv_tile"))
+                                             "dkdv_tile", "schedule", "num_ctas"))
 def mosaic_backward_grads(q, k, v, do, lse, delta, q_seg, kv_seg, q_pos, kv_pos, *,
-                          causal, window, scale, dq_tile=DQ_TILE, dkdv_tile=DKDV_TILE):
-  """(dq, dk, dv) of the Mosaic kernels, tile plans included; lengths multiples of the tiles."""
+                          causal, window, scale, dq_tile=DQ_TILE, dkdv_tile=DKDV_TILE,
+                          schedule=None, num_ctas=None):
+  """(dq, dk, dv) of the Mosaic kernels, tile plans included; lengths multiples of the tiles.
+
+  schedule, num_ctas: both kernels' (mosaic_backward.SCHEDULES; None: the default).
+  """
   q_ranges, kv_ranges = _plans(q_seg, kv_seg, q_pos, kv_pos, causal=causal,
                                window=window, dq_tile=dq_tile, dkdv_tile=dkdv_tile)
   args = (q, k, v, do, lse, delta, q_seg, kv_seg, q_pos, kv_pos)
-  opts = dict(scale=scale, causal=causal, sliding_window=window)
+  opts = dict(scale=scale, causal=causal, sliding_window=window, schedule=schedule,
+              num_ctas=num_ctas)
   dq = mosaic_backward.backward_dq(*args, q_ranges, tile=dq_tile, **opts)
   dk, dv = mosaic_backward.backward_dkdv(*args, kv_ranges, tile=dkdv_tile, **opts)
   return dq, dk, dv
@@ -105,7 +110,7 @@ LOWER_CASES = [
 ]
 
 
-def _lower(case: LowerCase, kernel: str):
+def _lower(case: LowerCase, kernel: str, schedule=None):
   b = 2
   dt = jnp.dtype(case.dtype)
   q = jax.ShapeDtypeStruct((b, case.q_len, case.heads, case.head_dim), dt)
@@ -115,7 +120,8 @@ def _lower(case: LowerCase, kernel: str):
   kv_ids = jax.ShapeDtypeStruct((b, case.kv_len), jnp.int32)
   q_tiles = case.q_len // case.dq_tile.block_major
   kv_tiles = case.kv_len // case.dkdv_tile.block_major
-  opts = dict(scale=0.1, causal=case.causal, sliding_window=case.window)
+  opts = dict(scale=0.1, causal=case.causal, sliding_window=case.window,
+              schedule=schedule)
   if kernel == "dq":
     fn = functools.partial(mosaic_backward.backward_dq, tile=case.dq_tile, **opts)
     plan = jax.ShapeDtypeStruct((b, q_tiles, 4), jnp.int32)
@@ -126,10 +132,18 @@ def _lower(case: LowerCase, kernel: str):
                            plan).lower(lowering_platforms=("cuda",))
 
 
+@pytest.mark.parametrize("schedule", mosaic_backward.SCHEDULES)
 @pytest.mark.parametrize("kernel", ["dq", "dkdv"])
 @pytest.mark.parametrize("case", LOWER_CASES, ids=lambda c: c.name)
-def test_lowers_for_cuda(case, kernel):
-  assert "mosaic_gpu" in _lower(case, kernel).as_text()
+def test_lowers_for_cuda(case, kernel, schedule):
+  tile, streamed = ((case.dq_tile, case.kv_len) if kernel == "dq"
+                    else (case.dkdv_tile, case.q_len))
+  streamed = jax.ShapeDtypeStruct((2, streamed, 1, case.head_dim), jnp.dtype(case.dtype))
+  if schedule == "persistent" and not mosaic_backward.persistent_fits(tile, streamed):
+    with pytest.raises(ValueError, match="shared memory"):
+      _lower(case, kernel, schedule)
+  else:
+    assert "mosaic_gpu" in _lower(case, kernel, schedule).as_text()
 
 
 def test_lowers_with_its_tile_plans():
@@ -267,7 +281,19 @@ GPU_CASES = [
                  dkdv_tile=TileConfig(64, 128, num_stages=2)),
 ]
 BY_NAME = {c.name: c for c in GPU_CASES}
-gpu_cases = pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: c.name)
+
+
+def _schedules(case):
+  """The backward schedules a case runs: both, unless the persistent one does not fit."""
+  q = jax.ShapeDtypeStruct((1, case.q_len, 1, case.head_dim), jnp.dtype(case.dtype))
+  fits = (mosaic_backward.persistent_fits(case.dq_tile, q)
+          and mosaic_backward.persistent_fits(case.dkdv_tile, q))
+  return mosaic_backward.SCHEDULES if fits else ("grid",)
+
+
+gpu_cases = pytest.mark.parametrize(
+    "case, schedule", [(c, s) for c in GPU_CASES for s in _schedules(c)],
+    ids=lambda x: x.name if isinstance(x, BackwardCase) else x)
 
 
 def _reference_and_residuals(q, k, v, do, dlse, layout: Layout, *, causal, window,
@@ -291,7 +317,7 @@ def _reference_and_residuals(q, k, v, do, dlse, layout: Layout, *, causal, windo
 
 
 def _run(layout: Layout, seed, *, heads, kv_heads, head_dim, dtype, causal, window,
-         scale, dq_tile, dkdv_tile):
+         scale, dq_tile, dkdv_tile, schedule=None, num_ctas=None):
   """(got, want): dicts of float32 numpy dq [B, Tq, H, D], dk, dv [B, Tk, Hkv, D]."""
   q_len, kv_len = layout.q_segment_ids.shape[1], layout.kv_segment_ids.shape[1]
   q, k, v, do, dlse = random_inputs(
@@ -301,13 +327,14 @@ def _run(layout: Layout, seed, *, heads, kv_heads, head_dim, dtype, causal, wind
                                               window=window, scale=scale)
   dq, dk, dv = mosaic_backward_grads(q, k, v, do, lse, delta, *layout.arrays(),
                                      causal=causal, window=window, scale=scale,
-                                     dq_tile=dq_tile, dkdv_tile=dkdv_tile)
+                                     dq_tile=dq_tile, dkdv_tile=dkdv_tile,
+                                     schedule=schedule, num_ctas=num_ctas)
   as_np = lambda d: {n: np.asarray(x.astype(jnp.float32)) for n, x in d.items()}
   return as_np(dict(dq=dq, dk=dk, dv=dv)), as_np(want)
 
 
 @functools.lru_cache(maxsize=None)
-def run_case(name):
+def run_case(name, schedule, num_ctas=None):
   """(got, want, layout) of one fixed case (fresh seed per case name)."""
   case = BY_NAME[name]
   layout = case.make_layout()
@@ -315,7 +342,8 @@ def run_case(name):
                    kv_heads=case.kv_heads, head_dim=case.head_dim, dtype=case.dtype,
                    causal=case.causal, window=case.window,
                    scale=case.scale or 1.0 / np.sqrt(case.head_dim),
-                   dq_tile=case.dq_tile, dkdv_tile=case.dkdv_tile)
+                   dq_tile=case.dq_tile, dkdv_tile=case.dkdv_tile, schedule=schedule,
+                   num_ctas=num_ctas)
   return got, want, layout
 
 
@@ -340,34 +368,48 @@ def _check_zeros(got, layout, causal, window):
 @pytest.mark.gpu
 @gpu_cases
 @pytest.mark.parametrize("grad", ["dq", "dk", "dv"])
-def test_gradient_matches_reference(case, grad):
-  got, want, _ = run_case(case.name)
+def test_gradient_matches_reference(case, schedule, grad):
+  got, want, _ = run_case(case.name, schedule)
   assert_close(grad, got[grad], want[grad], TOL)
 
 
 @pytest.mark.gpu
 @gpu_cases
-def test_nothing_is_nan_or_inf(case):
-  got, _, _ = run_case(case.name)
+def test_nothing_is_nan_or_inf(case, schedule):
+  got, _, _ = run_case(case.name, schedule)
   for name, x in got.items():
     assert_finite(name, x)
 
 
 @pytest.mark.gpu
 @gpu_cases
-def test_queries_that_see_nothing_get_zero_dq(case):
-  got, _, layout = run_case(case.name)
+def test_queries_that_see_nothing_get_zero_dq(case, schedule):
+  got, _, layout = run_case(case.name, schedule)
   blind = _blind_queries(layout, case.causal, case.window)
   assert np.all(got["dq"][blind] == 0.0)
 
 
 @pytest.mark.gpu
 @gpu_cases
-def test_keys_no_query_sees_get_zero_dk_dv(case):
-  got, _, layout = run_case(case.name)
+def test_keys_no_query_sees_get_zero_dk_dv(case, schedule):
+  got, _, layout = run_case(case.name, schedule)
   unseen = _unseen_keys(layout, case.causal, case.window)
   assert np.all(got["dk"][unseen] == 0.0)
   assert np.all(got["dv"][unseen] == 0.0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("num_ctas", [1, 3, 1000])
+@pytest.mark.parametrize("name", ["empty-row-d128", "gqa-8:2-padded-d128",
+                                  "one-document-T4096"])
+def test_persistent_with_any_number_of_ctas_matches_reference(name, num_ctas):
+  # 1 CTA walks every item; 3 interleave unevenly; 1000 leaves most CTAs idle.
+  got, want, layout = run_case(name, "persistent", num_ctas)
+  case = BY_NAME[name]
+  for grad in ("dq", "dk", "dv"):
+    assert_finite(grad, got[grad])
+    assert_close(grad, got[grad], want[grad], TOL)
+  _check_zeros(got, layout, case.causal, case.window)
 
 
 # Hypothesis layouts at one small shape: the kernels compile once per option set.
@@ -378,9 +420,9 @@ SMALL = dict(heads=4, kv_heads=2, head_dim=64, dtype="bfloat16",
              dkdv_tile=TileConfig(64, 64, num_stages=2))
 
 
-def _check_layout(layout: Layout, seed, *, causal, window=None):
+def _check_layout(layout: Layout, seed, *, causal, window=None, schedule=None):
   got, want = _run(layout, seed, causal=causal, window=window,
-                   scale=1.0 / np.sqrt(SMALL["head_dim"]), **SMALL)
+                   scale=1.0 / np.sqrt(SMALL["head_dim"]), schedule=schedule, **SMALL)
   for name in ("dq", "dk", "dv"):
     assert_finite(name, got[name])
     assert_close(name, got[name], want[name], TOL)
@@ -388,12 +430,13 @@ def _check_layout(layout: Layout, seed, *, causal, window=None):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("schedule", mosaic_backward.SCHEDULES)
 @pytest.mark.parametrize("causal", [True, False])
 @settings(max_examples=15)
 @given(layout=self_layouts(B, T, ALL_KINDS) | self_layouts(B, T, positions="custom"),
        seed=SEEDS)
-def test_self_attention_layouts_match_reference(causal, layout, seed):
-  _check_layout(layout, seed, causal=causal)
+def test_self_attention_layouts_match_reference(causal, schedule, layout, seed):
+  _check_layout(layout, seed, causal=causal, schedule=schedule)
 
 
 @pytest.mark.gpu

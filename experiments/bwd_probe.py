@@ -1,0 +1,184 @@
+"""Probe the Mosaic GPU backward kernels: schedules x layouts, kernels only, on a GPU.
+
+    PYTHONPATH=. python experiments/bwd_probe.py --variants grid,persistent \\
+        --layouts packed,dense,full
+
+A variant is "schedule[:num_ctas]", a schedule of mosaic_backward.SCHEDULES
+and, for "persistent", an optional CTA count (default one per SM), run with
+the default tiles (mosaic_backward.DEFAULT_DQ_TILE, DEFAULT_DKDV_TILE). The
+layouts are fwd_probe's (B=4 by --batch, T=8192, H=16, D=128 bfloat16, the
+main shape of bench_attention.py); --gqa makes the keys and values 4 heads.
+
+Per (layout, variant): the median time of the dQ kernel and of the dK/dV
+kernel, each with its tile plan made beforehand (experiments/timing.py),
+their sum, useful TFLOP/s of the sum (2.5 x the document-masked forward
+work), and the relative error of dq, dk, dv against the layout's first
+variant; the first variant is checked against the float32 reference on row 0,
+heads 0-1 (lse and delta from the reference there; elsewhere from the Triton
+forward). One JSON line per result on stdout (and $OUT/bwd_probe.json when OUT
+is set).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import sys
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO_ROOT not in sys.path:
+  sys.path.insert(0, REPO_ROOT)
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from experiments import timing  # noqa: E402
+from experiments.fwd_probe import HEAD_DIM, HEADS, SEQ_LEN, layout, rel_err  # noqa: E402
+from experiments.layouts import BACKWARD_FLOPS_FACTOR, causal_doc_flops  # noqa: E402
+from jpack import masks  # noqa: E402
+from jpack.attention import flash_attention, reference_attention  # noqa: E402
+from pallas_kernels import mosaic_backward  # noqa: E402
+
+GRADS = ("dq", "dk", "dv")
+
+
+def parse_variant(text):
+  """(schedule, num_ctas or None) of "schedule[:num_ctas]"."""
+  schedule, _, ctas = text.partition(":")
+  if schedule not in mosaic_backward.SCHEDULES:
+    raise ValueError(f"schedule must be one of {mosaic_backward.SCHEDULES}, "
+                     f"got {schedule!r}")
+  return schedule, int(ctas) if ctas else None
+
+
+@functools.lru_cache(maxsize=None)
+def kernels(schedule, num_ctas, causal, scale):
+  """jitted (dq_fn, dkdv_fn) of (q, k, v, do, lse, delta, seg, pos, ranges)."""
+  opts = dict(scale=scale, causal=causal, sliding_window=None, schedule=schedule,
+              num_ctas=num_ctas)
+
+  @jax.jit
+  def dq_fn(q, k, v, do, lse, delta, seg, pos, ranges):
+    return mosaic_backward.backward_dq(q, k, v, do, lse, delta, seg, seg, pos, pos, ranges,
+                                       tile=mosaic_backward.DEFAULT_DQ_TILE, **opts)
+
+  @jax.jit
+  def dkdv_fn(q, k, v, do, lse, delta, seg, pos, ranges):
+    return mosaic_backward.backward_dkdv(q, k, v, do, lse, delta, seg, seg, pos, pos,
+                                         ranges, tile=mosaic_backward.DEFAULT_DKDV_TILE,
+                                         **opts)
+
+  return dq_fn, dkdv_fn
+
+
+def plans(seg, pos, causal):
+  """(q_ranges of the dQ tiling, kv_ranges of the dK/dV tiling)."""
+  dq_tile, dkdv_tile = mosaic_backward.DEFAULT_DQ_TILE, mosaic_backward.DEFAULT_DKDV_TILE
+  plan = functools.partial(masks.make_tile_plan, seg, seg, pos, pos, causal=causal,
+                           sliding_window=None)
+  return (plan(block_q=dq_tile.block_major, block_k=dq_tile.block_minor).q_ranges,
+          plan(block_q=dkdv_tile.block_minor, block_k=dkdv_tile.block_major).kv_ranges)
+
+
+def residuals(q, k, v, do, seg, causal, scale, reference=False):
+  """(lse, delta) of the forward: the Triton kernels', or the float32 reference's."""
+  f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
+  if reference:
+    out, lse = reference_attention(f32(q), f32(k), f32(v), segment_ids=seg, causal=causal,
+                                   scale=scale, return_residuals=True)
+  else:
+    out, lse = jax.jit(lambda q, k, v, seg: flash_attention(
+        q, k, v, segment_ids=seg, causal=causal, scale=scale, implementation="pallas",
+        return_residuals=True))(q, k, v, seg)
+  return lse, jnp.einsum("bqhd,bqhd->bhq", f32(out), f32(do))
+
+
+def reference_grads(q, k, v, do, seg, causal, scale):
+  """dict of float32 dq, dk, dv of the float32 reference (dlse = 0)."""
+  f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
+  _, vjp = jax.vjp(lambda q, k, v: reference_attention(
+      q, k, v, segment_ids=seg, causal=causal, scale=scale), f32(q), f32(k), f32(v))
+  return dict(zip(GRADS, vjp(f32(do))))
+
+
+def run_variant(schedule, num_ctas, inputs, causal, first, reps=20):
+  """(result dict, grads dict of float32 numpy) of one variant on one layout.
+
+  inputs: (q, k, v, do, segment ids, positions); first: the layout's first
+  grads (None: this is the first, checked against the reference); reps:
+  timing samples of each kernel.
+  """
+  q, k, v, do, seg, pos = inputs
+  scale = 1.0 / np.sqrt(HEAD_DIM)
+  dq_fn, dkdv_fn = kernels(schedule, num_ctas, causal, scale)
+  q_ranges, kv_ranges = plans(seg, pos, causal)
+  lse, delta = residuals(q, k, v, do, seg, causal, scale)
+  args = (q, k, v, do, lse, delta, seg, pos)
+  as_np = lambda x: np.asarray(x.astype(jnp.float32))  # noqa: E731
+  grads = dict(zip(GRADS, map(as_np, (dq_fn(*args, q_ranges), *dkdv_fn(*args, kv_ranges)))))
+  result = dict(nonfinite=int(sum((~np.isfinite(g)).sum() for g in grads.values())))
+  if first is None:
+    # Row 0, q heads 0-1 and their kv heads (dense logits fit).
+    kv_heads = max(1, 2 * k.shape[2] // q.shape[2])
+    sub = [x[:1, :, :n] for x, n in zip((q, k, v, do), (2, kv_heads, kv_heads, 2))]
+    sub_ids = (seg[:1], pos[:1])
+    sub_args = (*sub, *residuals(*sub, seg[:1], causal, scale, reference=True), *sub_ids)
+    sub_q, sub_kv = plans(*sub_ids, causal)
+    got = (dq_fn(*sub_args, sub_q), *dkdv_fn(*sub_args, sub_kv))
+    want = reference_grads(*sub, seg[:1], causal, scale)
+    for name, g in zip(GRADS, got):
+      result[f"{name}_err_vs_reference_row0"] = rel_err(as_np(g), want[name])
+  else:
+    for name in GRADS:
+      result[f"{name}_err_vs_first"] = rel_err(grads[name], first[name])
+  dq_ms = timing.median_ms(dq_fn, *args, q_ranges, warmup=3, reps=reps)
+  dkdv_ms = timing.median_ms(dkdv_fn, *args, kv_ranges, warmup=3, reps=reps)
+  flops = BACKWARD_FLOPS_FACTOR * causal_doc_flops(np.asarray(seg), HEADS, HEAD_DIM,
+                                                   causal=causal)
+  result.update(dq_ms=round(dq_ms, 4), dkdv_ms=round(dkdv_ms, 4),
+                bwd_ms=round(dq_ms + dkdv_ms, 4),
+                useful_tflops=round(flops / (dq_ms + dkdv_ms) / 1e9, 1))
+  return result, grads
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--variants", default="grid,persistent")
+  p.add_argument("--layouts", default="packed")
+  p.add_argument("--batch", type=int, default=4)
+  p.add_argument("--gqa", action="store_true", help="4 kv heads (16 q heads)")
+  p.add_argument("--reps", type=int, default=20)
+  args = p.parse_args()
+  variants = [(v, *parse_variant(v)) for v in args.variants.split(",")]
+  keys = jax.random.split(jax.random.key(0), 4)
+  shape = (args.batch, SEQ_LEN, HEADS, HEAD_DIM)
+  kv_shape = shape[:2] + (4 if args.gqa else HEADS, HEAD_DIM)
+  q, do = (jax.random.normal(key, shape, jnp.bfloat16) for key in keys[:2])
+  k, v = (jax.random.normal(key, kv_shape, jnp.bfloat16) for key in keys[2:])
+  pos = jnp.broadcast_to(jnp.arange(SEQ_LEN, dtype=jnp.int32), (args.batch, SEQ_LEN))
+  results = []
+  for layout_name in args.layouts.split(","):
+    seg, causal = layout(layout_name, batch=args.batch)
+    inputs = (q, k, v, do, jnp.asarray(seg), pos)
+    first = None
+    for name, schedule, num_ctas in variants:
+      result = dict(layout=layout_name, variant=name, gqa=args.gqa)
+      try:
+        found, grads = run_variant(schedule, num_ctas, inputs, causal, first,
+                                   reps=args.reps)
+        result.update(found)
+        first = grads if first is None else first
+      except Exception as exc:  # noqa: BLE001 - a failed variant is a result
+        result["error"] = f"{type(exc).__name__}: {exc}"[:400]
+      print(json.dumps(result), flush=True)
+      results.append(result)
+  if out_dir := os.environ.get("OUT"):
+    with open(os.path.join(out_dir, "bwd_probe.json"), "w") as f:
+      json.dump(dict(device=jax.devices()[0].device_kind, results=results), f, indent=1)
+
+
+if __name__ == "__main__":
+  main()
