@@ -368,6 +368,17 @@ class _Kernels:
   backward_dq: Callable  # -> dq, tiled by config.dq
   backward_dkdv: Callable  # -> (dk, dv), tiled by config.dkdv
   default_config: Callable[[int], KernelConfig]  # head_dim -> tilings
+  # (q, k, v, do, lse, out, dlse, ids..., plan) -> (dq, delta), tiled by config.dq
+  backward_dq_and_delta: Callable
+
+
+def _dq_after_delta(backward_dq):
+  """backward_dq_and_delta of a backward_dq: delta computed first, in XLA."""
+  def dq_and_delta(q, k, v, do, lse, out, dlse, *ids_and_plan, **kwargs):
+    delta = kernels.backward_delta(out, do, dlse)
+    return backward_dq(q, k, v, do, lse, delta, *ids_and_plan, **kwargs), delta
+
+  return dq_and_delta
 
 
 @functools.cache
@@ -375,14 +386,15 @@ def _kernels(implementation) -> _Kernels:
   """The kernels behind "pallas" and "mosaic"."""
   if implementation == "pallas":
     return _Kernels(kernels.forward, kernels.backward_dq, kernels.backward_dkdv,
-                    KernelConfig.for_head_dim)
+                    KernelConfig.for_head_dim, _dq_after_delta(kernels.backward_dq))
   # Imported on first use: Mosaic GPU's MLIR bindings add ~0.2 s to `import jpack.attention`.
   from pallas_kernels import mosaic_attention, mosaic_backward
   return _Kernels(
       mosaic_attention.forward, mosaic_backward.backward_dq, mosaic_backward.backward_dkdv,
       lambda head_dim: KernelConfig(forward=mosaic_attention.DEFAULT_TILE,
                                     dq=mosaic_backward.DEFAULT_DQ_TILE,
-                                    dkdv=mosaic_backward.DEFAULT_DKDV_TILE))
+                                    dkdv=mosaic_backward.DEFAULT_DKDV_TILE),
+      mosaic_backward.backward_dq_and_delta)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -422,16 +434,17 @@ def _kernel_attention_fwd(opts, q, k, v, ids, tiles):
 
 
 def _kernel_backward(opts, q, k, v, ids, tiles, out, lse, do, dlse):
-  # d lse_i / d s_ij = p_ij, so an lse cotangent folds into delta.
-  delta = jnp.einsum("bqhd,bqhd->bhq", out.astype(jnp.float32),
-                     do.astype(jnp.float32)) - dlse
-  args = (q, k, v, do.astype(q.dtype), lse, delta, ids.q_segment_ids,
-          ids.kv_segment_ids, ids.q_positions, ids.kv_positions)
+  # d lse_i / d s_ij = p_ij, so an lse cotangent folds into delta
+  # (rowsum(out * do) - dlse), which the dQ step computes and dK/dV reads.
+  do = do.astype(q.dtype)
+  ids_args = (ids.q_segment_ids, ids.kv_segment_ids, ids.q_positions, ids.kv_positions)
   impl = _kernels(opts.implementation)
-  dq = impl.backward_dq(*args, plans.q_major(tiles.dq), tile=opts.config.dq,
-                        **opts.kernel_kwargs(ids))
-  dk, dv = impl.backward_dkdv(*args, plans.kv_major(tiles.dkdv),
-                              tile=opts.config.dkdv, **opts.kernel_kwargs(ids))
+  dq, delta = impl.backward_dq_and_delta(
+      q, k, v, do, lse, out, dlse, *ids_args, plans.q_major(tiles.dq), tile=opts.config.dq,
+      **opts.kernel_kwargs(ids))
+  dk, dv = impl.backward_dkdv(q, k, v, do, lse, delta, *ids_args,
+                              plans.kv_major(tiles.dkdv), tile=opts.config.dkdv,
+                              **opts.kernel_kwargs(ids))
   return dq, dk, dv
 
 

@@ -54,7 +54,7 @@ from pallas_kernels.config import TileConfig
 from pallas_kernels.mosaic_backward_steps import dkdv_step, dq_step, row_stats
 from pallas_kernels.mosaic_common import (
     WG_ROWS, consumer_warpgroups, launch, mma_transforms, producer_warpgroup, row_vector,
-    stream_kv_tiles, stream_q_tiles, three_runs, zeros_acc)
+    stream_kv_tiles, stream_q_tiles, three_runs, wait_for_free_slot, zeros_acc)
 from pallas_kernels.mosaic_persistent import (
     cta_items, item_table, num_sms, persistent_schedule)
 from pallas_kernels.segment_attention import LOG2E
@@ -153,8 +153,14 @@ def _items(ranges, heads, num_items, num_ctas):
 
 
 def _dq_kernel(items_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_seg_ref,
-               q_pos_ref, kv_seg_ref, kv_pos_ref, dq_ref, scratch, *, scale, causal,
-               sliding_window, block_k, num_stages, num_consumers, group, num_ctas):
+               q_pos_ref, kv_seg_ref, kv_pos_ref, *refs, scale, causal, sliding_window,
+               block_k, num_stages, num_consumers, group, num_ctas, fuse_delta):
+  """fuse_delta: refs = (out, dq, delta out, scratch) and delta_ref holds dlse
+  (module docstring); else refs = (dq, scratch)."""
+  if fuse_delta:
+    out_ref, dq_ref, delta_out_ref, scratch = refs
+  else:
+    (dq_ref, scratch), out_ref, delta_out_ref = refs, None, None
   ((q_bufs, do_bufs, stats_bufs, q_ids_bufs, k_smem, v_smem, kv_ids_smem),
    (major_ready, major_free, kv_ready, kv_consumed)) = scratch
   wg = lax.axis_index("wg")
@@ -176,11 +182,45 @@ def _dq_kernel(items_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_seg
       plgpu.copy_gmem_to_smem(q_seg_ref.at[b, rows], q_ids_bufs.at[buf, 0], done)
       plgpu.copy_gmem_to_smem(q_pos_ref.at[b, rows], q_ids_bufs.at[buf, 1], done)
 
+  def o_slot(c, slot):
+    """Where the O rows of consumer c land in ring slot `slot` (the delta step)."""
+    return (k_smem, v_smem)[c].at[slot, pl.ds(0, WG_ROWS)]
+
   def stream_minor(it, t):
-    b, _, h, lo, _, _, hi = it
+    b, qt, h, lo, _, _, hi = it
+    if fuse_delta:
+      @pl.when(hi > lo)
+      def _load_out():  # the delta step: 4 arrivals, like a kv step
+        slot = wait_for_free_slot(t, kv_consumed, num_stages)
+        for c in range(num_consumers):
+          plgpu.copy_gmem_to_smem(out_ref.at[b, rows_of(qt, c), h], o_slot(c, slot),
+                                  kv_ready.at[slot])
+        for _ in range(4 - num_consumers):
+          plgpu.barrier_arrive(kv_ready.at[slot])
+
     stream_kv_tiles((k_ref, v_ref, kv_seg_ref, kv_pos_ref), (k_smem, v_smem, kv_ids_smem),
                     kv_ready, kv_consumed, b=b, kv_head=lax.div(h, jnp.int32(group)),
-                    lo=lo, hi=hi, block_k=block_k, num_stages=num_stages, first_step=t)
+                    lo=lo, hi=hi, block_k=block_k, num_stages=num_stages,
+                    first_step=t + int(fuse_delta))
+
+  def store_delta(delta, it, buf):
+    b, qt, h = it[:3]
+    stats_bufs.at[buf, 1][...] = delta  # dlse is no longer read: it stages delta
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(stats_bufs.at[buf, 1], delta_out_ref.at[b, h, rows_of(qt, wg)])
+
+  def delta_step(t, dos, dlse, it, buf):
+    """delta = rowsum(O * dO) - dlse of the consumer's rows, O from ring step t; stored."""
+    slot = lax.rem(t, jnp.int32(num_stages))
+    plgpu.barrier_wait(kv_ready.at[slot])
+    load = lambda ref: plgpu.load(ref, (), layout=plgpu.Layout.WGMMA).astype(jnp.float32)  # noqa: E731
+    out = load(o_slot(0, slot))
+    if num_consumers > 1:  # consumer 1's rows sit in the V half of the slot
+      out = jnp.where(wg == 0, out, load(o_slot(1, slot)))
+    delta = jnp.sum(out * load(dos), axis=1) - dlse
+    plgpu.barrier_arrive(kv_consumed.at[slot])
+    store_delta(delta, it, buf)
+    return delta
 
   def store(dq, it, pair):
     b, qt, h = it[:3]
@@ -194,6 +234,9 @@ def _dq_kernel(items_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_seg
     buf = buffer(pair, wg)
     qs, dos = q_bufs.at[buf], do_bufs.at[buf]
     stats = row_stats(stats_bufs.at[buf])
+    if fuse_delta:
+      stats = (stats[0], delta_step(t0, dos, stats[1], it, buf))
+      t0 = t0 + 1
     q_ids = tuple(row_vector(q_ids_bufs.at[buf, n][...]) for n in range(2))
 
     def visit(j, dq, *, masked):
@@ -208,21 +251,35 @@ def _dq_kernel(items_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_seg
     dq = three_runs(lo, full_lo, full_hi, hi, visit, zeros_acc((WG_ROWS, q_ref.shape[3])))
     store(dq, it, pair)
 
+  def write_empty(it, pair):
+    store(zeros_acc((WG_ROWS, q_ref.shape[3])), it, pair)
+    if fuse_delta:  # no row sees anything: delta is never used, but finite
+      store_delta(row_vector(jnp.zeros((WG_ROWS,), jnp.float32)), it, buffer(pair, wg))
+
+  busy_steps = lambda it: it[6] - it[3] + int(fuse_delta)  # noqa: E731
   _item_loops(
       items_ref, (major_ready, major_free), wg, num_ctas=num_ctas,
       num_consumers=num_consumers, load_major=load_major, stream_minor=stream_minor,
-      num_steps=lambda it: jnp.maximum(it[6] - it[3], 0), run_item=run_item,
-      write_empty=lambda it, pair: store(zeros_acc((WG_ROWS, q_ref.shape[3])), it, pair))
+      num_steps=lambda it: jnp.where(it[6] > it[3], busy_steps(it), 0), run_item=run_item,
+      write_empty=write_empty)
 
 
 def persistent_backward_dq(q, k, v, do, lse, delta, q_seg, kv_seg, q_pos, kv_pos,
                            q_ranges, *, tile: TileConfig, scale, causal, sliding_window,
-                           num_ctas: int | None = None):
+                           num_ctas: int | None = None, out=None, dlse=None):
   """backward_dq(..., schedule="persistent"): dQ [B, Tq, H, D] in q.dtype.
 
   Arguments as mosaic_backward.backward_dq, which checks them; num_ctas: the
   CTAs launched, default min(num_sms(), B * H * Tq / block_major).
+  out [B, Tq, H, D] and dlse float32 [B, H, Tq] in place of delta (None): the
+  kernel computes delta = rowsum(out * do) - dlse itself, in one more ring
+  step per item (O through the K/V slot), and returns (dQ, delta float32 [B,
+  H, Tq]) for the dK/dV kernel; delta is 0 for the rows of q tiles that
+  attend to nothing.
   """
+  fuse_delta = out is not None
+  if fuse_delta == (delta is not None) or fuse_delta != (dlse is not None):
+    raise ValueError("pass either delta, or out and dlse")
   batch, tq, heads, head_dim = q.shape
   num_consumers = tile.block_major // WG_ROWS
   bk, stages = tile.block_minor, tile.num_stages
@@ -230,7 +287,7 @@ def persistent_backward_dq(q, k, v, do, lse, delta, q_seg, kv_seg, q_pos, kv_pos
   kernel = functools.partial(
       _dq_kernel, scale=float(scale), causal=causal, sliding_window=sliding_window,
       block_k=bk, num_stages=stages, num_consumers=num_consumers,
-      group=heads // k.shape[2], num_ctas=num_ctas)
+      group=heads // k.shape[2], num_ctas=num_ctas, fuse_delta=fuse_delta)
   transforms = mma_transforms(q.dtype)
   pairs = 2 * num_consumers  # buffer (n % 2) * num_consumers + consumer
   scratch = (
@@ -242,10 +299,13 @@ def persistent_backward_dq(q, k, v, do, lse, delta, q_seg, kv_seg, q_pos, kv_pos
       plgpu.SMEM((stages, bk, head_dim), v.dtype, transforms=transforms),
       plgpu.SMEM((stages, 2, bk), jnp.int32),
   )
+  dq_type = jax.ShapeDtypeStruct(q.shape, q.dtype)
+  args = (items, q, k, v, do, lse, dlse if fuse_delta else delta, q_seg, q_pos, kv_seg,
+          kv_pos) + ((out,) if fuse_delta else ())
   return launch(
-      kernel, (items, q, k, v, do, lse, delta, q_seg, q_pos, kv_seg, kv_pos), scratch,
-      _item_barriers(6, num_consumers, 4, stages),
-      out_type=jax.ShapeDtypeStruct(q.shape, q.dtype),
+      kernel, args, scratch, _item_barriers(6, num_consumers, 4, stages),
+      out_type=((dq_type, jax.ShapeDtypeStruct(lse.shape, jnp.float32)) if fuse_delta
+                else dq_type),
       grid=(num_ctas,), grid_names=("ctas",), num_consumers=num_consumers)
 
 

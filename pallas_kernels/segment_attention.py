@@ -243,6 +243,16 @@ def forward(q, k, v, q_seg, kv_seg, q_pos, kv_pos, q_plan, *, tile: TileConfig,
 # Backward: dQ
 
 
+def backward_delta(out, do, dlse):
+  """delta = rowsum(out * do) - dlse: float32 [B, H, Tq] of out, do [B, Tq, H, D].
+
+  The backward's per-row term (d lse_i / d s_ij = p_ij folds the lse
+  cotangent dlse [B, H, Tq] in).
+  """
+  return jnp.einsum("bqhd,bqhd->bhq", out.astype(jnp.float32),
+                    do.astype(jnp.float32)) - dlse
+
+
 def _bwd_shift(lse):
   """Base-2 lse for the backward; rows that saw nothing get +1e30 so p = 0."""
   return jnp.where(lse == EMPTY_LSE, -MASKED_LOGIT, lse * LOG2E)

@@ -122,6 +122,11 @@ def _lower(case: LowerCase, kernel: str, schedule=None):
   kv_tiles = case.kv_len // case.dkdv_tile.block_major
   opts = dict(scale=0.1, causal=case.causal, sliding_window=case.window,
               schedule=schedule)
+  if kernel == "dq-and-delta":  # (..., lse, out, dlse, ...) in place of (lse, delta)
+    fn = functools.partial(mosaic_backward.backward_dq_and_delta, tile=case.dq_tile, **opts)
+    plan = jax.ShapeDtypeStruct((b, q_tiles, 4), jnp.int32)
+    return jax.jit(fn).trace(q, kv, kv, q, stat, q, stat, q_ids, kv_ids, q_ids, kv_ids,
+                             plan).lower(lowering_platforms=("cuda",))
   if kernel == "dq":
     fn = functools.partial(mosaic_backward.backward_dq, tile=case.dq_tile, **opts)
     plan = jax.ShapeDtypeStruct((b, q_tiles, 4), jnp.int32)
@@ -133,11 +138,11 @@ def _lower(case: LowerCase, kernel: str, schedule=None):
 
 
 @pytest.mark.parametrize("schedule", mosaic_backward.SCHEDULES)
-@pytest.mark.parametrize("kernel", ["dq", "dkdv"])
+@pytest.mark.parametrize("kernel", ["dq", "dq-and-delta", "dkdv"])
 @pytest.mark.parametrize("case", LOWER_CASES, ids=lambda c: c.name)
 def test_lowers_for_cuda(case, kernel, schedule):
-  tile, streamed = ((case.dq_tile, case.kv_len) if kernel == "dq"
-                    else (case.dkdv_tile, case.q_len))
+  tile, streamed = ((case.dkdv_tile, case.q_len) if kernel == "dkdv"
+                    else (case.dq_tile, case.kv_len))
   streamed = jax.ShapeDtypeStruct((2, streamed, 1, case.head_dim), jnp.dtype(case.dtype))
   if schedule == "persistent" and not mosaic_backward.persistent_fits(tile, streamed):
     with pytest.raises(ValueError, match="shared memory"):
@@ -410,6 +415,53 @@ def test_persistent_with_any_number_of_ctas_matches_reference(name, num_ctas):
     assert_finite(grad, got[grad])
     assert_close(grad, got[grad], want[grad], TOL)
   _check_zeros(got, layout, case.causal, case.window)
+
+
+@functools.partial(jax.jit, static_argnames=("causal", "window", "scale", "tile",
+                                             "schedule"))
+def _dq_and_delta(q, k, v, do, lse, out, dlse, q_seg, kv_seg, q_pos, kv_pos, *, causal,
+                  window, scale, tile, schedule):
+  q_ranges = masks.make_tile_plan(q_seg, kv_seg, q_pos, kv_pos, block_q=tile.block_major,
+                                  block_k=tile.block_minor, causal=causal,
+                                  sliding_window=window).q_ranges
+  return mosaic_backward.backward_dq_and_delta(
+      q, k, v, do, lse, out, dlse, q_seg, kv_seg, q_pos, kv_pos, q_ranges, tile=tile,
+      scale=scale, causal=causal, sliding_window=window, schedule=schedule)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("schedule", mosaic_backward.SCHEDULES)
+@pytest.mark.parametrize("name", ["packed-d128", "empty-row-d128", "gqa-8:2-d64",
+                                  "one-consumer-64x64", "one-stage-gqa-8:2", "float16",
+                                  "chunk-q1024-kv3072"])
+def test_dq_and_delta_match_reference(name, schedule):
+  # delta = rowsum(out * do) - dlse from out and dlse: computed inside the
+  # persistent dQ kernel, or before the grid one.
+  case = BY_NAME[name]
+  layout = case.make_layout()
+  q_len, kv_len = layout.q_segment_ids.shape[1], layout.kv_segment_ids.shape[1]
+  q, k, v, do, dlse = random_inputs(
+      (zlib.crc32(name.encode()) + 7) & 0x7FFFFFFF, batch=layout.q_segment_ids.shape[0],
+      q_len=q_len, kv_len=kv_len, heads=case.heads, kv_heads=case.kv_heads,
+      head_dim=case.head_dim, dtype=jnp.dtype(case.dtype))
+  scale = 1.0 / np.sqrt(case.head_dim)
+  f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
+  (out, lse), vjp = jax.vjp(lambda q, k, v: reference_attention(
+      q, k, v, **layout.kwargs(), causal=case.causal, scale=scale, return_residuals=True),
+      f32(q), f32(k), f32(v))
+  want_dq = vjp((f32(do), dlse))[0]
+  out = out.astype(q.dtype)
+  dq, delta = _dq_and_delta(q, k, v, do, lse, out, dlse, *layout.arrays(),
+                            causal=case.causal, window=case.window, scale=scale,
+                            tile=case.dq_tile, schedule=schedule)
+  assert_finite("dq", np.asarray(f32(dq)))
+  assert_finite("delta", np.asarray(delta))
+  assert_close("dq", np.asarray(f32(dq)), np.asarray(want_dq), TOL)
+  seen = ~_blind_queries(layout, case.causal, case.window)  # [B, Tq]
+  want_delta = np.asarray(jnp.einsum("bqhd,bqhd->bhq", f32(out), f32(do)) - dlse)
+  got_delta = np.asarray(delta)
+  seen = np.broadcast_to(seen[:, None, :], got_delta.shape)
+  assert_close("delta", got_delta[seen], want_delta[seen], 1e-5)
 
 
 # Hypothesis layouts at one small shape: the kernels compile once per option set.
