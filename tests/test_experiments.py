@@ -157,20 +157,30 @@ def test_fwd_probe_runs_variants_and_times_them(monkeypatch):
 
 
 def test_bwd_probe_variants_parse_into_schedules_and_cta_counts():
-  assert bwd_probe.parse_variant("grid") == ("grid", None)
-  assert bwd_probe.parse_variant("persistent:3") == ("persistent", 3)
+  assert bwd_probe.parse_variant("grid") == ("grid", None, False)
+  assert bwd_probe.parse_variant("persistent:3") == ("persistent", 3, False)
+  assert bwd_probe.parse_variant("persistent+delta") == ("persistent", None, True)
   with pytest.raises(ValueError, match="schedule"):
     bwd_probe.parse_variant("pingpong")
+  with pytest.raises(ValueError, match="delta"):
+    bwd_probe.parse_variant("grid+fused")
 
 
 def test_bwd_probe_runs_variants_and_times_them(monkeypatch):
   # The kernels swapped for the reference's vjp (no GPU here) on a small shape.
-  def fake_kernels(schedule, num_ctas, causal, scale):
-    def grads(q, k, v, do, lse, delta, seg, pos, ranges):
+  def fake_kernels(schedule, num_ctas, fuse_delta, causal, scale):
+    def grads(q, k, v, do, lse, delta_or_out, seg, pos, ranges):
       return tuple(g.astype(q.dtype) for g in bwd_probe.reference_grads(
           q, k, v, do, seg, causal, scale).values())
 
-    return (jax.jit(lambda *a: grads(*a)[0]), jax.jit(lambda *a: grads(*a)[1:]))
+    def dq(*args):  # args[5]: out with fuse_delta, else delta
+      if fuse_delta:
+        return grads(*args)[0], bwd_probe.backward_delta(args[5], args[3], 0.0)
+      return grads(*args)[0]
+
+    delta_fn = None if fuse_delta else jax.jit(
+        lambda out, do: bwd_probe.backward_delta(out, do, 0.0))
+    return delta_fn, jax.jit(dq), jax.jit(lambda *a: grads(*a)[1:])
 
   monkeypatch.setattr(bwd_probe, "kernels", fake_kernels)
   monkeypatch.setattr(bwd_probe, "residuals", functools.partial(
@@ -182,12 +192,14 @@ def test_bwd_probe_runs_variants_and_times_them(monkeypatch):
   pos = jnp.arange(1024, dtype=jnp.int32)[None]
   seg = jnp.asarray(fwd_probe.layout("blocksc", batch=1)[0][:, :1024])
   inputs = (q, k, v, do, seg, pos)
-  first, grads = bwd_probe.run_variant("grid", None, inputs, True, None, reps=1)
+  first, grads = bwd_probe.run_variant("grid", None, False, inputs, True, None, reps=1)
   for name in bwd_probe.GRADS:
     assert first[f"{name}_err_vs_reference_row0"] < 1e-2
   assert first["nonfinite"] == 0 and first["bwd_ms"] == pytest.approx(
-      first["dq_ms"] + first["dkdv_ms"], abs=1e-3)
+      first["delta_ms"] + first["dq_ms"] + first["dkdv_ms"], abs=1e-3)
   flops = 2.5 * 4 * 128 * 2 * 512 * 513  # 2 heads, 2 causal documents of 512
   assert first["useful_tflops"] == pytest.approx(flops / first["bwd_ms"] / 1e9, abs=0.1)
-  again, _ = bwd_probe.run_variant("persistent", 3, inputs, True, grads, reps=1)
+  again, _ = bwd_probe.run_variant("persistent", 3, True, inputs, True, grads, reps=1)
   assert again["dq_err_vs_first"] == 0.0 and "dq_err_vs_reference_row0" not in again
+  assert "delta_ms" not in again and again["bwd_ms"] == pytest.approx(
+      again["dq_ms"] + again["dkdv_ms"], abs=1e-3)
