@@ -16,7 +16,11 @@ Both kernels use the layout of the forward (the warpgroups and the ring of
 `mosaic_common`): one CTA of `tile.block_major / 64` consumer warpgroups (64
 rows each) and one producer warpgroup that streams the minor tiles through
 `tile.num_stages` shared-memory slots with TMA, ready/consumed barriers per
-slot.
+slot. Schedules (SCHEDULES): "grid" is one CTA per major tile (this module's
+kernels), "persistent" one CTA per SM walking lists of major tiles
+(mosaic_persistent_backward); default_schedule picks per kernel. The math of
+a step is shared (mosaic_backward_steps). `backward_dq_and_delta` also
+returns delta (below), which the persistent dQ kernel computes itself.
 
 dQ (`backward_dq`): a CTA owns a q tile of one head; each consumer keeps its
 64 rows of Q, dO, lse, delta and q ids in shared memory, and for every kv tile
