@@ -203,10 +203,10 @@ def _dq_kernel(items_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_seg
                     lo=lo, hi=hi, block_k=block_k, num_stages=num_stages,
                     first_step=t + int(fuse_delta))
 
-  def store_delta(delta, it, buf):
+  def store_delta(it, buf):
+    """TMA of the delta staged in stats_bufs[buf, 1] (dlse's place) to delta_out."""
     b, qt, h = it[:3]
-    stats_bufs.at[buf, 1][...] = delta  # dlse is no longer read: it stages delta
-    plgpu.commit_smem()
+    plgpu.commit_smem()  # also a warpgroup barrier: the whole row is written
     plgpu.copy_smem_to_gmem(stats_bufs.at[buf, 1], delta_out_ref.at[b, h, rows_of(qt, wg)])
 
   def delta_step(t, dos, dlse, it, buf):
@@ -214,13 +214,15 @@ def _dq_kernel(items_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_seg
     slot = lax.rem(t, jnp.int32(num_stages))
     plgpu.barrier_wait(kv_ready.at[slot])
     load = lambda ref: plgpu.load(ref, (), layout=plgpu.Layout.WGMMA).astype(jnp.float32)  # noqa: E731
-    out = load(o_slot(0, slot))
-    if num_consumers > 1:  # consumer 1's rows sit in the V half of the slot
-      out = jnp.where(wg == 0, out, load(o_slot(1, slot)))
-    delta = jnp.sum(out * load(dos), axis=1) - dlse
+    for c in range(num_consumers):  # static: each consumer's O sits in its own half
+      @pl.when(wg == c)
+      def _row_sums():
+        out = load(o_slot(c, slot))
+        stats_bufs.at[buf, 1][...] = jnp.sum(out * load(dos), axis=1) - dlse
+
     plgpu.barrier_arrive(kv_consumed.at[slot])
-    store_delta(delta, it, buf)
-    return delta
+    store_delta(it, buf)
+    return row_vector(stats_bufs.at[buf, 1][...])
 
   def store(dq, it, pair):
     b, qt, h = it[:3]
@@ -254,7 +256,9 @@ def _dq_kernel(items_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_seg
   def write_empty(it, pair):
     store(zeros_acc((WG_ROWS, q_ref.shape[3])), it, pair)
     if fuse_delta:  # no row sees anything: delta is never used, but finite
-      store_delta(row_vector(jnp.zeros((WG_ROWS,), jnp.float32)), it, buffer(pair, wg))
+      buf = buffer(pair, wg)
+      stats_bufs.at[buf, 1][...] = row_vector(jnp.zeros((WG_ROWS,), jnp.float32))
+      store_delta(it, buf)
 
   busy_steps = lambda it: it[6] - it[3] + int(fuse_delta)  # noqa: E731
   _item_loops(
