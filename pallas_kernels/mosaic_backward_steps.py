@@ -12,13 +12,12 @@ there.
 from __future__ import annotations
 
 import jax.numpy as jnp
-
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.mosaic_common import (
-    WG_ROWS, broadcast_cols, broadcast_rows, col_vector, mma_accumulate, scores_and_grads,
-    row_vector, tile_doc_mask)
+    WG_ROWS, broadcast_cols, broadcast_rows, col_vector, mma_accumulate, row_vector,
+    scores_and_grads, tile_doc_mask)
 from pallas_kernels.segment_attention import MASKED_LOGIT, _bwd_shift
 
 __all__ = ["dkdv_step", "dq_step", "row_stats"]

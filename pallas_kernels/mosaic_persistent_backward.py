@@ -17,6 +17,12 @@ counter running on across items. The consumers write their results (dQ; dK
 and dV) into their own buffers of the pair (Q; K and V), store them with TMA
 and do not wait: the launch and epilogue of a CTA per item (the grid) are gone.
 
+delta inside dQ (persistent_backward_dq with out and dlse): each busy item
+starts with one more ring step, in which the producer loads the item's O rows
+(consumer c's into the K (c = 0) or V (c = 1) half of the slot) and each
+consumer computes delta = rowsum(O * dO) - dlse of its rows (dlse arrives in
+delta's place), uses it for the item and stores it for the dK/dV kernel.
+
 Items. A CTA's items are n = 0 .. N-1, the busy ones (at least one minor
 tile) first, then the empty ones (persistent_schedule): an empty item's
 output is zeros, written by each consumer through its own buffers of pair
