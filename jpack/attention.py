@@ -363,13 +363,14 @@ def _reference_backward(q, k, v, out, lse, do, dlse, ids: MaskInputs,
 
 @dataclasses.dataclass(frozen=True)
 class _Kernels:
-  """The kernels of one implementation, with segment_attention's signatures."""
+  """The kernels of one implementation, with segment_attention's signatures, except
+  backward_dq_and_delta: backward_dq given out and dlse in place of delta, returning
+  (dq, delta) (delta = rowsum(out * do) - dlse, which backward_dkdv takes)."""
   forward: Callable  # -> (out, lse), tiled by config.forward
-  backward_dq: Callable  # -> dq, tiled by config.dq
-  backward_dkdv: Callable  # -> (dk, dv), tiled by config.dkdv
-  default_config: Callable[[int], KernelConfig]  # head_dim -> tilings
   # (q, k, v, do, lse, out, dlse, ids..., plan) -> (dq, delta), tiled by config.dq
   backward_dq_and_delta: Callable
+  backward_dkdv: Callable  # -> (dk, dv), tiled by config.dkdv
+  default_config: Callable[[int], KernelConfig]  # head_dim -> tilings
 
 
 def _dq_after_delta(backward_dq):
@@ -385,16 +386,16 @@ def _dq_after_delta(backward_dq):
 def _kernels(implementation) -> _Kernels:
   """The kernels behind "pallas" and "mosaic"."""
   if implementation == "pallas":
-    return _Kernels(kernels.forward, kernels.backward_dq, kernels.backward_dkdv,
-                    KernelConfig.for_head_dim, _dq_after_delta(kernels.backward_dq))
+    return _Kernels(kernels.forward, _dq_after_delta(kernels.backward_dq),
+                    kernels.backward_dkdv, KernelConfig.for_head_dim)
   # Imported on first use: Mosaic GPU's MLIR bindings add ~0.2 s to `import jpack.attention`.
   from pallas_kernels import mosaic_attention, mosaic_backward
   return _Kernels(
-      mosaic_attention.forward, mosaic_backward.backward_dq, mosaic_backward.backward_dkdv,
+      mosaic_attention.forward, mosaic_backward.backward_dq_and_delta,
+      mosaic_backward.backward_dkdv,
       lambda head_dim: KernelConfig(forward=mosaic_attention.DEFAULT_TILE,
                                     dq=mosaic_backward.DEFAULT_DQ_TILE,
-                                    dkdv=mosaic_backward.DEFAULT_DKDV_TILE),
-      mosaic_backward.backward_dq_and_delta)
+                                    dkdv=mosaic_backward.DEFAULT_DKDV_TILE))
 
 
 @dataclasses.dataclass(frozen=True)
