@@ -433,7 +433,7 @@ def _dq_and_delta(q, k, v, do, lse, out, dlse, q_seg, kv_seg, q_pos, kv_pos, *, 
 @pytest.mark.parametrize("schedule", mosaic_backward.SCHEDULES)
 @pytest.mark.parametrize("name", ["packed-d128", "empty-row-d128", "gqa-8:2-d64",
                                   "one-consumer-64x64", "one-stage-gqa-8:2", "float16",
-                                  "chunk-q1024-kv3072"])
+                                  "chunk-q1024-kv3072", "three-stages-d64"])
 def test_dq_and_delta_match_reference(name, schedule):
   # delta = rowsum(out * do) - dlse from out and dlse: computed inside the
   # persistent dQ kernel, or before the grid one.
