@@ -146,8 +146,8 @@ def persistent_schedule(q_ranges, heads: int, num_ctas: int,
   items are cut into windows of whole (batch, head) pairs, about
   window_rounds * num_ctas items each (None: one window, the global sort),
   sorted by descending work inside a window (stable, _stable_order); the
-  empty items (work 0, no kv tile) go after all the others, so that every CTA meets them last
-  (the kernel relies on it). The result is dealt in rounds of num_ctas: CTA c
+  empty items (work 0, no kv tile) go after all the others, so that every
+  CTA meets them last (the kernel relies on it). The result is dealt in rounds of num_ctas: CTA c
   takes the c-th item of an even round and the c-th from the end of an odd
   round (snake order, which evens out the heavy firsts), and reads positions
   c, c + num_ctas, c + 2 * num_ctas, ... of the result.
