@@ -29,7 +29,8 @@ Schedules (`forward(..., schedule=...)`, see SCHEDULES), same contract and
 outputs; they differ only in how a consumer orders its work:
   "serial"     the loop above, one kv tile at a time (_forward_kernel). The
                baseline.
-  "pipelined"  QK^T of step j overlaps PV of step j - 1 inside each consumer
+  "pipelined"  QK^T of step j overlaps PV of step j - 1 inside each consumer,
+               and two consumers issue their matmuls in turns
                (_split_forward_kernel).
   "pingpong"   the two consumers take turns on the tensor cores
                (_split_forward_kernel). The default for one-stage tiles and
@@ -213,7 +214,15 @@ def _split_forward_kernel(ranges_ref, q_ref, k_ref, v_ref, q_seg_ref, q_pos_ref,
   back, waits only for QK^T_j (wgmma_wait(1)), and runs the softmax of S_j
   while PV_{j-1} is still on the tensor cores; the acc rescale by alpha_j
   waits for PV_{j-1}. One QK^T before the loop (prologue) and one PV after it
-  (epilogue).
+  (epilogue). P_j is cast to the input dtype only after PV_{j-1} is done: a
+  non-wgmma instruction that writes a wgmma's input registers while another
+  wgmma is in flight makes ptxas serialise every wgmma of the kernel (its
+  C7513 report). Two consumers issue their steps' wgmmas in strict turns
+  (turns[w], 1 arrival: consumer 1 opens turn 0 once, then each consumer
+  opens the other's turn right after its own issue, as FA3's pingpong with
+  intra-warpgroup overlap); both take one turn per step plus the prologue's
+  and the epilogue's, and turns[w]'s next phase needs consumer w's own next
+  issue, so it never runs two phases ahead.
 
   "pingpong": the serial loop per warpgroup, but the two consumers take turns
   on the tensor cores through a shared schedule barrier, so one warpgroup's
@@ -267,13 +276,16 @@ def _split_forward_kernel(ranges_ref, q_ref, k_ref, v_ref, q_seg_ref, q_pos_ref,
     def slot_of(j):
       return lax.rem(j - lo, stages)
 
-    def softmax(s, m, l, slot, masked):
-      """(p in dtype, m_new, l_new, alpha) of raw logits s [64, block_k] of `slot`."""
+    def softmax(s, m, l, slot, masked, cast=True):
+      """(p, m_new, l_new, alpha) of raw logits s [64, block_k] of `slot`.
+
+      p in dtype, or float32 if not cast.
+      """
       mask = (tile_doc_mask(q_ids, kv_ids_smem, slot, s_shape, kv_major=False,
                             causal=causal, sliding_window=sliding_window)
               if masked else None)
       p, m_new, l_new, alpha = online_softmax(s, m, l, mask, logit_scale=logit_scale)
-      return p.astype(dtype), m_new, l_new, alpha
+      return (p.astype(dtype) if cast else p), m_new, l_new, alpha
 
     def finish(acc, m, l):
       # Q is no longer read: its buffer stages the output.
@@ -287,11 +299,34 @@ def _split_forward_kernel(ranges_ref, q_ref, k_ref, v_ref, q_seg_ref, q_pos_ref,
                         body, carry)
 
     if schedule == "pipelined":
+      if sched:
+        # turns[w]: consumer w may issue its next wgmmas (1 arrival, by the
+        # other consumer right after its own issue), so the two consumers'
+        # matmul pairs reach the tensor cores strictly alternating, 0 first:
+        # each one's softmax runs under the other's matmuls (FA3's pingpong
+        # with intra-warpgroup overlap). Both take the same number of turns
+        # (they walk the same plan row).
+        (turns,) = sched
+        other = 1 - wg
+
+        def take_turn(issue):
+          plgpu.barrier_wait(turns.at[wg])
+          issue()
+          plgpu.barrier_arrive(turns.at[other])
+
+        @pl.when(wg == 1)
+        def _first_turn_to_0():
+          plgpu.barrier_arrive(turns.at[0])
+      else:
+        def take_turn(issue):
+          issue()
+
       def pipeline(acc_ref, s_ref):
         """acc_ref: the O accumulator [64, D]; s_ref: the S accumulator [64, block_k]."""
         # Prologue, step lo (masked whatever the plan says: a no-op on a full tile).
         plgpu.barrier_wait(k_ready.at[0])
-        plgpu.wgmma(s_ref, q_smem, plgpu.transpose_ref(k_smem.at[0], (1, 0)))
+        take_turn(lambda: plgpu.wgmma(s_ref, q_smem,
+                                      plgpu.transpose_ref(k_smem.at[0], (1, 0))))
         p, m, l, _ = softmax(s_ref[...], *empty_row_stats(), 0, masked=True)
         plgpu.barrier_arrive(k_consumed.at[0])
 
@@ -302,23 +337,31 @@ def _split_forward_kernel(ranges_ref, q_ref, k_ref, v_ref, q_seg_ref, q_pos_ref,
           s_ref[...] = plgpu.layout_cast(jnp.zeros(s_shape, jnp.float32),
                                          plgpu.Layout.WGMMA)
           plgpu.barrier_wait(k_ready.at[slot])
-          plgpu.wgmma(s_ref, q_smem, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
           plgpu.barrier_wait(v_ready.at[prev])
-          plgpu.wgmma(acc_ref, p_prev, v_smem.at[prev])
+
+          def issue():
+            plgpu.wgmma(s_ref, q_smem, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
+            plgpu.wgmma(acc_ref, p_prev, v_smem.at[prev])
+
+          take_turn(issue)
           # wgmma groups retire in order: at most 1 pending means QK^T_j is done.
           s = plgpu.wgmma_accumulator_load(s_ref, wait_n=1)
-          p, m, l, alpha = softmax(s, m, l, slot, masked)
+          p, m, l, alpha = softmax(s, m, l, slot, masked, cast=False)
           plgpu.barrier_arrive(k_consumed.at[slot])
           acc = acc_ref[...]  # waits for PV_{j-1}
+          # P_j's registers (an input of PV_j) are written only now: ptxas
+          # serialises every wgmma (C7513) if a non-wgmma instruction defines
+          # a wgmma's input registers while another wgmma is in flight.
+          acc, p = lax.optimization_barrier((acc, p))
           plgpu.barrier_arrive(v_consumed.at[prev])
           acc_ref[...] = acc * broadcast_rows(alpha, o_shape)
-          return p, m, l
+          return p.astype(dtype), m, l
 
         p, m, l = three_loops(lo + 1, step, (p, m, l))
         # Epilogue: PV of the last step.
         last = slot_of(hi - 1)
         plgpu.barrier_wait(v_ready.at[last])
-        plgpu.wgmma(acc_ref, p, v_smem.at[last])
+        take_turn(lambda: plgpu.wgmma(acc_ref, p, v_smem.at[last]))
         acc = acc_ref[...]
         plgpu.barrier_arrive(v_consumed.at[last])
         return acc, m, l
@@ -437,6 +480,8 @@ def forward(q, k, v, q_seg, kv_seg, q_pos, kv_pos, q_ranges, *, tile: TileConfig
     )
     if schedule == "pingpong" and num_consumers == 2:
       barriers += (plgpu.Barrier(num_arrivals=2),)  # sched_barrier: consumer rendezvous
+    if schedule == "pipelined" and num_consumers == 2:
+      barriers += (plgpu.Barrier(num_arrivals=1, num_barriers=2),)  # turns[wg]
 
   scratch = (
       plgpu.SMEM((num_consumers, WG_ROWS, head_dim), q.dtype, transforms=transforms),
