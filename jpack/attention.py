@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jpack import mask_rules, plans
+from jpack import mask_rules, masks, plans
 from jpack._mask_inputs import MaskInputs, MaskSpec
 from jpack.plans import AttentionPlan, pad_axis
 from pallas_kernels import segment_attention as kernels
@@ -419,9 +419,14 @@ class _KernelOptions:
 
 
 def _kernel_forward(opts, q, k, v, ids, tiles):
+  # The Mosaic forward also takes the plan's q_compares (cheaper masks).
+  compares = (dict(q_compares=tiles.forward.q_compares)
+              if opts.implementation == "mosaic" and isinstance(tiles.forward, masks.TilePlan)
+              else {})
   return _kernels(opts.implementation).forward(
       q, k, v, ids.q_segment_ids, ids.kv_segment_ids, ids.q_positions, ids.kv_positions,
-      plans.q_major(tiles.forward), tile=opts.config.forward, **opts.kernel_kwargs(ids))
+      plans.q_major(tiles.forward), tile=opts.config.forward, **opts.kernel_kwargs(ids),
+      **compares)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))

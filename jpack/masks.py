@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from jpack.mask_rules import Tokens
+from pallas_kernels.config import COMPARE_SPLIT_BITS
 
 _INT_MAX = jnp.iinfo(jnp.int32).max
 _INT_MIN = jnp.iinfo(jnp.int32).min
@@ -144,10 +145,13 @@ class TilePlan:
   Attributes:
     q_ranges: int32 [B, nq, 4], per q tile the kv tiles to visit (forward, dQ).
     kv_ranges: int32 [B, nk, 4], per kv tile the q tiles to visit (dK/dV).
-  Both use the (lo, full_lo, full_hi, hi) layout of `visit_ranges`.
+    q_compares: int32 [B, nq], per q tile the masked kv tiles that need only
+      one of the mask's two compares (`compare_splits`).
+  The ranges use the (lo, full_lo, full_hi, hi) layout of `visit_ranges`.
   """
   q_ranges: jax.Array
   kv_ranges: jax.Array
+  q_compares: jax.Array
   block_q: int = dataclasses.field(metadata=dict(static=True))
   block_k: int = dataclasses.field(metadata=dict(static=True))
 
@@ -163,12 +167,48 @@ def make_tile_plan(q_segment_ids, kv_segment_ids, q_positions, kv_positions, *,
   kv = tile_stats(kv_segment_ids, kv_positions, block_k)
   visit, full = tile_occupancy(q, kv, causal=causal,
                                sliding_window=sliding_window)
+  q_ranges = visit_ranges(visit, full)
   return TilePlan(
-      q_ranges=visit_ranges(visit, full),
+      q_ranges=q_ranges,
       kv_ranges=visit_ranges(visit.transpose(0, 2, 1), full.transpose(0, 2, 1)),
+      q_compares=compare_splits(q, kv, q_ranges, causal=causal,
+                                sliding_window=sliding_window),
       block_q=block_q,
       block_k=block_k,
   )
+
+
+def compare_splits(q: TileStats, kv: TileStats, q_ranges, *, causal: bool,
+                   sliding_window: int | None):
+  """int32 [B, nq]: per q tile, which masked kv tiles need only one of the two compares.
+
+  ids_len + (positions_len << COMPARE_SPLIT_BITS) (pallas_kernels.config): kv
+  tiles [lo, lo + ids_len) have all their kv positions at or below all the q
+  positions (and within the window), so their mask is the segment-id compare
+  alone (typical below the diagonal, with positions that grow along the row);
+  tiles [hi - positions_len, hi) lie inside one document (no padding), so
+  their mask is the position compares alone (typical of a diagonal tile). Both
+  hold for every tile of the span, visited or not (the kernel visits them all),
+  by the same statistics as the plan; 0 and 0 for an empty row.
+  """
+  qd = {f.name: getattr(q, f.name)[:, :, None] for f in dataclasses.fields(q)}
+  kd = {f.name: getattr(kv, f.name)[:, None, :] for f in dataclasses.fields(kv)}
+  # A tile of padding only (seg_min > seg_max) is masked by the ids compare alone.
+  ids_suffice = (qd["seg_min"] > qd["seg_max"]) | (kd["seg_min"] > kd["seg_max"])
+  below = jnp.ones_like(ids_suffice)
+  if causal:
+    below &= kd["pos_max"] <= qd["pos_min"]
+  if sliding_window is not None:
+    below &= qd["pos_max"] - kd["pos_min"] < sliding_window
+  ids_suffice |= below
+  positions_suffice = qd["uniform"] & kd["uniform"] & (qd["seg_min"] == kd["seg_min"])
+  idx = jnp.arange(kv.seg_min.shape[1], dtype=jnp.int32)
+  lo, hi = q_ranges[..., 0], q_ranges[..., 3]
+  in_row = (idx >= lo[..., None]) & (idx < hi[..., None])
+  ids_end = jnp.min(jnp.where(in_row & ~ids_suffice, idx, hi[..., None]), axis=-1)
+  positions_start = 1 + jnp.max(jnp.where(in_row & ~positions_suffice, idx,
+                                          lo[..., None] - 1), axis=-1)
+  return ((ids_end - lo) | ((hi - positions_start) << COMPARE_SPLIT_BITS)).astype(jnp.int32)
 
 
 def visited_tiles(ranges):

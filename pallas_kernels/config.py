@@ -4,6 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 
+COMPARE_SPLIT_BITS = 16
+"""A tile plan's q_compares (jpack.masks.compare_splits) per q tile: ids_len +
+(positions_len << COMPARE_SPLIT_BITS): the first ids_len kv tiles of the row
+need only the segment-id compare, the last positions_len only the position
+compares (causal, sliding window)."""
+
 
 @dataclasses.dataclass(frozen=True)
 class TileConfig:

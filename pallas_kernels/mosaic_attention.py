@@ -424,7 +424,7 @@ def _split_forward_kernel(ranges_ref, q_ref, k_ref, v_ref, q_seg_ref, q_pos_ref,
 
 def forward(q, k, v, q_seg, kv_seg, q_pos, kv_pos, q_ranges, *, tile: TileConfig,
             scale, causal, sliding_window, interpret=False,
-            schedule: str | None = None, num_ctas: int | None = None):
+            schedule: str | None = None, num_ctas: int | None = None, q_compares=None):
   """Returns (out [B, Tq, H, D] in q.dtype, lse float32 [B, H, Tq]).
 
   Same arguments as `segment_attention.forward`; `interpret` must be False
@@ -434,6 +434,10 @@ def forward(q, k, v, q_seg, kv_seg, q_pos, kv_pos, q_ranges, *, tile: TileConfig
   num_ctas: the persistent schedules only, the number of CTAs launched; default
   min(mosaic_persistent.num_sms(), number of work items B * H * Tq /
   block_major). More CTAs than items leaves the extra ones idle.
+  q_compares: int32 [B, Tq / block_major], the plan's q_compares (jpack.
+  masks.compare_splits: the masked tiles that need only the segment-id or
+  only the position compares), used by the persistent schedules; None, or a
+  grid schedule: every masked tile compares everything (same outputs).
   """
   if interpret:
     raise NotImplementedError("the Mosaic GPU attention kernel has no interpret mode")
@@ -449,10 +453,15 @@ def forward(q, k, v, q_seg, kv_seg, q_pos, kv_pos, q_ranges, *, tile: TileConfig
     raise ValueError(f"num_ctas must be None or >= 1, and only with a persistent "
                      f"schedule; got num_ctas={num_ctas}, schedule={schedule!r}")
   check_supported(q, k, tile)
+  if q_compares is not None and (q_compares.shape != q_ranges.shape[:2]
+                                 or q_compares.dtype != jnp.int32):
+    raise ValueError(f"q_compares must be int32 {tuple(q_ranges.shape[:2])} (one per "
+                     f"plan row), got {q_compares.dtype} {tuple(q_compares.shape)}")
   if persistent:
     return persistent_forward(q, k, v, q_seg, kv_seg, q_pos, kv_pos, q_ranges, tile=tile,
                               scale=scale, causal=causal, sliding_window=sliding_window,
-                              num_ctas=num_ctas, pingpong=schedule == "persistent-pingpong")
+                              num_ctas=num_ctas, pingpong=schedule == "persistent-pingpong",
+                              q_compares=q_compares)
   batch, tq, heads, head_dim = q.shape
   group = heads // k.shape[2]
   num_consumers = tile.block_major // WG_ROWS

@@ -60,13 +60,14 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.config import TileConfig
+from pallas_kernels.config import COMPARE_SPLIT_BITS, TileConfig
 from pallas_kernels.segment_attention import EMPTY_LSE, LOG2E, MASKED_LOGIT
 
-__all__ = ["CONSUMER_REGISTERS", "LN2", "PRODUCER_REGISTERS", "WG_ROWS", "broadcast_cols",
+__all__ = ["CONSUMER_REGISTERS", "LN2", "MASK_COMPARES", "PRODUCER_REGISTERS", "WG_ROWS",
+           "broadcast_cols",
            "broadcast_rows", "check_supported", "col_vector", "consumer_warpgroups",
            "copy_kv_tile", "copy_q_tile", "doc_mask", "empty_row_stats", "launch",
-           "launch_accumulating", "load_kv_rows", "mma_accumulate", "mma_transforms",
+           "launch_accumulating", "load_kv_rows", "mask_compare", "mma_accumulate", "mma_transforms",
            "online_softmax", "producer_warpgroup", "rendezvous", "row_vector",
            "scores_and_grads", "store_output", "stream_kv_tiles", "stream_q_tiles",
            "three_runs", "tile_doc_mask", "wait_for_free_slot", "zeros_acc"]
@@ -330,37 +331,51 @@ def rendezvous(barrier):
   plgpu.barrier_wait(barrier)
 
 
-def doc_mask(q_seg, q_pos, kv_seg, kv_pos, shape, *, kv_major, causal, sliding_window):
-  """bool `shape` of allowed pairs of one tile: [64, n] accumulator rows x columns.
+MASK_COMPARES = ("both", "ids", "positions")
+"""What a masked tile compares (doc_mask): everything, or what the plan's q_compares allow."""
+
+
+def doc_mask(q_seg, q_pos, kv_seg, kv_pos, shape, *, kv_major, causal, sliding_window,
+             compare="both"):
+  """bool `shape` of allowed pairs of one tile ([64, n] accumulator rows x columns), or None.
 
   q_seg, q_pos: [64] row vectors and kv_seg, kv_pos: [n] column vectors (or,
-  if kv_major, kv on the rows and q on the columns). segment_attention's
-  _tile_mask rule, broadcast explicitly: a [64, 1] array (expand_dims) has no
-  wgmma layout.
+  if kv_major, kv on the rows and q on the columns; the ids not compared may
+  be None). segment_attention's _tile_mask rule, broadcast explicitly: a [64,
+  1] array (expand_dims) has no wgmma layout. compare (MASK_COMPARES): "ids"
+  only the segment ids, "positions" only causal and the window, for tiles
+  where the plan says the other compare always passes (its q_compares,
+  three_runs); None when nothing is compared.
   """
   q_side, kv_side = ((broadcast_cols, broadcast_rows) if kv_major
                      else (broadcast_rows, broadcast_cols))
-  qs, ks = q_side(q_seg, shape), kv_side(kv_seg, shape)
-  qp, kp = q_side(q_pos, shape), kv_side(kv_pos, shape)
-  mask = (qs == ks) & (qs != 0)
-  if causal:
-    mask &= kp <= qp
-  if sliding_window is not None:
-    mask &= qp - kp < sliding_window
+  mask = None
+  if compare != "positions":
+    qs, ks = q_side(q_seg, shape), kv_side(kv_seg, shape)
+    mask = (qs == ks) & (qs != 0)
+  if compare != "ids":
+    qp, kp = q_side(q_pos, shape), kv_side(kv_pos, shape)
+    for allowed in ((kp <= qp) if causal else None,
+                    (qp - kp < sliding_window) if sliding_window is not None else None):
+      if allowed is not None:
+        mask = allowed if mask is None else mask & allowed
   return mask
 
 
-def tile_doc_mask(major_ids, ids_smem, slot, shape, *, kv_major, causal, sliding_window):
+def tile_doc_mask(major_ids, ids_smem, slot, shape, *, kv_major, causal, sliding_window,
+                  compare="both"):
   """doc_mask of one [64, n] tile: the consumer's rows against the slot's columns.
 
   major_ids: (segment ids, positions) [64] row vectors of the consumer's rows;
-  ids_smem: int32 [stages, 2, n], the ring's minor ids, read at `slot`.
-  kv_major: the rows are keys (the minor ids are q ids).
+  ids_smem: int32 [stages, 2, n], the ring's minor ids, read at `slot` (only
+  those `compare` needs). kv_major: the rows are keys (the minor ids are q ids).
   """
-  minor_ids = tuple(col_vector(ids_smem.at[slot, n][...]) for n in range(2))
+  needed = (compare != "positions", compare != "ids")
+  minor_ids = tuple(col_vector(ids_smem.at[slot, n][...]) if needed[n] else None
+                    for n in range(2))
   q_ids, kv_ids = (minor_ids, major_ids) if kv_major else (major_ids, minor_ids)
   return doc_mask(*q_ids, *kv_ids, shape, kv_major=kv_major, causal=causal,
-                  sliding_window=sliding_window)
+                  sliding_window=sliding_window, compare=compare)
 
 
 def zeros_acc(shape):
@@ -374,14 +389,41 @@ def empty_row_stats():
           row_vector(jnp.zeros((WG_ROWS,), jnp.float32)))
 
 
-def three_runs(lo, full_lo, full_hi, hi, visit, carry):
+def three_runs(lo, full_lo, full_hi, hi, visit, carry, compares=None):
   """visit(j, carry, masked=...) over [lo, hi); the mask only outside [full_lo, full_hi).
 
-  Three loops keep `masked` static, so the unmasked run has no mask code.
+  Separate loops keep `masked` static, so the unmasked run has no mask code.
+  compares: None, or the plan row's q_compares (int32 scalar, config.
+  COMPARE_SPLIT_BITS): then the masked tiles among its first ids_len take
+  masked="ids", those among its last positions_len masked="positions" (one
+  compare instead of two), the others masked=True ("both"); each masked run
+  splits into three loops.
   """
-  carry = lax.fori_loop(lo, full_lo, functools.partial(visit, masked=True), carry)
-  carry = lax.fori_loop(full_lo, full_hi, functools.partial(visit, masked=False), carry)
-  return lax.fori_loop(full_hi, hi, functools.partial(visit, masked=True), carry)
+  def run(start, stop, masked, carry):
+    return lax.fori_loop(start, stop, functools.partial(visit, masked=masked), carry)
+
+  if compares is None:
+    carry = run(lo, full_lo, True, carry)
+    carry = run(full_lo, full_hi, False, carry)
+    return run(full_hi, hi, True, carry)
+  ids_end = lo + (compares & (2**COMPARE_SPLIT_BITS - 1))
+  positions_start = hi - lax.shift_right_logical(compares, COMPARE_SPLIT_BITS)
+
+  def masked_run(start, stop, carry):
+    ids_stop = jnp.clip(ids_end, start, stop)
+    both_stop = jnp.clip(positions_start, ids_stop, stop)
+    carry = run(start, ids_stop, "ids", carry)
+    carry = run(ids_stop, both_stop, True, carry)
+    return run(both_stop, stop, "positions", carry)
+
+  carry = masked_run(lo, full_lo, carry)
+  carry = run(full_lo, full_hi, False, carry)
+  return masked_run(full_hi, hi, carry)
+
+
+def mask_compare(masked):
+  """The doc_mask compare of a visit's `masked` (three_runs): True is "both"."""
+  return "both" if masked is True else masked
 
 
 def mma_accumulate(acc, a, b_smem, dtype):

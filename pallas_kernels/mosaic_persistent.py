@@ -74,9 +74,9 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from pallas_kernels.config import TileConfig
 from pallas_kernels.mosaic_common import (
     WG_ROWS, broadcast_rows, consumer_warpgroups, copy_kv_tile, copy_q_tile, empty_row_stats,
-    launch,
-    mma_accumulate, mma_transforms, online_softmax, producer_warpgroup, rendezvous, row_vector,
-    store_output, three_runs, tile_doc_mask, wait_for_free_slot, zeros_acc)
+    launch, mask_compare, mma_accumulate, mma_transforms, online_softmax, producer_warpgroup,
+    rendezvous, row_vector, store_output, three_runs, tile_doc_mask, wait_for_free_slot,
+    zeros_acc)
 from pallas_kernels.segment_attention import LOG2E
 
 __all__ = ["DEFAULT_NUM_SMS", "cta_items", "item_table", "num_sms", "persistent_forward",
@@ -171,29 +171,33 @@ def persistent_schedule(q_ranges, heads: int, num_ctas: int,
   return items[sorted_pos]
 
 
-def item_table(q_ranges, schedule, heads: int):
-  """int32 [num_items, 8]: row i = (b, qt, h, lo, full_lo, full_hi, hi, 0) of item schedule[i].
+def item_table(q_ranges, schedule, heads: int, q_compares=None):
+  """int32 [num_items, 8]: row i = (b, qt, h, lo, full_lo, full_hi, hi, compares) of item schedule[i].
 
   q_ranges: int32 [B, nq, 4]; schedule: int32 [num_items], items encoded as
-  (b * nq + qt) * heads + h (persistent_schedule). The kernel reads a row with
-  independent loads, instead of decoding the item and then loading its plan
-  row (two dependent trips to global memory at every item).
+  (b * nq + qt) * heads + h (persistent_schedule); q_compares: the plan's
+  int32 [B, nq] (jpack.masks.compare_splits), or None for 0 (every masked
+  tile compares everything). The kernel reads a row with independent loads,
+  instead of decoding the item and then loading its plan row (two dependent
+  trips to global memory at every item).
   """
   n_q = q_ranges.shape[1]
   h, row = schedule % heads, schedule // heads
   b, qt = row // n_q, row % n_q
+  compares = jnp.zeros_like(h) if q_compares is None else q_compares[b, qt]
   return jnp.concatenate([jnp.stack([b, qt, h], axis=1), q_ranges[b, qt],
-                          jnp.zeros_like(h)[:, None]], axis=1).astype(jnp.int32)
+                          compares[:, None]], axis=1).astype(jnp.int32)
 
 
-def cta_items(items_ref, num_ctas: int):
+def cta_items(items_ref, num_ctas: int, fields: int = 7):
   """(count, describe): the work items of this CTA (grid axis "ctas") in an item table.
 
   items_ref: int32 [num_items, 8] (item_table); CTA c owns rows c, c + num_ctas,
-  ... count: int32, how many (0 if c >= num_items). describe(n): (b, tile, h,
-  lo, full_lo, full_hi, hi) of the CTA's item n, seven independent loads that
-  nothing waits for until they are used; n is clamped into the table, so a
-  loop may prefetch describe(n + 1) at its last item.
+  ... count: int32, how many (0 if c >= num_items). describe(n): the first
+  `fields` columns, (b, tile, h, lo, full_lo, full_hi, hi[, compares]), of the
+  CTA's item n, independent loads that nothing waits for until they are used;
+  n is clamped into the table, so a loop may prefetch describe(n + 1) at its
+  last item.
   """
   cta = lax.axis_index("ctas")
   num_items = items_ref.shape[0]
@@ -201,7 +205,7 @@ def cta_items(items_ref, num_ctas: int):
 
   def describe(n):
     pos = jnp.minimum(cta + n * num_ctas, jnp.int32(num_items - 1))
-    return tuple(items_ref[pos, i] for i in range(7))
+    return tuple(items_ref[pos, i] for i in range(fields))
 
   return count, describe
 
@@ -239,7 +243,7 @@ def _persistent_forward_kernel(items_ref, q_ref, k_ref, v_ref, q_seg_ref,
   block_q = num_consumers * WG_ROWS
   dtype = q_ref.dtype
   stages = jnp.int32(num_stages)
-  count, describe = cta_items(items_ref, num_ctas)
+  count, describe = cta_items(items_ref, num_ctas, fields=8)
 
   def q_buffer(n, consumer):
     return lax.rem(n, jnp.int32(2)) * num_consumers + consumer
@@ -248,7 +252,7 @@ def _persistent_forward_kernel(items_ref, q_ref, k_ref, v_ref, q_seg_ref,
   def _producer():
 
     def item(n, carry):
-      t, (b, qt, h, lo, _, _, hi) = carry
+      t, (b, qt, h, lo, _, _, hi, _) = carry
       next_item = describe(n + 1)  # loaded now, used by the next iteration
       qs = lax.rem(n, jnp.int32(2))
 
@@ -296,7 +300,7 @@ def _persistent_forward_kernel(items_ref, q_ref, k_ref, v_ref, q_seg_ref,
       pl.when(wg == 1)(meet)  # consumer 1 runs one rendezvous behind (docstring)
 
     def item(n, carry):
-      t0, (b, qt, h, lo, full_lo, full_hi, hi) = carry
+      t0, (b, qt, h, lo, full_lo, full_hi, hi, compares) = carry
       next_item = describe(n + 1)  # loads issued now, used by the next iteration
       qs = lax.rem(n, jnp.int32(2))
       buf = q_buffer(n, wg)
@@ -331,9 +335,10 @@ def _persistent_forward_kernel(items_ref, q_ref, k_ref, v_ref, q_seg_ref,
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)
             plgpu.barrier_arrive(q_free.at[1 - qs])
 
-          with jax.named_scope("c_softmax_masked" if masked else "c_softmax"):
+          with jax.named_scope(f"c_softmax_{mask_compare(masked)}" if masked else "c_softmax"):
             mask = (tile_doc_mask(q_ids, kv_ids_smem, slot, s_shape, kv_major=False,
-                                  causal=causal, sliding_window=sliding_window)
+                                  causal=causal, sliding_window=sliding_window,
+                                  compare=mask_compare(masked))
                     if masked else None)
             p, m_new, l, alpha = online_softmax(s, m, l, mask, logit_scale=logit_scale)
             acc = acc * broadcast_rows(alpha, acc.shape)
@@ -348,7 +353,7 @@ def _persistent_forward_kernel(items_ref, q_ref, k_ref, v_ref, q_seg_ref,
           return acc, m_new, l
 
         acc, m, l = three_runs(lo, full_lo, full_hi, hi, visit,
-                               (zeros_acc(o_shape), *empty_row_stats()))
+                               (zeros_acc(o_shape), *empty_row_stats()), compares=compares)
         with jax.named_scope("c_store"):
           store_output(acc, m, l, *out_refs)
 
@@ -370,10 +375,12 @@ def _persistent_forward_kernel(items_ref, q_ref, k_ref, v_ref, q_seg_ref,
 
 def persistent_forward(q, k, v, q_seg, kv_seg, q_pos, kv_pos, q_ranges, *, tile: TileConfig,
                        scale, causal, sliding_window, num_ctas: int | None = None,
-                       pingpong: bool = False):
+                       pingpong: bool = False, q_compares=None):
   """forward(..., schedule="persistent[-pingpong]"): the item table, then the kernel.
 
   Arguments and outputs as mosaic_attention.forward, which checks them.
+  q_compares: the plan's int32 [B, nq] (the masked tiles that need only one
+  compare), or None (they compare everything).
   pingpong: the two consumers take turns on the tensor cores (no effect with
   one consumer); needs tile.num_stages >= 2 (ValueError).
   num_ctas: the number of CTAs launched; default min(num_sms(), number of
@@ -389,7 +396,8 @@ def persistent_forward(q, k, v, q_seg, kv_seg, q_pos, kv_pos, q_ranges, *, tile:
   if num_ctas is None:
     num_ctas = min(num_sms(), num_items)
   items = item_table(q_ranges, persistent_schedule(q_ranges, heads, num_ctas,
-                                                   window_rounds=WINDOW_ROUNDS), heads)
+                                                   window_rounds=WINDOW_ROUNDS), heads,
+                     q_compares)
   pingpong = pingpong and num_consumers == 2
   if pingpong and stages < 2:
     raise ValueError(f"schedule='persistent-pingpong' needs tile.num_stages >= 2 (one "

@@ -165,6 +165,60 @@ def test_ranges_are_ordered(kind, blocks, opt, data):
     assert (hi <= n_minor).all()
 
 
+def _compare_spans(layout, block_q, block_k, causal, sliding_window):
+  """(ranges [B, nq, 4], ids_len, positions_len [B, nq], ids_only, positions_only: bool
+  [B, Tq, Tk], the token pairs in the kv tiles where q_compares says one compare suffices)."""
+  plan = _plan_fn(block_q, block_k, causal, sliding_window)(*layout.arrays())
+  ranges, compares = np.asarray(plan.q_ranges), np.asarray(plan.q_compares)
+  ids_len, positions_len = compares & 0xFFFF, compares >> 16
+  idx = np.arange(layout.kv_segment_ids.shape[1] // block_k)
+  lo, hi = ranges[..., 0:1], ranges[..., 3:4]
+  tokens = lambda tiles: tiles.repeat(block_q, 1).repeat(block_k, 2)  # noqa: E731
+  return (ranges, ids_len, positions_len,
+          tokens((idx >= lo) & (idx < lo + ids_len[..., None])),
+          tokens((idx >= hi - positions_len[..., None]) & (idx < hi)))
+
+
+@pytest.mark.parametrize("kind,blocks", LAYOUT_CASES, ids=LAYOUT_IDS)
+@given(opt=st.sampled_from(OPTIONS), data=st.data())
+def test_one_compare_suffices_where_q_compares_says_so(kind, blocks, opt, data):
+  """Pair by pair: the ids compare alone, or the position compares alone, give the mask."""
+  layout = data.draw(_layouts(kind, blocks))
+  causal, window = opt
+  ranges, ids_len, positions_len, ids_span, positions_span = _compare_spans(
+      layout, *blocks, *opt)
+  assert (ids_len <= ranges[..., 3] - ranges[..., 0]).all()
+  assert (positions_len <= ranges[..., 3] - ranges[..., 0]).all()
+  allowed = allowed_np(layout, causal=causal, sliding_window=window)
+  ids_only = allowed_np(layout, causal=False)
+  no_ids = Layout(np.ones_like(layout.q_segment_ids), np.ones_like(layout.kv_segment_ids),
+                  layout.q_positions, layout.kv_positions)
+  positions_only = allowed_np(no_ids, causal=causal, sliding_window=window)
+  assert (allowed == ids_only)[ids_span].all()
+  assert (allowed == positions_only)[positions_span].all()
+
+
+def test_packed_documents_need_one_compare_per_masked_tile():
+  """Documents of 40 and 24 tokens, positions along the row, 16 x 16 tiles, causal.
+
+  Every masked tile but the diagonal one that holds the document boundary (q
+  tile 2, kv tile 2) needs one compare: the ids below the diagonal, the
+  positions on a diagonal inside one document."""
+  seg = np.array([[1] * 40 + [2] * 24], np.int32)
+  pos = arange_positions(1, 64)
+  ranges, ids_len, positions_len, _, _ = _compare_spans(Layout(seg, seg, pos, pos),
+                                                        16, 16, True, None)
+  np.testing.assert_array_equal(ranges[0], [[0, 1, 1, 1], [0, 0, 1, 2], [0, 3, 3, 3],
+                                            [2, 4, 4, 4]])
+  np.testing.assert_array_equal(ids_len[0], [0, 1, 2, 1])  # kv tiles 0; 0, 1; 2
+  np.testing.assert_array_equal(positions_len[0], [1, 2, 0, 1])  # diagonals in one doc
+  # Positions restarting at each document: kv tile 2 (positions up to 39) is no
+  # longer below q tile 3 (positions 8..23).
+  pos = np.concatenate([np.arange(40), np.arange(24)])[None].astype(np.int32)
+  _, ids_len, _, _, _ = _compare_spans(Layout(seg, seg, pos, pos), 16, 16, True, None)
+  assert ids_len[0, 3] == 0
+
+
 # ----------------------------------------------------------------------------
 # The two views agree
 

@@ -54,14 +54,15 @@ schedules = pytest.mark.parametrize("schedule", SCHEDULES)
                                              "schedule", "num_ctas"))
 def mosaic_forward(q, k, v, q_seg, kv_seg, q_pos, kv_pos, *, causal, window, scale,
                    tile, schedule=None, num_ctas=None):
-  """(out, lse) of the Mosaic kernel, with its tile plan; lengths multiples of the tile."""
+  """(out, lse) of the Mosaic kernel, with its tile plan (ranges and q_compares); lengths
+  multiples of the tile."""
   plan = masks.make_tile_plan(q_seg, kv_seg, q_pos, kv_pos, block_q=tile.block_major,
                               block_k=tile.block_minor, causal=causal,
                               sliding_window=window)
   return mosaic_attention.forward(q, k, v, q_seg, kv_seg, q_pos, kv_pos, plan.q_ranges,
                                   tile=tile, scale=scale, causal=causal,
                                   sliding_window=window, schedule=schedule,
-                                  num_ctas=num_ctas)
+                                  num_ctas=num_ctas, q_compares=plan.q_compares)
 
 
 # ----------------------------------------------------------------------------
@@ -261,15 +262,29 @@ def test_persistent_schedule_orders_items_head_major():
 
 
 @pytest.mark.parametrize("seed", [0, 1])
-def test_item_table_holds_each_items_coordinates_and_plan_row(seed):
+@pytest.mark.parametrize("with_compares", [False, True])
+def test_item_table_holds_each_items_coordinates_plan_row_and_compares(seed, with_compares):
   batch, n_q, n_k, heads = 2, 8, 8, 3
   ranges = _random_ranges(seed, batch, n_q, n_k)
+  compares = jnp.asarray(np.random.default_rng(seed).integers(0, 2**20, (batch, n_q)),
+                         jnp.int32)
   schedule = mosaic_persistent.persistent_schedule(ranges, heads, 4)
-  table = np.asarray(mosaic_persistent.item_table(ranges, schedule, heads))
+  table = np.asarray(mosaic_persistent.item_table(ranges, schedule, heads,
+                                                  compares if with_compares else None))
   assert table.shape == (batch * n_q * heads, 8) and table.dtype == np.int32
   for row, item in zip(table, np.asarray(schedule)):
     b, qt, h = item // heads // n_q, item // heads % n_q, item % heads
-    np.testing.assert_array_equal(row, [b, qt, h, *np.asarray(ranges)[b, qt], 0])
+    last = int(compares[b, qt]) if with_compares else 0
+    np.testing.assert_array_equal(row, [b, qt, h, *np.asarray(ranges)[b, qt], last])
+
+
+def test_q_compares_of_the_wrong_shape_are_rejected():
+  x = jnp.zeros((1, 128, 1, 64), jnp.bfloat16)
+  ids = jnp.ones((1, 128), jnp.int32)
+  with pytest.raises(ValueError, match="q_compares"):
+    mosaic_attention.forward(x, x, x, ids, ids, ids, ids, jnp.zeros((1, 1, 4), jnp.int32),
+                             tile=mosaic_attention.DEFAULT_TILE, scale=0.1, causal=True,
+                             sliding_window=None, q_compares=jnp.zeros((1, 2), jnp.int32))
 
 
 def test_num_sms_without_a_gpu_is_the_h100_default():
