@@ -89,6 +89,12 @@ def tile_stats(segment_ids, positions, block: int) -> TileStats:
   )
 
 
+def _pairwise(q: TileStats, kv: TileStats):
+  """({name: [B, nq, 1]}, {name: [B, 1, nk]}): the statistics, broadcastable per tile pair."""
+  return ({f.name: getattr(q, f.name)[:, :, None] for f in dataclasses.fields(q)},
+          {f.name: getattr(kv, f.name)[:, None, :] for f in dataclasses.fields(kv)})
+
+
 def tile_occupancy(q: TileStats, kv: TileStats, *, causal: bool,
                    sliding_window: int | None):
   """Which (q tile, kv tile) pairs can attend, and which are fully allowed.
@@ -98,8 +104,7 @@ def tile_occupancy(q: TileStats, kv: TileStats, *, causal: bool,
     only where no pair of the two tiles can be allowed; `full` is true only
     where every pair is allowed.
   """
-  qd = {f.name: getattr(q, f.name)[:, :, None] for f in dataclasses.fields(q)}
-  kd = {f.name: getattr(kv, f.name)[:, None, :] for f in dataclasses.fields(kv)}
+  qd, kd = _pairwise(q, kv)
   visit = (qd["seg_min"] <= kd["seg_max"]) & (kd["seg_min"] <= qd["seg_max"])
   full = qd["uniform"] & kd["uniform"] & (qd["seg_min"] == kd["seg_min"])
   if causal:
@@ -191,8 +196,7 @@ def compare_splits(q: TileStats, kv: TileStats, q_ranges, *, causal: bool,
   hold for every tile of the span, visited or not (the kernel visits them all),
   by the same statistics as the plan; 0 and 0 for an empty row.
   """
-  qd = {f.name: getattr(q, f.name)[:, :, None] for f in dataclasses.fields(q)}
-  kd = {f.name: getattr(kv, f.name)[:, None, :] for f in dataclasses.fields(kv)}
+  qd, kd = _pairwise(q, kv)
   # A tile of padding only (seg_min > seg_max) is masked by the ids compare alone.
   ids_suffice = (qd["seg_min"] > qd["seg_max"]) | (kd["seg_min"] > kd["seg_max"])
   below = jnp.ones_like(ids_suffice)

@@ -63,12 +63,11 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from pallas_kernels.config import COMPARE_SPLIT_BITS, TileConfig
 from pallas_kernels.segment_attention import EMPTY_LSE, LOG2E, MASKED_LOGIT
 
-__all__ = ["CONSUMER_REGISTERS", "LN2", "MASK_COMPARES", "PRODUCER_REGISTERS", "WG_ROWS",
-           "broadcast_cols",
+__all__ = ["CONSUMER_REGISTERS", "LN2", "PRODUCER_REGISTERS", "WG_ROWS", "broadcast_cols",
            "broadcast_rows", "check_supported", "col_vector", "consumer_warpgroups",
            "copy_kv_tile", "copy_q_tile", "doc_mask", "empty_row_stats", "launch",
-           "launch_accumulating", "load_kv_rows", "mask_compare", "mma_accumulate", "mma_transforms",
-           "online_softmax", "producer_warpgroup", "rendezvous", "row_vector",
+           "launch_accumulating", "load_kv_rows", "mask_compare", "mma_accumulate",
+           "mma_transforms", "online_softmax", "producer_warpgroup", "rendezvous", "row_vector",
            "scores_and_grads", "store_output", "stream_kv_tiles", "stream_q_tiles",
            "three_runs", "tile_doc_mask", "wait_for_free_slot", "zeros_acc"]
 
@@ -331,10 +330,6 @@ def rendezvous(barrier):
   plgpu.barrier_wait(barrier)
 
 
-MASK_COMPARES = ("both", "ids", "positions")
-"""What a masked tile compares (doc_mask): everything, or what the plan's q_compares allow."""
-
-
 def doc_mask(q_seg, q_pos, kv_seg, kv_pos, shape, *, kv_major, causal, sliding_window,
              compare="both"):
   """bool `shape` of allowed pairs of one tile ([64, n] accumulator rows x columns), or None.
@@ -342,8 +337,8 @@ def doc_mask(q_seg, q_pos, kv_seg, kv_pos, shape, *, kv_major, causal, sliding_w
   q_seg, q_pos: [64] row vectors and kv_seg, kv_pos: [n] column vectors (or,
   if kv_major, kv on the rows and q on the columns; the ids not compared may
   be None). segment_attention's _tile_mask rule, broadcast explicitly: a [64,
-  1] array (expand_dims) has no wgmma layout. compare (MASK_COMPARES): "ids"
-  only the segment ids, "positions" only causal and the window, for tiles
+  1] array (expand_dims) has no wgmma layout. compare: "both", or "ids" (only
+  the segment ids) or "positions" (only causal and the window) for tiles
   where the plan says the other compare always passes (its q_compares,
   three_runs); None when nothing is compared.
   """

@@ -172,7 +172,7 @@ def persistent_schedule(q_ranges, heads: int, num_ctas: int,
 
 
 def item_table(q_ranges, schedule, heads: int, q_compares=None):
-  """int32 [num_items, 8]: row i = (b, qt, h, lo, full_lo, full_hi, hi, compares) of item schedule[i].
+  """int32 [num_items, 8]: row i = (b, qt, h, lo, full_lo, full_hi, hi, compares), item schedule[i].
 
   q_ranges: int32 [B, nq, 4]; schedule: int32 [num_items], items encoded as
   (b * nq + qt) * heads + h (persistent_schedule); q_compares: the plan's

@@ -278,13 +278,19 @@ def test_item_table_holds_each_items_coordinates_plan_row_and_compares(seed, wit
     np.testing.assert_array_equal(row, [b, qt, h, *np.asarray(ranges)[b, qt], last])
 
 
-def test_q_compares_of_the_wrong_shape_are_rejected():
+def _small_forward(**options):
+  """mosaic_attention.forward on one 128-token row (default tile, causal), with `options`."""
   x = jnp.zeros((1, 128, 1, 64), jnp.bfloat16)
-  ids = jnp.ones((1, 128), jnp.int32)
+  ids = jnp.zeros((1, 128), jnp.int32)
+  return mosaic_attention.forward(x, x, x, ids, ids, ids, ids,
+                                  jnp.zeros((1, 1, 4), jnp.int32),
+                                  tile=mosaic_attention.DEFAULT_TILE, scale=0.1, causal=True,
+                                  sliding_window=None, **options)
+
+
+def test_q_compares_of_the_wrong_shape_are_rejected():
   with pytest.raises(ValueError, match="q_compares"):
-    mosaic_attention.forward(x, x, x, ids, ids, ids, ids, jnp.zeros((1, 1, 4), jnp.int32),
-                             tile=mosaic_attention.DEFAULT_TILE, scale=0.1, causal=True,
-                             sliding_window=None, q_compares=jnp.zeros((1, 2), jnp.int32))
+    _small_forward(q_compares=jnp.zeros((1, 2), jnp.int32))
 
 
 def test_num_sms_without_a_gpu_is_the_h100_default():
@@ -298,21 +304,13 @@ def test_num_sms_without_a_gpu_is_the_h100_default():
                                                 ("persistent", 0),
                                                 ("persistent-pingpong", 0)])
 def test_num_ctas_needs_the_persistent_schedule(schedule, num_ctas):
-  x = jnp.zeros((1, 128, 1, 64), jnp.bfloat16)
-  ids = jnp.zeros((1, 128), jnp.int32)
   with pytest.raises(ValueError, match="num_ctas"):
-    mosaic_attention.forward(x, x, x, ids, ids, ids, ids, jnp.zeros((1, 1, 4), jnp.int32),
-                             tile=mosaic_attention.DEFAULT_TILE, scale=0.1, causal=True,
-                             sliding_window=None, schedule=schedule, num_ctas=num_ctas)
+    _small_forward(schedule=schedule, num_ctas=num_ctas)
 
 
 def test_unknown_schedule_is_rejected():
-  x = jnp.zeros((1, 128, 1, 64), jnp.bfloat16)
-  ids = jnp.zeros((1, 128), jnp.int32)
   with pytest.raises(ValueError, match="schedule"):
-    mosaic_attention.forward(x, x, x, ids, ids, ids, ids, jnp.zeros((1, 1, 4), jnp.int32),
-                             tile=mosaic_attention.DEFAULT_TILE, scale=0.1, causal=True,
-                             sliding_window=None, schedule="eager")
+    _small_forward(schedule="eager")
 
 
 @pytest.mark.parametrize("dtype, head_dim, tile, match", [
