@@ -300,12 +300,7 @@ def _split_forward_kernel(ranges_ref, q_ref, k_ref, v_ref, q_seg_ref, q_pos_ref,
 
     if schedule == "pipelined":
       if sched:
-        # turns[w]: consumer w may issue its next wgmmas (1 arrival, by the
-        # other consumer right after its own issue), so the two consumers'
-        # matmul pairs reach the tensor cores strictly alternating, 0 first:
-        # each one's softmax runs under the other's matmuls (FA3's pingpong
-        # with intra-warpgroup overlap). Both take the same number of turns
-        # (they walk the same plan row).
+        # turns[w]: consumer w may issue its next wgmmas (docstring).
         (turns,) = sched
         other = 1 - wg
 
