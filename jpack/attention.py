@@ -418,15 +418,21 @@ class _KernelOptions:
                 **{name: x for name, x in general.items() if x is not None})
 
 
+def _compares(opts, plan, name):
+  """{name: the plan's q_compares or kv_compares} for the Mosaic kernels, else {}.
+
+  They let masked tiles skip a compare the plan rules out; the Triton kernels
+  and tile lists (general masks) have none."""
+  if opts.implementation == "mosaic" and isinstance(plan, masks.TilePlan):
+    return {name: getattr(plan, name)}
+  return {}
+
+
 def _kernel_forward(opts, q, k, v, ids, tiles):
-  # The Mosaic forward also takes the plan's q_compares (cheaper masks).
-  compares = (dict(q_compares=tiles.forward.q_compares)
-              if opts.implementation == "mosaic" and isinstance(tiles.forward, masks.TilePlan)
-              else {})
   return _kernels(opts.implementation).forward(
       q, k, v, ids.q_segment_ids, ids.kv_segment_ids, ids.q_positions, ids.kv_positions,
       plans.q_major(tiles.forward), tile=opts.config.forward, **opts.kernel_kwargs(ids),
-      **compares)
+      **_compares(opts, tiles.forward, "q_compares"))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -447,10 +453,11 @@ def _kernel_backward(opts, q, k, v, ids, tiles, out, lse, do, dlse):
   impl = _kernels(opts.implementation)
   dq, delta = impl.backward_dq_and_delta(
       q, k, v, do, lse, out, dlse, *ids_args, plans.q_major(tiles.dq), tile=opts.config.dq,
-      **opts.kernel_kwargs(ids))
+      **opts.kernel_kwargs(ids), **_compares(opts, tiles.dq, "q_compares"))
   dk, dv = impl.backward_dkdv(q, k, v, do, lse, delta, *ids_args,
                               plans.kv_major(tiles.dkdv), tile=opts.config.dkdv,
-                              **opts.kernel_kwargs(ids))
+                              **opts.kernel_kwargs(ids),
+                              **_compares(opts, tiles.dkdv, "kv_compares"))
   return dq, dk, dv
 
 

@@ -152,11 +152,13 @@ class TilePlan:
     kv_ranges: int32 [B, nk, 4], per kv tile the q tiles to visit (dK/dV).
     q_compares: int32 [B, nq], per q tile the masked kv tiles that need only
       one of the mask's two compares (`compare_splits`).
+    kv_compares: int32 [B, nk], the same per kv tile (its masked q tiles).
   The ranges use the (lo, full_lo, full_hi, hi) layout of `visit_ranges`.
   """
   q_ranges: jax.Array
   kv_ranges: jax.Array
   q_compares: jax.Array
+  kv_compares: jax.Array
   block_q: int = dataclasses.field(metadata=dict(static=True))
   block_k: int = dataclasses.field(metadata=dict(static=True))
 
@@ -173,28 +175,29 @@ def make_tile_plan(q_segment_ids, kv_segment_ids, q_positions, kv_positions, *,
   visit, full = tile_occupancy(q, kv, causal=causal,
                                sliding_window=sliding_window)
   q_ranges = visit_ranges(visit, full)
-  return TilePlan(
-      q_ranges=q_ranges,
-      kv_ranges=visit_ranges(visit.transpose(0, 2, 1), full.transpose(0, 2, 1)),
-      q_compares=compare_splits(q, kv, q_ranges, causal=causal,
-                                sliding_window=sliding_window),
-      block_q=block_q,
-      block_k=block_k,
-  )
+  kv_ranges = visit_ranges(visit.transpose(0, 2, 1), full.transpose(0, 2, 1))
+  q_compares, kv_compares = compare_splits(q, kv, q_ranges, kv_ranges, causal=causal,
+                                           sliding_window=sliding_window)
+  return TilePlan(q_ranges=q_ranges, kv_ranges=kv_ranges, q_compares=q_compares,
+                  kv_compares=kv_compares, block_q=block_q, block_k=block_k)
 
 
-def compare_splits(q: TileStats, kv: TileStats, q_ranges, *, causal: bool,
+def compare_splits(q: TileStats, kv: TileStats, q_ranges, kv_ranges, *, causal: bool,
                    sliding_window: int | None):
-  """int32 [B, nq]: per q tile, which masked kv tiles need only one of the two compares.
+  """(q_compares int32 [B, nq], kv_compares int32 [B, nk]): the masked tiles of each
+  plan row that need only one of the mask's two compares.
 
-  ids_len + (positions_len << COMPARE_SPLIT_BITS) (pallas_kernels.config): kv
-  tiles [lo, lo + ids_len) have all their kv positions at or below all the q
+  Each is ids_len + (positions_len << COMPARE_SPLIT_BITS) (pallas_kernels.
+  config). ids_len tiles have all their kv positions at or below all their q
   positions (and within the window), so their mask is the segment-id compare
   alone (typical below the diagonal, with positions that grow along the row);
-  tiles [hi - positions_len, hi) lie inside one document (no padding), so
-  their mask is the position compares alone (typical of a diagonal tile). Both
-  hold for every tile of the span, visited or not (the kernel visits them all),
-  by the same statistics as the plan; 0 and 0 for an empty row.
+  positions_len tiles lie inside one document (no padding), so their mask is
+  the position compares alone (typical of a diagonal tile). In a q row
+  (q_ranges) the ids_len tiles are the first ones from lo and the
+  positions_len tiles the last ones up to hi; in a kv row (kv_ranges) the
+  positions_len tiles come first (the diagonal) and the ids_len tiles last.
+  Every tile of such a span qualifies, visited or not (the kernels visit them
+  all), by the same statistics as the plan; 0 and 0 for an empty row.
   """
   qd, kd = _pairwise(q, kv)
   # A tile of padding only (seg_min > seg_max) is masked by the ids compare alone.
@@ -206,13 +209,25 @@ def compare_splits(q: TileStats, kv: TileStats, q_ranges, *, causal: bool,
     below &= qd["pos_max"] - kd["pos_min"] < sliding_window
   ids_suffice |= below
   positions_suffice = qd["uniform"] & kd["uniform"] & (qd["seg_min"] == kd["seg_min"])
-  idx = jnp.arange(kv.seg_min.shape[1], dtype=jnp.int32)
-  lo, hi = q_ranges[..., 0], q_ranges[..., 3]
+  ids_q, positions_q = _span_lengths(ids_suffice, positions_suffice, q_ranges)
+  positions_kv, ids_kv = _span_lengths(positions_suffice.transpose(0, 2, 1),
+                                       ids_suffice.transpose(0, 2, 1), kv_ranges)
+  pack = lambda ids, positions: (ids | (positions << COMPARE_SPLIT_BITS)).astype(jnp.int32)  # noqa: E731
+  return pack(ids_q, positions_q), pack(ids_kv, positions_kv)
+
+
+def _span_lengths(first, last, ranges):
+  """(prefix, suffix) int32 [B, n_major]: how many tiles from lo have `first` all true,
+  and how many up to hi have `last` all true.
+
+  first, last: bool [B, n_major, n_minor]; ranges: int32 [B, n_major, 4].
+  """
+  idx = jnp.arange(first.shape[-1], dtype=jnp.int32)
+  lo, hi = ranges[..., 0], ranges[..., 3]
   in_row = (idx >= lo[..., None]) & (idx < hi[..., None])
-  ids_end = jnp.min(jnp.where(in_row & ~ids_suffice, idx, hi[..., None]), axis=-1)
-  positions_start = 1 + jnp.max(jnp.where(in_row & ~positions_suffice, idx,
-                                          lo[..., None] - 1), axis=-1)
-  return ((ids_end - lo) | ((hi - positions_start) << COMPARE_SPLIT_BITS)).astype(jnp.int32)
+  prefix_end = jnp.min(jnp.where(in_row & ~first, idx, hi[..., None]), axis=-1)
+  suffix_start = 1 + jnp.max(jnp.where(in_row & ~last, idx, lo[..., None] - 1), axis=-1)
+  return prefix_end - lo, hi - suffix_start
 
 
 def visited_tiles(ranges):

@@ -176,6 +176,19 @@ def check_backward_inputs(q, k, plan, tile: TileConfig, *, kv_major: bool, rule=
                      f"not supported), got shape {tuple(plan.shape)}")
 
 
+def _check_compares(compares, ranges, name):
+  """ValueError unless compares is None or int32 with one entry per plan row."""
+  if compares is not None and (tuple(compares.shape) != tuple(ranges.shape[:2])
+                               or compares.dtype != jnp.int32):
+    raise ValueError(f"{name} must be int32 {tuple(ranges.shape[:2])} (one per plan row), "
+                     f"got {compares.dtype} {tuple(compares.shape)}")
+
+
+def _with_compares(ranges, compares):
+  """The grid kernels' plan rows: [B, n, 4], or [B, n, 5] with the compares last."""
+  return ranges if compares is None else jnp.concatenate([ranges, compares[..., None]], -1)
+
+
 # ----------------------------------------------------------------------------
 # dQ
 
@@ -183,11 +196,13 @@ def check_backward_inputs(q, k, plan, tile: TileConfig, *, kv_major: bool, rule=
 def _dq_kernel(ranges_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_seg_ref,
                q_pos_ref, kv_seg_ref, kv_pos_ref, dq_ref, scratch, *, scale, causal,
                sliding_window, block_k, num_stages, num_consumers, group):
+  """ranges_ref: int32 [B, nq, 4] plan rows, or [B, nq, 5] with q_compares last."""
   (q_smem, do_smem, stats_smem, q_ids_smem, k_smem, v_smem, kv_ids_smem), barriers = scratch
   q_ready, kv_ready, kv_consumed = barriers
   qt, b, h = (lax.axis_index(n) for n in ("q_tiles", "batch", "heads"))
   wg = lax.axis_index("wg")
   lo, full_lo, full_hi, hi = (ranges_ref[b, qt, n] for n in range(4))
+  compares = ranges_ref[b, qt, 4] if ranges_ref.shape[2] == 5 else None
   dtype = q_ref.dtype
   step_opts = dict(logit_scale=scale * LOG2E, causal=causal, sliding_window=sliding_window)
 
@@ -221,8 +236,8 @@ def _dq_kernel(ranges_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_se
       plgpu.barrier_arrive(kv_consumed.at[slot])
       return dq
 
-    dq = three_runs(lo, full_lo, full_hi, hi, visit,
-                     zeros_acc((WG_ROWS, qs.shape[-1])))
+    dq = three_runs(lo, full_lo, full_hi, hi, visit, zeros_acc((WG_ROWS, qs.shape[-1])),
+                    compares)
     qs[...] = (dq * scale).astype(dtype)  # Q is no longer read: reuse its slot
     plgpu.commit_smem()
     plgpu.copy_smem_to_gmem(qs, dq_ref.at[b, rows, h])
@@ -232,20 +247,25 @@ def _dq_kernel(ranges_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_se
 def backward_dq(q, k, v, do, lse, delta, q_seg, kv_seg, q_pos, kv_pos, q_ranges, *,
                 tile: TileConfig, scale, causal, sliding_window, rule=None, kv_doc=None,
                 dense=None, interpret=False, schedule: str | None = None,
-                num_ctas: int | None = None):
+                num_ctas: int | None = None, q_compares=None):
   """dQ [B, Tq, H, D] in q.dtype; arguments as `segment_attention.backward_dq`.
 
   q_ranges: int32 [B, Tq / tile.block_major, 4]. rule, kv_doc, dense must be
   None and interpret False (accepted so that the call matches the Triton one).
   schedule: one of SCHEDULES, None for default_schedule(tile, k, "dq"); num_ctas:
   the persistent kernel's CTAs (default: one per SM, at most one per item).
+  q_compares: the plan's int32 [B, Tq / tile.block_major] (jpack.masks.
+  compare_splits: masked tiles that need one compare), or None (every masked
+  tile compares everything; same outputs).
   """
   check_backward_inputs(q, k, q_ranges, tile, kv_major=False, rule=rule,
                         kv_doc=kv_doc, dense=dense, interpret=interpret)
+  _check_compares(q_compares, q_ranges, "q_compares")
   if _pick_schedule(schedule, num_ctas, tile, k, "dq") == "persistent":
     return persistent_backward_dq(q, k, v, do, lse, delta, q_seg, kv_seg, q_pos, kv_pos,
                                   q_ranges, tile=tile, scale=scale, causal=causal,
-                                  sliding_window=sliding_window, num_ctas=num_ctas)
+                                  sliding_window=sliding_window, num_ctas=num_ctas,
+                                  q_compares=q_compares)
   batch, tq, heads, head_dim = q.shape
   num_consumers = tile.block_major // WG_ROWS
   bk, stages = tile.block_minor, tile.num_stages
@@ -270,7 +290,8 @@ def backward_dq(q, k, v, do, lse, delta, q_seg, kv_seg, q_pos, kv_pos, q_ranges,
       plgpu.Barrier(num_arrivals=num_consumers, num_barriers=stages),
   )
   return launch(
-      kernel, (q_ranges, q, k, v, do, lse, delta, q_seg, q_pos, kv_seg, kv_pos),
+      kernel, (_with_compares(q_ranges, q_compares), q, k, v, do, lse, delta, q_seg, q_pos,
+               kv_seg, kv_pos),
       scratch, barriers,
       out_type=jax.ShapeDtypeStruct(q.shape, q.dtype),
       grid=(tq // tile.block_major, batch, heads),
@@ -281,7 +302,8 @@ def backward_dq(q, k, v, do, lse, delta, q_seg, kv_seg, q_pos, kv_pos, q_ranges,
 def backward_dq_and_delta(q, k, v, do, lse, out, dlse, q_seg, kv_seg, q_pos, kv_pos,
                           q_ranges, *, tile: TileConfig, scale, causal, sliding_window,
                           rule=None, kv_doc=None, dense=None, interpret=False,
-                          schedule: str | None = None, num_ctas: int | None = None):
+                          schedule: str | None = None, num_ctas: int | None = None,
+                          q_compares=None):
   """(dQ, delta): backward_dq given out [B, Tq, H, D] and dlse float32 [B, H, Tq].
 
   delta = rowsum(out * do) - dlse (float32 [B, H, Tq], what backward_dkdv
@@ -294,15 +316,16 @@ def backward_dq_and_delta(q, k, v, do, lse, out, dlse, q_seg, kv_seg, q_pos, kv_
   """
   check_backward_inputs(q, k, q_ranges, tile, kv_major=False, rule=rule,
                         kv_doc=kv_doc, dense=dense, interpret=interpret)
+  _check_compares(q_compares, q_ranges, "q_compares")
   if _pick_schedule(schedule, num_ctas, tile, k, "dq") == "persistent":
     return persistent_backward_dq(q, k, v, do, lse, None, q_seg, kv_seg, q_pos, kv_pos,
                                   q_ranges, tile=tile, scale=scale, causal=causal,
                                   sliding_window=sliding_window, num_ctas=num_ctas,
-                                  out=out, dlse=dlse)
+                                  out=out, dlse=dlse, q_compares=q_compares)
   delta = backward_delta(out, do, dlse)
   return backward_dq(q, k, v, do, lse, delta, q_seg, kv_seg, q_pos, kv_pos, q_ranges,
                      tile=tile, scale=scale, causal=causal, sliding_window=sliding_window,
-                     schedule="grid"), delta
+                     schedule="grid", q_compares=q_compares), delta
 
 
 # ----------------------------------------------------------------------------
@@ -312,12 +335,14 @@ def backward_dq_and_delta(q, k, v, do, lse, out, dlse, q_seg, kv_seg, q_pos, kv_
 def _dkdv_kernel(ranges_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_seg_ref,
                  q_pos_ref, kv_seg_ref, kv_pos_ref, dk_ref, dv_ref, scratch, *, scale,
                  causal, sliding_window, block_q, num_stages, num_consumers, group):
+  """ranges_ref: int32 [B, nk, 4] plan rows, or [B, nk, 5] with kv_compares last."""
   ((k_smem, v_smem, kv_ids_smem, q_smem, do_smem, stats_smem, q_ids_smem),
    barriers) = scratch
   kv_ready, q_ready, q_consumed = barriers
   kt, b, kv_head = (lax.axis_index(n) for n in ("kv_tiles", "batch", "kv_heads"))
   wg = lax.axis_index("wg")
   lo, full_lo, full_hi, hi = (ranges_ref[b, kt, n] for n in range(4))
+  compares = ranges_ref[b, kt, 4] if ranges_ref.shape[2] == 5 else None
   dtype = k_ref.dtype
   step_opts = dict(logit_scale=scale * LOG2E, causal=causal, sliding_window=sliding_window)
 
@@ -347,7 +372,7 @@ def _dkdv_kernel(ranges_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_
     def one_head(r, carry):
       # The producer's step counter: r * (hi - lo) + i - lo.
       visit_r = functools.partial(visit, step0=r * (hi - lo) - lo)
-      return three_runs(lo, full_lo, full_hi, hi, visit_r, carry)
+      return three_runs(lo, full_lo, full_hi, hi, visit_r, carry, compares, kv_major=True)
 
     acc_shape = (WG_ROWS, ks.shape[-1])
     carry = (zeros_acc(acc_shape), zeros_acc(acc_shape))
@@ -367,21 +392,24 @@ def _dkdv_kernel(ranges_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_
 def backward_dkdv(q, k, v, do, lse, delta, q_seg, kv_seg, q_pos, kv_pos, kv_ranges, *,
                   tile: TileConfig, scale, causal, sliding_window, rule=None,
                   kv_doc=None, dense=None, interpret=False, schedule: str | None = None,
-                  num_ctas: int | None = None):
+                  num_ctas: int | None = None, kv_compares=None):
   """(dK in k.dtype, dV in v.dtype) [B, Tk, Hkv, D], summed over each kv head's q heads.
 
   Arguments as `segment_attention.backward_dkdv`; kv_ranges: int32
   [B, Tk / tile.block_major, 4] (the kv_ranges of a plan made with block_q =
   tile.block_minor, block_k = tile.block_major). rule, kv_doc, dense must be
   None and interpret False. schedule, num_ctas: as backward_dq's
-  (default_schedule(tile, q, "dkdv")).
+  (default_schedule(tile, q, "dkdv")). kv_compares: the plan's int32 [B, Tk /
+  tile.block_major], as backward_dq's q_compares.
   """
   check_backward_inputs(q, k, kv_ranges, tile, kv_major=True, rule=rule,
                         kv_doc=kv_doc, dense=dense, interpret=interpret)
+  _check_compares(kv_compares, kv_ranges, "kv_compares")
   if _pick_schedule(schedule, num_ctas, tile, q, "dkdv") == "persistent":
     return persistent_backward_dkdv(q, k, v, do, lse, delta, q_seg, kv_seg, q_pos, kv_pos,
                                     kv_ranges, tile=tile, scale=scale, causal=causal,
-                                    sliding_window=sliding_window, num_ctas=num_ctas)
+                                    sliding_window=sliding_window, num_ctas=num_ctas,
+                                    kv_compares=kv_compares)
   batch, tk, kv_heads, head_dim = k.shape
   num_consumers = tile.block_major // WG_ROWS
   bq, stages = tile.block_minor, tile.num_stages
@@ -406,7 +434,8 @@ def backward_dkdv(q, k, v, do, lse, delta, q_seg, kv_seg, q_pos, kv_pos, kv_rang
       plgpu.Barrier(num_arrivals=num_consumers, num_barriers=stages),
   )
   return launch(
-      kernel, (kv_ranges, q, k, v, do, lse, delta, q_seg, q_pos, kv_seg, kv_pos),
+      kernel, (_with_compares(kv_ranges, kv_compares), q, k, v, do, lse, delta, q_seg,
+               q_pos, kv_seg, kv_pos),
       scratch, barriers,
       out_type=(jax.ShapeDtypeStruct(k.shape, k.dtype),
                 jax.ShapeDtypeStruct(v.shape, v.dtype)),

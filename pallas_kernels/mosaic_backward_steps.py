@@ -16,9 +16,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.mosaic_common import (
-    WG_ROWS, broadcast_cols, broadcast_rows, col_vector, mma_accumulate, row_vector,
-    scores_and_grads, tile_doc_mask)
-from pallas_kernels.segment_attention import MASKED_LOGIT, _bwd_shift
+    WG_ROWS, broadcast_cols, broadcast_rows, col_vector, mask_tile, mma_accumulate,
+    row_vector, scores_and_grads)
+from pallas_kernels.segment_attention import _bwd_shift
 
 __all__ = ["dkdv_step", "dq_step", "row_stats"]
 
@@ -30,7 +30,8 @@ def dq_step(dq, q_smem, do_smem, k_tile, v_tile, stats, q_ids, kv_ids_smem, slot
   dq: float32 [64, D] accumulator; q_smem, do_smem: [64, D]; k_tile, v_tile:
   [block_k, D] (the slot's); stats: (lse2, delta) [64] row vectors (lse2 from
   row_stats); q_ids: (q_seg, q_pos) [64] row vectors; kv_ids_smem: int32
-  [stages, 2, block_k]. masked: apply the document mask (static).
+  [stages, 2, block_k]. masked: False, or the document mask to apply (True,
+  or the compares the plan calls for, mosaic_common.three_runs and mask_tile).
 
       S = Q K_j^T, dP = dO V_j^T          (two wgmmas, one wait)
       P = exp2(S * scale * log2e - lse2), dS = P * (dP - delta)
@@ -41,10 +42,9 @@ def dq_step(dq, q_smem, do_smem, k_tile, v_tile, stats, q_ids, kv_ids_smem, slot
   if after_scores is not None:
     after_scores()
   s = s * logit_scale
-  if masked:
-    mask = tile_doc_mask(q_ids, kv_ids_smem, slot, s_shape, kv_major=False,
-                         causal=causal, sliding_window=sliding_window)
-    s = jnp.where(mask, s, MASKED_LOGIT)
+  if masked is not False:
+    s = mask_tile(s, q_ids, kv_ids_smem, slot, kv_major=False, causal=causal,
+                  sliding_window=sliding_window, masked=masked)
   lse2, delta = stats
   p = jnp.exp2(s - broadcast_rows(lse2, s_shape))
   ds = p * (dp - broadcast_rows(delta, s_shape))
@@ -79,10 +79,9 @@ def dkdv_step(dk, dv, k_smem, v_smem, q_tile, do_tile, stats_smem, q_ids_smem, s
   if after_scores is not None:
     after_scores()
   s_t = s_t * logit_scale
-  if masked:
-    mask = tile_doc_mask(kv_ids, q_ids_smem, slot, s_shape, kv_major=True,
-                         causal=causal, sliding_window=sliding_window)
-    s_t = jnp.where(mask, s_t, MASKED_LOGIT)
+  if masked is not False:
+    s_t = mask_tile(s_t, kv_ids, q_ids_smem, slot, kv_major=True, causal=causal,
+                    sliding_window=sliding_window, masked=masked)
   lse2 = _bwd_shift(col_vector(stats_smem.at[slot, 0][...]))
   delta = col_vector(stats_smem.at[slot, 1][...])
   p_t = jnp.exp2(s_t - broadcast_cols(lse2, s_shape))

@@ -63,10 +63,10 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from pallas_kernels.config import COMPARE_SPLIT_BITS, TileConfig
 from pallas_kernels.segment_attention import EMPTY_LSE, LOG2E, MASKED_LOGIT
 
-__all__ = ["CONSUMER_REGISTERS", "LN2", "PRODUCER_REGISTERS", "WG_ROWS", "broadcast_cols",
-           "broadcast_rows", "check_supported", "col_vector", "consumer_warpgroups",
+__all__ = ["COMPARES", "CONSUMER_REGISTERS", "LN2", "PRODUCER_REGISTERS", "WG_ROWS",
+           "broadcast_cols", "broadcast_rows", "check_supported", "col_vector", "consumer_warpgroups",
            "copy_kv_tile", "copy_q_tile", "doc_mask", "empty_row_stats", "launch",
-           "launch_accumulating", "load_kv_rows", "mask_compare", "mma_accumulate",
+           "launch_accumulating", "load_kv_rows", "mask_tile", "mma_accumulate",
            "mma_transforms", "online_softmax", "producer_warpgroup", "rendezvous", "row_vector",
            "scores_and_grads", "store_output", "stream_kv_tiles", "stream_q_tiles",
            "three_runs", "tile_doc_mask", "wait_for_free_slot", "zeros_acc"]
@@ -384,15 +384,21 @@ def empty_row_stats():
           row_vector(jnp.zeros((WG_ROWS,), jnp.float32)))
 
 
-def three_runs(lo, full_lo, full_hi, hi, visit, carry, compares=None):
+COMPARES = ("both", "ids", "positions")
+"""The doc_mask compares a masked tile may need, by the index three_runs passes."""
+
+
+def three_runs(lo, full_lo, full_hi, hi, visit, carry, compares=None, *, kv_major=False):
   """visit(j, carry, masked=...) over [lo, hi); the mask only outside [full_lo, full_hi).
 
-  Separate loops keep `masked` static, so the unmasked run has no mask code.
-  compares: None, or the plan row's q_compares (int32 scalar, config.
-  COMPARE_SPLIT_BITS): then the masked tiles among its first ids_len take
-  masked="ids", those among its last positions_len masked="positions" (one
-  compare instead of two), the others masked=True ("both"); each masked run
-  splits into three loops.
+  Separate loops keep `masked` static where it can be, so the unmasked run has
+  no mask code: masked=False there, True in the masked runs. compares: None,
+  or the plan row's q_compares (kv_compares if kv_major; int32 scalar,
+  jpack.masks.compare_splits): then the masked runs pass masked = an int32
+  index into COMPARES per tile, 1 ("ids") among the row's ids_len tiles (its
+  first ones, its last ones if kv_major), 2 ("positions") among its
+  positions_len tiles (its last ones, its first ones if kv_major), 0 ("both")
+  elsewhere, for mask_tile to switch on (one loop body per run, not three).
   """
   def run(start, stop, masked, carry):
     return lax.fori_loop(start, stop, functools.partial(visit, masked=masked), carry)
@@ -401,24 +407,41 @@ def three_runs(lo, full_lo, full_hi, hi, visit, carry, compares=None):
     carry = run(lo, full_lo, True, carry)
     carry = run(full_lo, full_hi, False, carry)
     return run(full_hi, hi, True, carry)
-  ids_end = lo + (compares & (2**COMPARE_SPLIT_BITS - 1))
-  positions_start = hi - lax.shift_right_logical(compares, COMPARE_SPLIT_BITS)
+  ids_len = compares & (2**COMPARE_SPLIT_BITS - 1)
+  positions_len = lax.shift_right_logical(compares, COMPARE_SPLIT_BITS)
+  if kv_major:  # positions-only tiles first, ids-only last
+    ids_only = lambda j: j >= hi - ids_len  # noqa: E731
+    positions_only = lambda j: j < lo + positions_len  # noqa: E731
+  else:
+    ids_only = lambda j: j < lo + ids_len  # noqa: E731
+    positions_only = lambda j: j >= hi - positions_len  # noqa: E731
 
-  def masked_run(start, stop, carry):
-    ids_stop = jnp.clip(ids_end, start, stop)
-    both_stop = jnp.clip(positions_start, ids_stop, stop)
-    carry = run(start, ids_stop, "ids", carry)
-    carry = run(ids_stop, both_stop, True, carry)
-    return run(both_stop, stop, "positions", carry)
+  def masked_visit(j, carry):
+    which = jnp.where(ids_only(j), 1, jnp.where(positions_only(j), 2, 0)).astype(jnp.int32)
+    return visit(j, carry, masked=which)
 
-  carry = masked_run(lo, full_lo, carry)
+  carry = lax.fori_loop(lo, full_lo, masked_visit, carry)
   carry = run(full_lo, full_hi, False, carry)
-  return masked_run(full_hi, hi, carry)
+  return lax.fori_loop(full_hi, hi, masked_visit, carry)
 
 
-def mask_compare(masked):
-  """The doc_mask compare of a visit's `masked` (three_runs): True is "both"."""
-  return "both" if masked is True else masked
+def mask_tile(s, major_ids, ids_smem, slot, *, kv_major, causal, sliding_window, masked):
+  """s [64, n] with the pairs the document mask disallows set to MASKED_LOGIT.
+
+  masked: True (both compares), or an int32 index into COMPARES chosen per
+  tile at run time (three_runs), switched on here: only the compare code
+  branches, the rest of the step is shared. Other arguments as tile_doc_mask.
+  """
+  def masking(compare):
+    def apply(s):
+      mask = tile_doc_mask(major_ids, ids_smem, slot, s.shape, kv_major=kv_major,
+                           causal=causal, sliding_window=sliding_window, compare=compare)
+      return s if mask is None else jnp.where(mask, s, MASKED_LOGIT)
+    return apply
+
+  if masked is True:
+    return masking("both")(s)
+  return lax.switch(masked, [masking(c) for c in COMPARES], s)
 
 
 def mma_accumulate(acc, a, b_smem, dtype):

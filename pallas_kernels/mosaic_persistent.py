@@ -74,9 +74,8 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from pallas_kernels.config import TileConfig
 from pallas_kernels.mosaic_common import (
     WG_ROWS, broadcast_rows, consumer_warpgroups, copy_kv_tile, copy_q_tile, empty_row_stats,
-    launch, mask_compare, mma_accumulate, mma_transforms, online_softmax, producer_warpgroup,
-    rendezvous, row_vector, store_output, three_runs, tile_doc_mask, wait_for_free_slot,
-    zeros_acc)
+    launch, mask_tile, mma_accumulate, mma_transforms, online_softmax, producer_warpgroup,
+    rendezvous, row_vector, store_output, three_runs, wait_for_free_slot, zeros_acc)
 from pallas_kernels.segment_attention import LOG2E
 
 __all__ = ["DEFAULT_NUM_SMS", "cta_items", "item_table", "num_sms", "persistent_forward",
@@ -335,12 +334,11 @@ def _persistent_forward_kernel(items_ref, q_ref, k_ref, v_ref, q_seg_ref,
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)
             plgpu.barrier_arrive(q_free.at[1 - qs])
 
-          with jax.named_scope(f"c_softmax_{mask_compare(masked)}" if masked else "c_softmax"):
-            mask = (tile_doc_mask(q_ids, kv_ids_smem, slot, s_shape, kv_major=False,
-                                  causal=causal, sliding_window=sliding_window,
-                                  compare=mask_compare(masked))
-                    if masked else None)
-            p, m_new, l, alpha = online_softmax(s, m, l, mask, logit_scale=logit_scale)
+          with jax.named_scope("c_softmax" if masked is False else "c_softmax_masked"):
+            if masked is not False:
+              s = mask_tile(s, q_ids, kv_ids_smem, slot, kv_major=False, causal=causal,
+                            sliding_window=sliding_window, masked=masked)
+            p, m_new, l, alpha = online_softmax(s, m, l, logit_scale=logit_scale)
             acc = acc * broadcast_rows(alpha, acc.shape)
           if sched:
             acc, l, m_new, p = lax.optimization_barrier((acc, l, m_new, p))

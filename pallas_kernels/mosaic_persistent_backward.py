@@ -73,7 +73,7 @@ def _item_loops(items_ref, barriers, wg, *, num_ctas, num_consumers, load_major,
   """The producer's and the consumers' loops over the CTA's items (module docstring).
 
   barriers: (major_ready, major_free), two each. Callbacks, per item `it` =
-  (b, tile, h, lo, full_lo, full_hi, hi) and buffer pair `pair`:
+  (b, tile, h, lo, full_lo, full_hi, hi, compares) and buffer pair `pair`:
     load_major(it, pair): producer; issue the copies of a busy item's major
       operands onto major_ready[pair].
     stream_minor(it, t): producer; stream the item's minor tiles from step t.
@@ -84,7 +84,7 @@ def _item_loops(items_ref, barriers, wg, *, num_ctas, num_consumers, load_major,
     write_empty(it, pair): consumer; an empty item's zeros.
   """
   major_ready, major_free = barriers
-  count, describe = cta_items(items_ref, num_ctas)
+  count, describe = cta_items(items_ref, num_ctas, fields=8)
   busy = lambda it: it[6] > it[3]  # noqa: E731 - hi > lo
 
   @producer_warpgroup(wg, num_consumers)
@@ -147,11 +147,12 @@ def _item_barriers(copies, num_consumers, ring_copies, stages):
   )
 
 
-def _items(ranges, heads, num_items, num_ctas):
+def _items(ranges, heads, num_items, num_ctas, compares):
   """(item table, num_ctas) of a persistent launch (num_ctas None: min(SMs, items))."""
   if num_ctas is None:
     num_ctas = min(num_sms(), num_items)
-  return item_table(ranges, persistent_schedule(ranges, heads, num_ctas), heads), num_ctas
+  return (item_table(ranges, persistent_schedule(ranges, heads, num_ctas), heads, compares),
+          num_ctas)
 
 
 # ----------------------------------------------------------------------------
@@ -193,7 +194,7 @@ def _dq_kernel(items_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_seg
     return (k_smem, v_smem)[c].at[slot, pl.ds(0, WG_ROWS)]
 
   def stream_minor(it, t):
-    b, qt, h, lo, _, _, hi = it
+    b, qt, h, lo, _, _, hi, _ = it
     if fuse_delta:
       @pl.when(hi > lo)
       def _load_out():  # the delta step: 4 arrivals, like a kv step
@@ -238,7 +239,7 @@ def _dq_kernel(items_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_seg
     plgpu.copy_smem_to_gmem(out, dq_ref.at[b, rows_of(qt, wg), h])
 
   def run_item(it, pair, t0, release):
-    lo, full_lo, full_hi, hi = it[3:]
+    lo, full_lo, full_hi, hi, compares = it[3:]
     buf = buffer(pair, wg)
     qs, dos = q_bufs.at[buf], do_bufs.at[buf]
     stats = row_stats(stats_bufs.at[buf])
@@ -256,7 +257,8 @@ def _dq_kernel(items_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_seg
       plgpu.barrier_arrive(kv_consumed.at[slot])
       return dq
 
-    dq = three_runs(lo, full_lo, full_hi, hi, visit, zeros_acc((WG_ROWS, q_ref.shape[3])))
+    dq = three_runs(lo, full_lo, full_hi, hi, visit, zeros_acc((WG_ROWS, q_ref.shape[3])),
+                    compares)
     store(dq, it, pair)
 
   def write_empty(it, pair):
@@ -276,11 +278,13 @@ def _dq_kernel(items_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_seg
 
 def persistent_backward_dq(q, k, v, do, lse, delta, q_seg, kv_seg, q_pos, kv_pos,
                            q_ranges, *, tile: TileConfig, scale, causal, sliding_window,
-                           num_ctas: int | None = None, out=None, dlse=None):
+                           num_ctas: int | None = None, out=None, dlse=None,
+                           q_compares=None):
   """backward_dq(..., schedule="persistent"): dQ [B, Tq, H, D] in q.dtype.
 
-  Arguments as mosaic_backward.backward_dq, which checks them; num_ctas: the
-  CTAs launched, default min(num_sms(), B * H * Tq / block_major).
+  Arguments as mosaic_backward.backward_dq, which checks them (q_compares
+  included); num_ctas: the CTAs launched, default min(num_sms(), B * H * Tq /
+  block_major).
   out [B, Tq, H, D] and dlse float32 [B, H, Tq] in place of delta (None): the
   kernel computes delta = rowsum(out * do) - dlse itself, in one more ring
   step per item (O through the K/V slot), and returns (dQ, delta float32 [B,
@@ -293,7 +297,8 @@ def persistent_backward_dq(q, k, v, do, lse, delta, q_seg, kv_seg, q_pos, kv_pos
   batch, tq, heads, head_dim = q.shape
   num_consumers = tile.block_major // WG_ROWS
   bk, stages = tile.block_minor, tile.num_stages
-  items, num_ctas = _items(q_ranges, heads, batch * heads * q_ranges.shape[1], num_ctas)
+  items, num_ctas = _items(q_ranges, heads, batch * heads * q_ranges.shape[1], num_ctas,
+                           q_compares)
   kernel = functools.partial(
       _dq_kernel, scale=float(scale), causal=causal, sliding_window=sliding_window,
       block_k=bk, num_stages=stages, num_consumers=num_consumers,
@@ -347,7 +352,7 @@ def _dkdv_kernel(items_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_s
       plgpu.copy_gmem_to_smem(kv_pos_ref.at[b, rows], kv_ids_bufs.at[buf, 1], done)
 
   def stream_minor(it, t):
-    b, _, kv_head, lo, _, _, hi = it
+    b, _, kv_head, lo, _, _, hi, _ = it
     stream_q_tiles((q_ref, do_ref, lse_ref, delta_ref, q_seg_ref, q_pos_ref),
                    (q_smem, do_smem, stats_smem, q_ids_smem), q_ready, q_consumed,
                    b=b, kv_head=kv_head, group=group, lo=lo, hi=hi, block_q=block_q,
@@ -364,7 +369,7 @@ def _dkdv_kernel(items_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_s
     plgpu.copy_smem_to_gmem(vs, dv_ref.at[b, rows, kv_head])
 
   def run_item(it, pair, t0, release):
-    lo, full_lo, full_hi, hi = it[3:]
+    lo, full_lo, full_hi, hi, compares = it[3:]
     buf = buffer(pair, wg)
     ks, vs = k_bufs.at[buf], v_bufs.at[buf]
     kv_ids = tuple(row_vector(kv_ids_bufs.at[buf, n][...]) for n in range(2))
@@ -382,7 +387,7 @@ def _dkdv_kernel(items_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_s
         plgpu.barrier_arrive(q_consumed.at[slot])
         return carry
 
-      return three_runs(lo, full_lo, full_hi, hi, visit, carry)
+      return three_runs(lo, full_lo, full_hi, hi, visit, carry, compares, kv_major=True)
 
     carry = (zeros_acc(acc_shape), zeros_acc(acc_shape))
     if group == 1:
@@ -401,17 +406,18 @@ def _dkdv_kernel(items_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_s
 
 def persistent_backward_dkdv(q, k, v, do, lse, delta, q_seg, kv_seg, q_pos, kv_pos,
                              kv_ranges, *, tile: TileConfig, scale, causal, sliding_window,
-                             num_ctas: int | None = None):
+                             num_ctas: int | None = None, kv_compares=None):
   """backward_dkdv(..., schedule="persistent"): (dK, dV) [B, Tk, Hkv, D].
 
-  Arguments as mosaic_backward.backward_dkdv, which checks them; num_ctas:
-  the CTAs launched, default min(num_sms(), B * Hkv * Tk / block_major).
+  Arguments as mosaic_backward.backward_dkdv, which checks them (kv_compares
+  included); num_ctas: the CTAs launched, default min(num_sms(), B * Hkv * Tk /
+  block_major).
   """
   batch, tk, kv_heads, head_dim = k.shape
   num_consumers = tile.block_major // WG_ROWS
   bq, stages = tile.block_minor, tile.num_stages
   items, num_ctas = _items(kv_ranges, kv_heads, batch * kv_heads * kv_ranges.shape[1],
-                           num_ctas)
+                           num_ctas, kv_compares)
   kernel = functools.partial(
       _dkdv_kernel, scale=float(scale), causal=causal, sliding_window=sliding_window,
       block_q=bq, num_stages=stages, num_consumers=num_consumers,

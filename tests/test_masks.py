@@ -165,28 +165,36 @@ def test_ranges_are_ordered(kind, blocks, opt, data):
     assert (hi <= n_minor).all()
 
 
-def _compare_spans(layout, block_q, block_k, causal, sliding_window):
-  """(ranges [B, nq, 4], ids_len, positions_len [B, nq], ids_only, positions_only: bool
-  [B, Tq, Tk], the token pairs in the kv tiles where q_compares says one compare suffices)."""
+def _compare_spans(layout, block_q, block_k, causal, sliding_window, view="q"):
+  """(ranges [B, n, 4], ids_len, positions_len [B, n], ids_only, positions_only: bool
+  [B, Tq, Tk], the token pairs in the tiles where the view's compares say one compare
+  suffices): view "q" (q_compares: ids-only tiles first in a row) or "kv"
+  (kv_compares: positions-only tiles first)."""
   plan = _plan_fn(block_q, block_k, causal, sliding_window)(*layout.arrays())
-  ranges, compares = np.asarray(plan.q_ranges), np.asarray(plan.q_compares)
+  ranges, compares = (np.asarray(getattr(plan, f"{view}_ranges")),
+                      np.asarray(getattr(plan, f"{view}_compares")))
   ids_len, positions_len = compares & 0xFFFF, compares >> 16
-  idx = np.arange(layout.kv_segment_ids.shape[1] // block_k)
+  first, last = (ids_len, positions_len) if view == "q" else (positions_len, ids_len)
+  idx = np.arange(layout.kv_segment_ids.shape[1] // block_k if view == "q"
+                  else layout.q_segment_ids.shape[1] // block_q)  # the minor tiles
   lo, hi = ranges[..., 0:1], ranges[..., 3:4]
+  spans = ((idx >= lo) & (idx < lo + first[..., None]),
+           (idx >= hi - last[..., None]) & (idx < hi))
+  if view == "kv":  # [B, nk, nq] -> [B, nq, nk], and ids-only is the last span
+    spans = tuple(x.transpose(0, 2, 1) for x in spans[::-1])
   tokens = lambda tiles: tiles.repeat(block_q, 1).repeat(block_k, 2)  # noqa: E731
-  return (ranges, ids_len, positions_len,
-          tokens((idx >= lo) & (idx < lo + ids_len[..., None])),
-          tokens((idx >= hi - positions_len[..., None]) & (idx < hi)))
+  return (ranges, ids_len, positions_len, tokens(spans[0]), tokens(spans[1]))
 
 
+@pytest.mark.parametrize("view", ["q", "kv"])
 @pytest.mark.parametrize("kind,blocks", LAYOUT_CASES, ids=LAYOUT_IDS)
 @given(opt=st.sampled_from(OPTIONS), data=st.data())
-def test_one_compare_suffices_where_q_compares_says_so(kind, blocks, opt, data):
+def test_one_compare_suffices_where_the_compares_say_so(kind, blocks, view, opt, data):
   """Pair by pair: the ids compare alone, or the position compares alone, give the mask."""
   layout = data.draw(_layouts(kind, blocks))
   causal, window = opt
   ranges, ids_len, positions_len, ids_span, positions_span = _compare_spans(
-      layout, *blocks, *opt)
+      layout, *blocks, *opt, view=view)
   assert (ids_len <= ranges[..., 3] - ranges[..., 0]).all()
   assert (positions_len <= ranges[..., 3] - ranges[..., 0]).all()
   allowed = allowed_np(layout, causal=causal, sliding_window=window)
@@ -217,6 +225,19 @@ def test_packed_documents_need_one_compare_per_masked_tile():
   pos = np.concatenate([np.arange(40), np.arange(24)])[None].astype(np.int32)
   _, ids_len, _, _, _ = _compare_spans(Layout(seg, seg, pos, pos), 16, 16, True, None)
   assert ids_len[0, 3] == 0
+
+
+def test_kv_rows_of_packed_documents_need_one_compare_per_masked_tile():
+  """The same documents seen from the kv tiles (dK/dV): the diagonal first (positions
+  only inside one document), the q tiles after a document's end last (ids only)."""
+  seg = np.array([[1] * 40 + [2] * 24], np.int32)
+  pos = arange_positions(1, 64)
+  ranges, ids_len, positions_len, _, _ = _compare_spans(Layout(seg, seg, pos, pos),
+                                                        16, 16, True, None, view="kv")
+  np.testing.assert_array_equal(ranges[0], [[0, 1, 2, 3], [1, 3, 3, 3], [2, 4, 4, 4],
+                                            [3, 4, 4, 4]])
+  np.testing.assert_array_equal(ids_len[0], [2, 1, 1, 0])  # q tiles after the diagonal
+  np.testing.assert_array_equal(positions_len[0], [2, 1, 0, 1])  # diagonals in one doc
 
 
 # ----------------------------------------------------------------------------

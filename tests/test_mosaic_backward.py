@@ -38,11 +38,11 @@ DQ_TILE, DKDV_TILE = mosaic_backward.DEFAULT_DQ_TILE, mosaic_backward.DEFAULT_DK
 
 
 def _plans(q_seg, kv_seg, q_pos, kv_pos, *, causal, window, dq_tile, dkdv_tile):
-  """(q_ranges of the dQ tiling, kv_ranges of the dK/dV tiling)."""
+  """(the dQ tiling's plan, the dK/dV tiling's plan): jpack.masks.TilePlan."""
   plan = functools.partial(masks.make_tile_plan, q_seg, kv_seg, q_pos, kv_pos,
                            causal=causal, sliding_window=window)
-  return (plan(block_q=dq_tile.block_major, block_k=dq_tile.block_minor).q_ranges,
-          plan(block_q=dkdv_tile.block_minor, block_k=dkdv_tile.block_major).kv_ranges)
+  return (plan(block_q=dq_tile.block_major, block_k=dq_tile.block_minor),
+          plan(block_q=dkdv_tile.block_minor, block_k=dkdv_tile.block_major))
 
 
 @functools.partial(jax.jit, static_argnames=("causal", "window", "scale", "dq_tile",
@@ -50,17 +50,20 @@ def _plans(q_seg, kv_seg, q_pos, kv_pos, *, causal, window, dq_tile, dkdv_tile):
 def mosaic_backward_grads(q, k, v, do, lse, delta, q_seg, kv_seg, q_pos, kv_pos, *,
                           causal, window, scale, dq_tile=DQ_TILE, dkdv_tile=DKDV_TILE,
                           schedule=None, num_ctas=None):
-  """(dq, dk, dv) of the Mosaic kernels, tile plans included; lengths multiples of the tiles.
+  """(dq, dk, dv) of the Mosaic kernels, tile plans (ranges and compares) included;
+  lengths multiples of the tiles.
 
   schedule, num_ctas: both kernels' (mosaic_backward.SCHEDULES; None: the default).
   """
-  q_ranges, kv_ranges = _plans(q_seg, kv_seg, q_pos, kv_pos, causal=causal,
-                               window=window, dq_tile=dq_tile, dkdv_tile=dkdv_tile)
+  dq_plan, dkdv_plan = _plans(q_seg, kv_seg, q_pos, kv_pos, causal=causal,
+                              window=window, dq_tile=dq_tile, dkdv_tile=dkdv_tile)
   args = (q, k, v, do, lse, delta, q_seg, kv_seg, q_pos, kv_pos)
   opts = dict(scale=scale, causal=causal, sliding_window=window, schedule=schedule,
               num_ctas=num_ctas)
-  dq = mosaic_backward.backward_dq(*args, q_ranges, tile=dq_tile, **opts)
-  dk, dv = mosaic_backward.backward_dkdv(*args, kv_ranges, tile=dkdv_tile, **opts)
+  dq = mosaic_backward.backward_dq(*args, dq_plan.q_ranges, tile=dq_tile,
+                                   q_compares=dq_plan.q_compares, **opts)
+  dk, dv = mosaic_backward.backward_dkdv(*args, dkdv_plan.kv_ranges, tile=dkdv_tile,
+                                         kv_compares=dkdv_plan.kv_compares, **opts)
   return dq, dk, dv
 
 
@@ -122,19 +125,26 @@ def _lower(case: LowerCase, kernel: str, schedule=None):
   kv_tiles = case.kv_len // case.dkdv_tile.block_major
   opts = dict(scale=0.1, causal=case.causal, sliding_window=case.window,
               schedule=schedule)
+  # The plan rows and their compares (the masked tiles that need one compare).
+  q_plan = (jax.ShapeDtypeStruct((b, q_tiles, 4), jnp.int32),
+            jax.ShapeDtypeStruct((b, q_tiles), jnp.int32))
+  kv_plan = (jax.ShapeDtypeStruct((b, kv_tiles, 4), jnp.int32),
+             jax.ShapeDtypeStruct((b, kv_tiles), jnp.int32))
   if kernel == "dq-and-delta":  # (..., lse, out, dlse, ...) in place of (lse, delta)
-    fn = functools.partial(mosaic_backward.backward_dq_and_delta, tile=case.dq_tile, **opts)
-    plan = jax.ShapeDtypeStruct((b, q_tiles, 4), jnp.int32)
+    fn = lambda *a: mosaic_backward.backward_dq_and_delta(  # noqa: E731
+        *a[:-1], tile=case.dq_tile, q_compares=a[-1], **opts)
     return jax.jit(fn).trace(q, kv, kv, q, stat, q, stat, q_ids, kv_ids, q_ids, kv_ids,
-                             plan).lower(lowering_platforms=("cuda",))
+                             *q_plan).lower(lowering_platforms=("cuda",))
   if kernel == "dq":
-    fn = functools.partial(mosaic_backward.backward_dq, tile=case.dq_tile, **opts)
-    plan = jax.ShapeDtypeStruct((b, q_tiles, 4), jnp.int32)
+    fn = lambda *a: mosaic_backward.backward_dq(  # noqa: E731
+        *a[:-1], tile=case.dq_tile, q_compares=a[-1], **opts)
+    plan = q_plan
   else:
-    fn = functools.partial(mosaic_backward.backward_dkdv, tile=case.dkdv_tile, **opts)
-    plan = jax.ShapeDtypeStruct((b, kv_tiles, 4), jnp.int32)
+    fn = lambda *a: mosaic_backward.backward_dkdv(  # noqa: E731
+        *a[:-1], tile=case.dkdv_tile, kv_compares=a[-1], **opts)
+    plan = kv_plan
   return jax.jit(fn).trace(q, kv, kv, q, stat, stat, q_ids, kv_ids, q_ids, kv_ids,
-                           plan).lower(lowering_platforms=("cuda",))
+                           *plan).lower(lowering_platforms=("cuda",))
 
 
 @pytest.mark.parametrize("kernel", ["dq", "dkdv"])
@@ -229,6 +239,19 @@ def test_a_plan_of_another_tiling_is_rejected():
   plan = jax.ShapeDtypeStruct((1, 4, 4), jnp.int32)  # 64-row tiles, not 128
   with pytest.raises(ValueError, match=r"\(1, 2, 4\)"):
     mosaic_backward.check_backward_inputs(q, k, plan, DQ_TILE, kv_major=False)
+
+
+@pytest.mark.parametrize("kernel, name", [("backward_dq", "q_compares"),
+                                          ("backward_dkdv", "kv_compares")])
+def test_compares_of_the_wrong_shape_are_rejected(kernel, name):
+  x = jnp.zeros((1, 256, 2, 128), jnp.bfloat16)
+  stat = jnp.zeros((1, 2, 256), jnp.float32)
+  ids = jnp.ones((1, 256), jnp.int32)
+  with pytest.raises(ValueError, match=name):
+    getattr(mosaic_backward, kernel)(
+        x, x, x, x, stat, stat, ids, ids, ids, ids, jnp.zeros((1, 2, 4), jnp.int32),
+        tile=DQ_TILE, scale=0.1, causal=True, sliding_window=None,
+        **{name: jnp.zeros((1, 3), jnp.int32)})
 
 
 @pytest.mark.parametrize("kernel", ["backward_dq", "backward_dkdv"])
@@ -444,12 +467,12 @@ def test_persistent_with_any_number_of_ctas_matches_reference(name, num_ctas):
                                              "schedule"))
 def _dq_and_delta(q, k, v, do, lse, out, dlse, q_seg, kv_seg, q_pos, kv_pos, *, causal,
                   window, scale, tile, schedule):
-  q_ranges = masks.make_tile_plan(q_seg, kv_seg, q_pos, kv_pos, block_q=tile.block_major,
-                                  block_k=tile.block_minor, causal=causal,
-                                  sliding_window=window).q_ranges
+  plan = masks.make_tile_plan(q_seg, kv_seg, q_pos, kv_pos, block_q=tile.block_major,
+                              block_k=tile.block_minor, causal=causal, sliding_window=window)
   return mosaic_backward.backward_dq_and_delta(
-      q, k, v, do, lse, out, dlse, q_seg, kv_seg, q_pos, kv_pos, q_ranges, tile=tile,
-      scale=scale, causal=causal, sliding_window=window, schedule=schedule)
+      q, k, v, do, lse, out, dlse, q_seg, kv_seg, q_pos, kv_pos, plan.q_ranges, tile=tile,
+      scale=scale, causal=causal, sliding_window=window, schedule=schedule,
+      q_compares=plan.q_compares)
 
 
 @pytest.mark.gpu
