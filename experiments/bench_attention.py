@@ -21,6 +21,9 @@ Peers (``--peers``, comma list):
                  on an H100 the Mosaic GPU kernels, on other GPUs the Triton ones, "xla" off GPU
   jpack_triton   flash_attention(implementation="pallas"): the Triton kernels
   jpack_mosaic   flash_attention(implementation="mosaic"): the Mosaic GPU kernels (Hopper)
+  jpack_planned  flash_attention(plan=make_attention_plan(...)), "auto": the plan made once
+                 outside the timed call, as a model shares it across layers and as the
+                 other peers get their layouts (the note gives the plan's own time)
   reference      jpack.attention.reference_attention (float32 jnp oracle)
   cudnn_dense    jax.nn.dot_product_attention(implementation="cudnn") with a dense
                  [B, 1, T, T] boolean document-causal mask built inside the jitted call
@@ -79,7 +82,8 @@ from experiments.layouts import (  # noqa: E402
     segment_runs,
 )
 
-JAX_PEERS = ("jpack", "jpack_triton", "jpack_mosaic", "reference", "cudnn_dense", "cudnn_packed", "pallas_mha")
+JAX_PEERS = ("jpack", "jpack_planned", "jpack_triton", "jpack_mosaic", "reference", "cudnn_dense",
+             "cudnn_packed", "pallas_mha")
 TORCH_PEERS = ("torch_flex", "torch_varlen")
 ALL_PEERS = JAX_PEERS + TORCH_PEERS
 GPU_ONLY_PEERS = ("jpack_triton", "jpack_mosaic", "cudnn_dense", "cudnn_packed", "pallas_mha") + TORCH_PEERS
@@ -184,6 +188,31 @@ def build_jpack(problem: Problem, seg: jax.Array, implementation: str = "auto"):
     return attend, (seg,), note
 
 
+def build_jpack_planned(problem: Problem, seg: jax.Array):
+    """flash_attention(plan=...), the plan made once outside the timed call.
+
+    What a model does: one make_attention_plan per batch, reused by every layer. It is
+    also how the other peers are timed: cuDNN's offsets, FlexAttention's BlockMask and
+    varlen's cu_seqlens are all made outside their timed calls.
+    """
+    from jpack import attention
+
+    shape = lambda heads: jax.ShapeDtypeStruct(  # noqa: E731
+        (problem.batch, problem.seq_len, heads, problem.head_dim), jnp.bfloat16)
+    make = jax.jit(lambda seg: attention.make_attention_plan(
+        shape(problem.heads), shape(problem.kv_heads), segment_ids=seg,
+        causal=problem.causal))
+    plan = make(seg)
+    plan_ms = timing.median_ms(make, seg)
+
+    def attend(q, k, v, plan):
+        return attention.flash_attention(q, k, v, plan=plan, causal=problem.causal,
+                                         scale=problem.scale)
+
+    return attend, (plan,), (f"plan for {plan.implementation!r} made once, not timed "
+                             f"({plan_ms:.3f} ms as a jitted call of its own)")
+
+
 def build_reference(problem: Problem, seg: jax.Array):
     """jpack.attention.reference_attention: float32 jnp, materialises [B, H, T, T]."""
     from jpack.attention import reference_attention
@@ -281,6 +310,7 @@ JAX_BUILDERS: dict[str, Callable] = {
     "jpack": build_jpack,
     "jpack_triton": functools.partial(build_jpack, implementation="pallas"),
     "jpack_mosaic": functools.partial(build_jpack, implementation="mosaic"),
+    "jpack_planned": build_jpack_planned,
     "reference": build_reference,
     "cudnn_dense": build_cudnn_dense,
     "cudnn_packed": build_cudnn_packed,

@@ -418,13 +418,17 @@ class _KernelOptions:
                 **{name: x for name, x in general.items() if x is not None})
 
 
-def _compares(opts, plan, name):
-  """{name: the plan's q_compares or kv_compares} for the Mosaic kernels, else {}.
+def _plan_extras(opts, plan, items, compares_name):
+  """The Mosaic kernels' extra plan arguments: {"items": the plan's work items}
+  for a persistent kernel, else {compares_name: the plan's q_compares or
+  kv_compares} (the item table holds them), else {}.
 
-  They let masked tiles skip a compare the plan rules out; the Triton kernels
-  and tile lists (general masks) have none."""
+  The compares let masked tiles skip a compare the plan rules out; the Triton
+  kernels and tile lists (general masks) have neither."""
+  if items is not None:
+    return {"items": items}
   if opts.implementation == "mosaic" and isinstance(plan, masks.TilePlan):
-    return {name: getattr(plan, name)}
+    return {compares_name: getattr(plan, compares_name)}
   return {}
 
 
@@ -432,7 +436,7 @@ def _kernel_forward(opts, q, k, v, ids, tiles):
   return _kernels(opts.implementation).forward(
       q, k, v, ids.q_segment_ids, ids.kv_segment_ids, ids.q_positions, ids.kv_positions,
       plans.q_major(tiles.forward), tile=opts.config.forward, **opts.kernel_kwargs(ids),
-      **_compares(opts, tiles.forward, "q_compares"))
+      **_plan_extras(opts, tiles.forward, tiles.forward_items, "q_compares"))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -453,11 +457,12 @@ def _kernel_backward(opts, q, k, v, ids, tiles, out, lse, do, dlse):
   impl = _kernels(opts.implementation)
   dq, delta = impl.backward_dq_and_delta(
       q, k, v, do, lse, out, dlse, *ids_args, plans.q_major(tiles.dq), tile=opts.config.dq,
-      **opts.kernel_kwargs(ids), **_compares(opts, tiles.dq, "q_compares"))
+      **opts.kernel_kwargs(ids), **_plan_extras(opts, tiles.dq, tiles.dq_items, "q_compares"))
   dk, dv = impl.backward_dkdv(q, k, v, do, lse, delta, *ids_args,
                               plans.kv_major(tiles.dkdv), tile=opts.config.dkdv,
                               **opts.kernel_kwargs(ids),
-                              **_compares(opts, tiles.dkdv, "kv_compares"))
+                              **_plan_extras(opts, tiles.dkdv, tiles.dkdv_items,
+                                             "kv_compares"))
   return dq, dk, dv
 
 
@@ -470,14 +475,16 @@ def _kernel_attention_bwd(opts, residuals, cotangents):
 _kernel_attention.defvjp(_kernel_attention_fwd, _kernel_attention_bwd)
 
 
-def _padded_qkv(q, k, v, plan: AttentionPlan):
-  """q, k, v padded to the plan's lengths.
+def _padded_head_dim(head_dim):
+  """The kernels' head_dim: a power of two >= 16 (zero columns change neither
+  q.k nor the kept output columns)."""
+  return max(16, 1 << (head_dim - 1).bit_length())
 
-  head_dim is padded with zeros to a power of two >= 16, which changes neither
-  q.k nor the kept output columns.
-  """
+
+def _padded_qkv(q, k, v, plan: AttentionPlan):
+  """q, k, v padded to the plan's lengths, head_dim to _padded_head_dim."""
   tq_pad, tk_pad = plan.ids.q_segment_ids.shape[1], plan.ids.kv_segment_ids.shape[1]
-  d = max(16, 1 << (q.shape[3] - 1).bit_length())
+  d = _padded_head_dim(q.shape[3])
   q = pad_axis(pad_axis(q, 1, tq_pad), 3, d)
   k = pad_axis(pad_axis(k, 1, tk_pad), 3, d)
   v = pad_axis(pad_axis(v, 1, tk_pad), 3, d)
@@ -504,6 +511,42 @@ def _kernels_backward_padded(q, k, v, out, lse, do, dlse, plan: AttentionPlan,
                                 like_q(out), lse, like_q(do), dlse)
   return (dq[:, :tq, :, :head_dim], dk[:, :tk, :, :head_dim],
           dv[:, :tk, :, :head_dim])
+
+
+def _make_plan(q, k, ids, spec, config, implementation) -> AttentionPlan:
+  """plans.make_plan, plus the work items of the Mosaic kernels that run persistent."""
+  plan = plans.make_plan(q.shape, k.shape, ids, spec, config, implementation)
+  if implementation != "mosaic" or not isinstance(plan.tiles.forward, masks.TilePlan):
+    return plan
+  return dataclasses.replace(plan, tiles=_mosaic_work_items(plan, q.dtype))
+
+
+def _mosaic_work_items(plan: AttentionPlan, dtype):
+  """The plan's tiles with the work items of its persistent Mosaic kernels.
+
+  Each persistent kernel ranks its items (B * H * row tiles of them) and
+  gathers their table: made here, once per plan, a plan reused across layers
+  saves them in every layer. Which kernels run persistent is decided as the
+  kernels decide it (their default_schedule), for the padded shapes.
+  """
+  from pallas_kernels import mosaic_attention, mosaic_backward, mosaic_persistent
+  batch, _, heads, head_dim = plan.q_shape
+  d = _padded_head_dim(head_dim)
+  q = jax.ShapeDtypeStruct((batch, plan.ids.q_segment_ids.shape[1], heads, d), dtype)
+  k = jax.ShapeDtypeStruct((batch, plan.ids.kv_segment_ids.shape[1], plan.k_shape[2], d),
+                           dtype)
+  config, tiles = plan.config, plan.tiles
+  work = mosaic_persistent.work_items
+  forward = mosaic_attention.default_schedule(config.forward, k).startswith("persistent")
+  dq = mosaic_backward.default_schedule(config.dq, k, "dq") == "persistent"
+  dkdv = mosaic_backward.default_schedule(config.dkdv, q, "dkdv") == "persistent"
+  return dataclasses.replace(
+      tiles,
+      forward_items=(work(tiles.forward.q_ranges, heads, tiles.forward.q_compares)
+                     if forward else None),
+      dq_items=work(tiles.dq.q_ranges, heads, tiles.dq.q_compares) if dq else None,
+      dkdv_items=(work(tiles.dkdv.kv_ranges, k.shape[2], tiles.dkdv.kv_compares)
+                  if dkdv else None))
 
 
 # ----------------------------------------------------------------------------
@@ -560,8 +603,8 @@ def make_attention_plan(
   if target == "mosaic":
     _check_mosaic(q, config, general_mask=rule is not None or ids.dense is not None)
   spec = _mask_spec(causal, sliding_window, rule)
-  return plans.make_plan(q.shape, k.shape, ids, spec,
-                         config or _kernels(target).default_config(q.shape[3]), target)
+  return _make_plan(q, k, ids, spec, config or _kernels(target).default_config(q.shape[3]),
+                    target)
 
 
 def flash_attention(
@@ -677,7 +720,7 @@ def _kernel_setup(q, k, ids, plan, spec, scale, config, interpret, implementatio
   interpret = _check_kernel_call(implementation, q, config, general_mask, interpret)
   config = config or _kernels(implementation).default_config(q.shape[3])
   if plan is None:
-    plan = plans.make_plan(q.shape, k.shape, ids, spec, config, implementation)
+    plan = _make_plan(q, k, ids, spec, config, implementation)
   return _KernelOptions(scale=scale, spec=spec, config=config, interpret=interpret,
                         implementation=implementation), plan
 

@@ -212,7 +212,9 @@ def compare_splits(q: TileStats, kv: TileStats, q_ranges, kv_ranges, *, causal: 
   ids_q, positions_q = _span_lengths(ids_suffice, positions_suffice, q_ranges)
   positions_kv, ids_kv = _span_lengths(positions_suffice.transpose(0, 2, 1),
                                        ids_suffice.transpose(0, 2, 1), kv_ranges)
-  pack = lambda ids, positions: (ids | (positions << COMPARE_SPLIT_BITS)).astype(jnp.int32)  # noqa: E731
+  def pack(ids, positions):
+    return (ids | (positions << COMPARE_SPLIT_BITS)).astype(jnp.int32)
+
   return pack(ids_q, positions_q), pack(ids_kv, positions_kv)
 
 

@@ -11,6 +11,7 @@ plan fits a call.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -26,10 +27,15 @@ __all__ = ["AttentionPlan", "check_plan", "kv_major", "make_plan", "pad_axis", "
 @dataclasses.dataclass(frozen=True)
 class _Plans:
   """Tile plans for the three kernels' tilings: ranges for document masks,
-  lists for general masks."""
+  lists for general masks; and the work items (pallas_kernels.
+  mosaic_persistent.WorkItems) of those kernels that run persistent Mosaic
+  GPU schedules, None for the others (jpack.attention adds them)."""
   forward: masks.TilePlan | masks.TileLists
   dq: masks.TilePlan | masks.TileLists
   dkdv: masks.TilePlan | masks.TileLists
+  forward_items: Any = None
+  dq_items: Any = None
+  dkdv_items: Any = None
 
 
 @jax.tree_util.register_dataclass

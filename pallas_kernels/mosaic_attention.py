@@ -58,7 +58,7 @@ from pallas_kernels.mosaic_common import (
     empty_row_stats, launch, mma_accumulate, mma_transforms, online_softmax,
     producer_warpgroup, rendezvous, row_vector, store_output, stream_kv_tiles, three_runs,
     tile_doc_mask, wait_for_free_slot, zeros_acc)
-from pallas_kernels.mosaic_persistent import persistent_forward
+from pallas_kernels.mosaic_persistent import WorkItems, persistent_forward
 from pallas_kernels.segment_attention import LOG2E
 
 __all__ = ["DEFAULT_SCHEDULE", "DEFAULT_TILE", "GRID_SCHEDULE", "MIN_SCALE",
@@ -419,7 +419,8 @@ def _split_forward_kernel(ranges_ref, q_ref, k_ref, v_ref, q_seg_ref, q_pos_ref,
 
 def forward(q, k, v, q_seg, kv_seg, q_pos, kv_pos, q_ranges, *, tile: TileConfig,
             scale, causal, sliding_window, interpret=False,
-            schedule: str | None = None, num_ctas: int | None = None, q_compares=None):
+            schedule: str | None = None, num_ctas: int | None = None, q_compares=None,
+            items: WorkItems | None = None):
   """Returns (out [B, Tq, H, D] in q.dtype, lse float32 [B, H, Tq]).
 
   Same arguments as `segment_attention.forward`; `interpret` must be False
@@ -433,6 +434,9 @@ def forward(q, k, v, q_seg, kv_seg, q_pos, kv_pos, q_ranges, *, tile: TileConfig
   masks.compare_splits: the masked tiles that need only the segment-id or
   only the position compares), used by the persistent schedules; None, or a
   grid schedule: every masked tile compares everything (same outputs).
+  items: the persistent schedules' work items made beforehand
+  (mosaic_persistent.work_items(q_ranges, H, q_compares), e.g. once per
+  batch for many layers), in place of q_compares; None: made in the call.
   """
   if interpret:
     raise NotImplementedError("the Mosaic GPU attention kernel has no interpret mode")
@@ -447,6 +451,9 @@ def forward(q, k, v, q_seg, kv_seg, q_pos, kv_pos, q_ranges, *, tile: TileConfig
   if num_ctas is not None and (not persistent or num_ctas < 1):
     raise ValueError(f"num_ctas must be None or >= 1, and only with a persistent "
                      f"schedule; got num_ctas={num_ctas}, schedule={schedule!r}")
+  if items is not None and not persistent:
+    raise ValueError(f"items (work items of a persistent kernel) need a persistent "
+                     f"schedule, got schedule={schedule!r}")
   check_supported(q, k, tile)
   if q_compares is not None and (q_compares.shape != q_ranges.shape[:2]
                                  or q_compares.dtype != jnp.int32):
@@ -456,7 +463,7 @@ def forward(q, k, v, q_seg, kv_seg, q_pos, kv_pos, q_ranges, *, tile: TileConfig
     return persistent_forward(q, k, v, q_seg, kv_seg, q_pos, kv_pos, q_ranges, tile=tile,
                               scale=scale, causal=causal, sliding_window=sliding_window,
                               num_ctas=num_ctas, pingpong=schedule == "persistent-pingpong",
-                              q_compares=q_compares)
+                              q_compares=q_compares, items=items)
   batch, tq, heads, head_dim = q.shape
   group = heads // k.shape[2]
   num_consumers = tile.block_major // WG_ROWS

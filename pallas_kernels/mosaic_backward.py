@@ -78,6 +78,7 @@ from pallas_kernels.mosaic_backward_steps import dkdv_step, dq_step, row_stats
 from pallas_kernels.mosaic_common import (
     WG_ROWS, check_supported, consumer_warpgroups, launch, load_kv_rows, mma_transforms,
     producer_warpgroup, row_vector, stream_kv_tiles, stream_q_tiles, three_runs, zeros_acc)
+from pallas_kernels.mosaic_persistent import WorkItems
 from pallas_kernels.mosaic_persistent_backward import (
     persistent_backward_dkdv, persistent_backward_dq)
 from pallas_kernels.segment_attention import LOG2E, backward_delta
@@ -141,7 +142,7 @@ def default_schedule(tile: TileConfig, streamed, kernel: str) -> str:
   return DEFAULT_SCHEDULES[kernel]
 
 
-def _pick_schedule(schedule, num_ctas, tile, streamed, kernel):
+def _pick_schedule(schedule, num_ctas, tile, streamed, kernel, items=None):
   """The schedule to run (default_schedule if None); ValueError for bad arguments."""
   if schedule is None:
     schedule = default_schedule(tile, streamed, kernel)
@@ -150,6 +151,9 @@ def _pick_schedule(schedule, num_ctas, tile, streamed, kernel):
   if num_ctas is not None and (schedule != "persistent" or num_ctas < 1):
     raise ValueError(f"num_ctas must be None or >= 1, and only with schedule="
                      f"'persistent'; got num_ctas={num_ctas}, schedule={schedule!r}")
+  if items is not None and schedule != "persistent":
+    raise ValueError(f"items (work items of a persistent kernel) need schedule="
+                     f"'persistent', got schedule={schedule!r}")
   return schedule
 
 
@@ -247,7 +251,8 @@ def _dq_kernel(ranges_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_se
 def backward_dq(q, k, v, do, lse, delta, q_seg, kv_seg, q_pos, kv_pos, q_ranges, *,
                 tile: TileConfig, scale, causal, sliding_window, rule=None, kv_doc=None,
                 dense=None, interpret=False, schedule: str | None = None,
-                num_ctas: int | None = None, q_compares=None):
+                num_ctas: int | None = None, q_compares=None,
+                items: WorkItems | None = None):
   """dQ [B, Tq, H, D] in q.dtype; arguments as `segment_attention.backward_dq`.
 
   q_ranges: int32 [B, Tq / tile.block_major, 4]. rule, kv_doc, dense must be
@@ -256,16 +261,18 @@ def backward_dq(q, k, v, do, lse, delta, q_seg, kv_seg, q_pos, kv_pos, q_ranges,
   the persistent kernel's CTAs (default: one per SM, at most one per item).
   q_compares: the plan's int32 [B, Tq / tile.block_major] (jpack.masks.
   compare_splits: masked tiles that need one compare), or None (every masked
-  tile compares everything; same outputs).
+  tile compares everything; same outputs). items: the persistent schedule's
+  work items made beforehand (mosaic_persistent.work_items(q_ranges, H,
+  q_compares), e.g. once per batch), in place of q_compares; None: made here.
   """
   check_backward_inputs(q, k, q_ranges, tile, kv_major=False, rule=rule,
                         kv_doc=kv_doc, dense=dense, interpret=interpret)
   _check_compares(q_compares, q_ranges, "q_compares")
-  if _pick_schedule(schedule, num_ctas, tile, k, "dq") == "persistent":
+  if _pick_schedule(schedule, num_ctas, tile, k, "dq", items) == "persistent":
     return persistent_backward_dq(q, k, v, do, lse, delta, q_seg, kv_seg, q_pos, kv_pos,
                                   q_ranges, tile=tile, scale=scale, causal=causal,
                                   sliding_window=sliding_window, num_ctas=num_ctas,
-                                  q_compares=q_compares)
+                                  q_compares=q_compares, items=items)
   batch, tq, heads, head_dim = q.shape
   num_consumers = tile.block_major // WG_ROWS
   bk, stages = tile.block_minor, tile.num_stages
@@ -303,7 +310,7 @@ def backward_dq_and_delta(q, k, v, do, lse, out, dlse, q_seg, kv_seg, q_pos, kv_
                           q_ranges, *, tile: TileConfig, scale, causal, sliding_window,
                           rule=None, kv_doc=None, dense=None, interpret=False,
                           schedule: str | None = None, num_ctas: int | None = None,
-                          q_compares=None):
+                          q_compares=None, items: WorkItems | None = None):
   """(dQ, delta): backward_dq given out [B, Tq, H, D] and dlse float32 [B, H, Tq].
 
   delta = rowsum(out * do) - dlse (float32 [B, H, Tq], what backward_dkdv
@@ -317,11 +324,11 @@ def backward_dq_and_delta(q, k, v, do, lse, out, dlse, q_seg, kv_seg, q_pos, kv_
   check_backward_inputs(q, k, q_ranges, tile, kv_major=False, rule=rule,
                         kv_doc=kv_doc, dense=dense, interpret=interpret)
   _check_compares(q_compares, q_ranges, "q_compares")
-  if _pick_schedule(schedule, num_ctas, tile, k, "dq") == "persistent":
+  if _pick_schedule(schedule, num_ctas, tile, k, "dq", items) == "persistent":
     return persistent_backward_dq(q, k, v, do, lse, None, q_seg, kv_seg, q_pos, kv_pos,
                                   q_ranges, tile=tile, scale=scale, causal=causal,
                                   sliding_window=sliding_window, num_ctas=num_ctas,
-                                  out=out, dlse=dlse, q_compares=q_compares)
+                                  out=out, dlse=dlse, q_compares=q_compares, items=items)
   delta = backward_delta(out, do, dlse)
   return backward_dq(q, k, v, do, lse, delta, q_seg, kv_seg, q_pos, kv_pos, q_ranges,
                      tile=tile, scale=scale, causal=causal, sliding_window=sliding_window,
@@ -392,7 +399,8 @@ def _dkdv_kernel(ranges_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_
 def backward_dkdv(q, k, v, do, lse, delta, q_seg, kv_seg, q_pos, kv_pos, kv_ranges, *,
                   tile: TileConfig, scale, causal, sliding_window, rule=None,
                   kv_doc=None, dense=None, interpret=False, schedule: str | None = None,
-                  num_ctas: int | None = None, kv_compares=None):
+                  num_ctas: int | None = None, kv_compares=None,
+                  items: WorkItems | None = None):
   """(dK in k.dtype, dV in v.dtype) [B, Tk, Hkv, D], summed over each kv head's q heads.
 
   Arguments as `segment_attention.backward_dkdv`; kv_ranges: int32
@@ -400,16 +408,17 @@ def backward_dkdv(q, k, v, do, lse, delta, q_seg, kv_seg, q_pos, kv_pos, kv_rang
   tile.block_minor, block_k = tile.block_major). rule, kv_doc, dense must be
   None and interpret False. schedule, num_ctas: as backward_dq's
   (default_schedule(tile, q, "dkdv")). kv_compares: the plan's int32 [B, Tk /
-  tile.block_major], as backward_dq's q_compares.
+  tile.block_major], as backward_dq's q_compares; items: as backward_dq's
+  (work_items(kv_ranges, Hkv, kv_compares)).
   """
   check_backward_inputs(q, k, kv_ranges, tile, kv_major=True, rule=rule,
                         kv_doc=kv_doc, dense=dense, interpret=interpret)
   _check_compares(kv_compares, kv_ranges, "kv_compares")
-  if _pick_schedule(schedule, num_ctas, tile, q, "dkdv") == "persistent":
+  if _pick_schedule(schedule, num_ctas, tile, q, "dkdv", items) == "persistent":
     return persistent_backward_dkdv(q, k, v, do, lse, delta, q_seg, kv_seg, q_pos, kv_pos,
                                     kv_ranges, tile=tile, scale=scale, causal=causal,
                                     sliding_window=sliding_window, num_ctas=num_ctas,
-                                    kv_compares=kv_compares)
+                                    kv_compares=kv_compares, items=items)
   batch, tk, kv_heads, head_dim = k.shape
   num_consumers = tile.block_major // WG_ROWS
   bq, stages = tile.block_minor, tile.num_stages

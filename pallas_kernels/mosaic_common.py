@@ -64,9 +64,9 @@ from pallas_kernels.config import COMPARE_SPLIT_BITS, TileConfig
 from pallas_kernels.segment_attention import EMPTY_LSE, LOG2E, MASKED_LOGIT
 
 __all__ = ["COMPARES", "CONSUMER_REGISTERS", "LN2", "PRODUCER_REGISTERS", "WG_ROWS",
-           "broadcast_cols", "broadcast_rows", "check_supported", "col_vector", "consumer_warpgroups",
-           "copy_kv_tile", "copy_q_tile", "doc_mask", "empty_row_stats", "launch",
-           "launch_accumulating", "load_kv_rows", "mask_tile", "mma_accumulate",
+           "broadcast_cols", "broadcast_rows", "check_supported", "col_vector",
+           "consumer_warpgroups", "copy_kv_tile", "copy_q_tile", "doc_mask", "empty_row_stats",
+           "launch", "launch_accumulating", "load_kv_rows", "mask_tile", "mma_accumulate",
            "mma_transforms", "online_softmax", "producer_warpgroup", "rendezvous", "row_vector",
            "scores_and_grads", "store_output", "stream_kv_tiles", "stream_q_tiles",
            "three_runs", "tile_doc_mask", "wait_for_free_slot", "zeros_acc"]

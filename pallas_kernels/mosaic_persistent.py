@@ -62,6 +62,7 @@ the first K/V tile of item n - 1, both issued before. A CTA with no items
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -78,8 +79,8 @@ from pallas_kernels.mosaic_common import (
     rendezvous, row_vector, store_output, three_runs, wait_for_free_slot, zeros_acc)
 from pallas_kernels.segment_attention import LOG2E
 
-__all__ = ["DEFAULT_NUM_SMS", "cta_items", "item_table", "num_sms", "persistent_forward",
-           "persistent_schedule"]
+__all__ = ["DEFAULT_NUM_SMS", "WorkItems", "cta_items", "item_table", "num_sms",
+           "persistent_forward", "persistent_schedule", "resolve_work_items", "work_items"]
 
 DEFAULT_NUM_SMS = 132
 """SMs of an H100 SXM: the persistent grid when the device does not say (num_sms)."""
@@ -188,15 +189,66 @@ def item_table(q_ranges, schedule, heads: int, q_compares=None):
                           compares[:, None]], axis=1).astype(jnp.int32)
 
 
-def cta_items(items_ref, num_ctas: int, fields: int = 7):
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class WorkItems:
+  """A persistent kernel's work items, in reading order: what `work_items` returns.
+
+  table: int32 [num_items, 8] (item_table); num_ctas: the CTAs that deal them
+  (persistent_schedule's order depends on it). A pytree: it can be made once
+  per batch (jpack's AttentionPlan) and passed through jit.
+  """
+  table: jax.Array
+  num_ctas: int = dataclasses.field(metadata=dict(static=True))
+
+
+def work_items(ranges, heads: int, compares=None, num_ctas: int | None = None) -> WorkItems:
+  """The work items of a persistent kernel over plan rows `ranges`: one per (row, head).
+
+  ranges: int32 [B, n, 4] plan rows (q-major for the forward and dQ, kv-major
+  for dK/dV); heads: the heads each row is run for (kv heads for dK/dV);
+  compares: the plan's int32 [B, n] (q_compares or kv_compares) or None;
+  num_ctas: default min(num_sms(), number of items).
+  """
+  num_items = ranges.shape[0] * ranges.shape[1] * heads
+  if num_ctas is None:
+    num_ctas = min(num_sms(), num_items)
+  order = persistent_schedule(ranges, heads, num_ctas, window_rounds=WINDOW_ROUNDS)
+  return WorkItems(item_table(ranges, order, heads, compares), num_ctas)
+
+
+def resolve_work_items(items: WorkItems | None, ranges, heads: int, compares,
+                       num_ctas: int | None) -> WorkItems:
+  """`items` checked against a launch, or work_items(ranges, ...) when None.
+
+  ValueError when given items do not fit: a table of another shape, with
+  compares (the table holds them), or num_ctas other than the table's.
+  """
+  if items is None:
+    return work_items(ranges, heads, compares, num_ctas)
+  if not isinstance(items, WorkItems):
+    raise TypeError(f"items must be a WorkItems (work_items), got {type(items).__name__}")
+  expected = (ranges.shape[0] * ranges.shape[1] * heads, 8)
+  if tuple(items.table.shape) != expected or items.table.dtype != jnp.int32:
+    raise ValueError(f"items: the table must be int32 {expected} (one row per plan row "
+                     f"and head), got {items.table.dtype} {tuple(items.table.shape)}")
+  if compares is not None:
+    raise ValueError("items: give the compares to work_items, not beside a table "
+                     "(the table holds them)")
+  if num_ctas is not None and num_ctas != items.num_ctas:
+    raise ValueError(f"num_ctas: the items were dealt to {items.num_ctas} CTAs, "
+                     f"got num_ctas={num_ctas}")
+  return items
+
+
+def cta_items(items_ref, num_ctas: int):
   """(count, describe): the work items of this CTA (grid axis "ctas") in an item table.
 
   items_ref: int32 [num_items, 8] (item_table); CTA c owns rows c, c + num_ctas,
-  ... count: int32, how many (0 if c >= num_items). describe(n): the first
-  `fields` columns, (b, tile, h, lo, full_lo, full_hi, hi[, compares]), of the
-  CTA's item n, independent loads that nothing waits for until they are used;
-  n is clamped into the table, so a loop may prefetch describe(n + 1) at its
-  last item.
+  ... count: int32, how many (0 if c >= num_items). describe(n): the columns
+  (b, tile, h, lo, full_lo, full_hi, hi, compares) of the CTA's item n,
+  independent loads that nothing waits for until they are used; n is clamped
+  into the table, so a loop may prefetch describe(n + 1) at its last item.
   """
   cta = lax.axis_index("ctas")
   num_items = items_ref.shape[0]
@@ -204,7 +256,7 @@ def cta_items(items_ref, num_ctas: int, fields: int = 7):
 
   def describe(n):
     pos = jnp.minimum(cta + n * num_ctas, jnp.int32(num_items - 1))
-    return tuple(items_ref[pos, i] for i in range(fields))
+    return tuple(items_ref[pos, i] for i in range(items_ref.shape[1]))
 
   return count, describe
 
@@ -242,7 +294,7 @@ def _persistent_forward_kernel(items_ref, q_ref, k_ref, v_ref, q_seg_ref,
   block_q = num_consumers * WG_ROWS
   dtype = q_ref.dtype
   stages = jnp.int32(num_stages)
-  count, describe = cta_items(items_ref, num_ctas, fields=8)
+  count, describe = cta_items(items_ref, num_ctas)
 
   def q_buffer(n, consumer):
     return lax.rem(n, jnp.int32(2)) * num_consumers + consumer
@@ -373,7 +425,8 @@ def _persistent_forward_kernel(items_ref, q_ref, k_ref, v_ref, q_seg_ref,
 
 def persistent_forward(q, k, v, q_seg, kv_seg, q_pos, kv_pos, q_ranges, *, tile: TileConfig,
                        scale, causal, sliding_window, num_ctas: int | None = None,
-                       pingpong: bool = False, q_compares=None):
+                       pingpong: bool = False, q_compares=None,
+                       items: WorkItems | None = None):
   """forward(..., schedule="persistent[-pingpong]"): the item table, then the kernel.
 
   Arguments and outputs as mosaic_attention.forward, which checks them.
@@ -382,7 +435,8 @@ def persistent_forward(q, k, v, q_seg, kv_seg, q_pos, kv_pos, q_ranges, *, tile:
   pingpong: the two consumers take turns on the tensor cores (no effect with
   one consumer); needs tile.num_stages >= 2 (ValueError).
   num_ctas: the number of CTAs launched; default min(num_sms(), number of
-  work items B * H * Tq / block_major).
+  work items B * H * Tq / block_major). items: the work items made
+  beforehand (work_items(q_ranges, H, q_compares)), or None to make them here.
   """
   batch, tq, heads, head_dim = q.shape
   num_consumers = tile.block_major // WG_ROWS
@@ -390,12 +444,8 @@ def persistent_forward(q, k, v, q_seg, kv_seg, q_pos, kv_pos, q_ranges, *, tile:
   transforms = mma_transforms(q.dtype)
   opts = dict(scale=scale, causal=causal, sliding_window=sliding_window, block_k=bk,
               num_stages=stages, num_consumers=num_consumers, group=heads // k.shape[2])
-  num_items = batch * heads * q_ranges.shape[1]
-  if num_ctas is None:
-    num_ctas = min(num_sms(), num_items)
-  items = item_table(q_ranges, persistent_schedule(q_ranges, heads, num_ctas,
-                                                   window_rounds=WINDOW_ROUNDS), heads,
-                     q_compares)
+  items = resolve_work_items(items, q_ranges, heads, q_compares, num_ctas)
+  num_ctas = items.num_ctas
   pingpong = pingpong and num_consumers == 2
   if pingpong and stages < 2:
     raise ValueError(f"schedule='persistent-pingpong' needs tile.num_stages >= 2 (one "
@@ -423,7 +473,7 @@ def persistent_forward(q, k, v, q_seg, kv_seg, q_pos, kv_pos, q_ranges, *, tile:
       plgpu.SMEM((stages, 2, bk), jnp.int32),
   )
   return launch(
-      kernel, (items, q, k, v, q_seg, q_pos, kv_seg, kv_pos), scratch,
+      kernel, (items.table, q, k, v, q_seg, q_pos, kv_seg, kv_pos), scratch,
       barriers,
       out_type=(jax.ShapeDtypeStruct(q.shape, q.dtype),
                 jax.ShapeDtypeStruct((batch, heads, tq), jnp.float32)),

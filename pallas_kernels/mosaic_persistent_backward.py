@@ -61,8 +61,7 @@ from pallas_kernels.mosaic_backward_steps import dkdv_step, dq_step, row_stats
 from pallas_kernels.mosaic_common import (
     WG_ROWS, consumer_warpgroups, launch, mma_transforms, producer_warpgroup, row_vector,
     stream_kv_tiles, stream_q_tiles, three_runs, wait_for_free_slot, zeros_acc)
-from pallas_kernels.mosaic_persistent import (
-    cta_items, item_table, num_sms, persistent_schedule)
+from pallas_kernels.mosaic_persistent import WorkItems, cta_items, resolve_work_items
 from pallas_kernels.segment_attention import LOG2E
 
 __all__ = ["persistent_backward_dkdv", "persistent_backward_dq"]
@@ -84,7 +83,7 @@ def _item_loops(items_ref, barriers, wg, *, num_ctas, num_consumers, load_major,
     write_empty(it, pair): consumer; an empty item's zeros.
   """
   major_ready, major_free = barriers
-  count, describe = cta_items(items_ref, num_ctas, fields=8)
+  count, describe = cta_items(items_ref, num_ctas)
   busy = lambda it: it[6] > it[3]  # noqa: E731 - hi > lo
 
   @producer_warpgroup(wg, num_consumers)
@@ -145,14 +144,6 @@ def _item_barriers(copies, num_consumers, ring_copies, stages):
       plgpu.Barrier(num_arrivals=ring_copies, num_barriers=stages),
       plgpu.Barrier(num_arrivals=num_consumers, num_barriers=stages),
   )
-
-
-def _items(ranges, heads, num_items, num_ctas, compares):
-  """(item table, num_ctas) of a persistent launch (num_ctas None: min(SMs, items))."""
-  if num_ctas is None:
-    num_ctas = min(num_sms(), num_items)
-  return (item_table(ranges, persistent_schedule(ranges, heads, num_ctas), heads, compares),
-          num_ctas)
 
 
 # ----------------------------------------------------------------------------
@@ -279,12 +270,13 @@ def _dq_kernel(items_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_seg
 def persistent_backward_dq(q, k, v, do, lse, delta, q_seg, kv_seg, q_pos, kv_pos,
                            q_ranges, *, tile: TileConfig, scale, causal, sliding_window,
                            num_ctas: int | None = None, out=None, dlse=None,
-                           q_compares=None):
+                           q_compares=None, items: WorkItems | None = None):
   """backward_dq(..., schedule="persistent"): dQ [B, Tq, H, D] in q.dtype.
 
   Arguments as mosaic_backward.backward_dq, which checks them (q_compares
   included); num_ctas: the CTAs launched, default min(num_sms(), B * H * Tq /
-  block_major).
+  block_major); items: work_items(q_ranges, H, q_compares) made beforehand, or
+  None.
   out [B, Tq, H, D] and dlse float32 [B, H, Tq] in place of delta (None): the
   kernel computes delta = rowsum(out * do) - dlse itself, in one more ring
   step per item (O through the K/V slot), and returns (dQ, delta float32 [B,
@@ -297,8 +289,8 @@ def persistent_backward_dq(q, k, v, do, lse, delta, q_seg, kv_seg, q_pos, kv_pos
   batch, tq, heads, head_dim = q.shape
   num_consumers = tile.block_major // WG_ROWS
   bk, stages = tile.block_minor, tile.num_stages
-  items, num_ctas = _items(q_ranges, heads, batch * heads * q_ranges.shape[1], num_ctas,
-                           q_compares)
+  items = resolve_work_items(items, q_ranges, heads, q_compares, num_ctas)
+  num_ctas = items.num_ctas
   kernel = functools.partial(
       _dq_kernel, scale=float(scale), causal=causal, sliding_window=sliding_window,
       block_k=bk, num_stages=stages, num_consumers=num_consumers,
@@ -315,7 +307,7 @@ def persistent_backward_dq(q, k, v, do, lse, delta, q_seg, kv_seg, q_pos, kv_pos
       plgpu.SMEM((stages, 2, bk), jnp.int32),
   )
   dq_type = jax.ShapeDtypeStruct(q.shape, q.dtype)
-  args = (items, q, k, v, do, lse, dlse if fuse_delta else delta, q_seg, q_pos, kv_seg,
+  args = (items.table, q, k, v, do, lse, dlse if fuse_delta else delta, q_seg, q_pos, kv_seg,
           kv_pos) + ((out,) if fuse_delta else ())
   return launch(
       kernel, args, scratch, _item_barriers(6, num_consumers, 4, stages),
@@ -406,18 +398,20 @@ def _dkdv_kernel(items_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_s
 
 def persistent_backward_dkdv(q, k, v, do, lse, delta, q_seg, kv_seg, q_pos, kv_pos,
                              kv_ranges, *, tile: TileConfig, scale, causal, sliding_window,
-                             num_ctas: int | None = None, kv_compares=None):
+                             num_ctas: int | None = None, kv_compares=None,
+                             items: WorkItems | None = None):
   """backward_dkdv(..., schedule="persistent"): (dK, dV) [B, Tk, Hkv, D].
 
   Arguments as mosaic_backward.backward_dkdv, which checks them (kv_compares
   included); num_ctas: the CTAs launched, default min(num_sms(), B * Hkv * Tk /
-  block_major).
+  block_major); items: work_items(kv_ranges, Hkv, kv_compares) made
+  beforehand, or None.
   """
   batch, tk, kv_heads, head_dim = k.shape
   num_consumers = tile.block_major // WG_ROWS
   bq, stages = tile.block_minor, tile.num_stages
-  items, num_ctas = _items(kv_ranges, kv_heads, batch * kv_heads * kv_ranges.shape[1],
-                           num_ctas, kv_compares)
+  items = resolve_work_items(items, kv_ranges, kv_heads, kv_compares, num_ctas)
+  num_ctas = items.num_ctas
   kernel = functools.partial(
       _dkdv_kernel, scale=float(scale), causal=causal, sliding_window=sliding_window,
       block_q=bq, num_stages=stages, num_consumers=num_consumers,
@@ -434,7 +428,7 @@ def persistent_backward_dkdv(q, k, v, do, lse, delta, q_seg, kv_seg, q_pos, kv_p
       plgpu.SMEM((stages, 2, bq), jnp.int32),  # q ids, positions
   )
   return launch(
-      kernel, (items, q, k, v, do, lse, delta, q_seg, q_pos, kv_seg, kv_pos), scratch,
+      kernel, (items.table, q, k, v, do, lse, delta, q_seg, q_pos, kv_seg, kv_pos), scratch,
       _item_barriers(4, num_consumers, 6, stages),
       out_type=(jax.ShapeDtypeStruct(k.shape, k.dtype),
                 jax.ShapeDtypeStruct(v.shape, v.dtype)),

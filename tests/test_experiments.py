@@ -208,3 +208,24 @@ def test_bwd_probe_runs_variants_and_times_them(monkeypatch):
   assert again["dq_err_vs_first"] == 0.0 and "dq_err_vs_reference_row0" not in again
   assert "delta_ms" not in again and again["bwd_ms"] == pytest.approx(
       again["dq_ms"] + again["dkdv_ms"], abs=1e-3)
+
+
+def test_bench_jpack_planned_matches_jpack_planning_in_the_call():
+  """bench_attention's jpack_planned peer (the plan made once, passed to every
+  call) computes what the jpack peer (planning inside the call) does."""
+  from experiments import bench_attention as bench
+  from experiments.layouts import packed_segment_ids
+
+  problem = bench.Problem(np.asarray(packed_segment_ids(2, 256, seed=3, mean_len=64)),
+                          heads=4, kv_heads=2, head_dim=64)
+  inputs = bench.random_inputs(problem, seed=5)
+  args = (inputs.q, inputs.k, inputs.v, inputs.cot)
+  results = []
+  for builder in (bench.build_jpack, bench.build_jpack_planned):
+    attend, extra, note = builder(problem, inputs.segment_ids)
+    results.append((bench.forward_fn(attend)(*args[:3], *extra),
+                    *bench.forward_backward_fn(attend)(*args, *extra)))
+  assert "made once" in note
+  for got, want in zip(*results):
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
+                               rtol=1e-6, atol=1e-6)

@@ -239,3 +239,36 @@ def test_keys_no_query_sees_get_zero_dk_dv(case, implementation):
                             case.kv_len).any(axis=(2, 3))  # [B, Hkv, Tk]
   assert np.all(got["dk"].transpose(0, 2, 1, 3)[unseen] == 0.0)
   assert np.all(got["dv"].transpose(0, 2, 1, 3)[unseen] == 0.0)
+
+
+@pytest.mark.parametrize("implementation", ["pallas", "mosaic"])
+def test_a_plan_made_once_gives_what_each_call_computes_alone(implementation):
+  """Two layers sharing one make_attention_plan (with the Mosaic plan: the
+  persistent kernels' work items made with it) give bitwise the outputs and
+  gradients of calls that plan for themselves."""
+  if implementation == "mosaic" and not attention._is_hopper():
+    pytest.skip("implementation='mosaic' needs a Hopper (sm90) GPU")
+  case = GpuCase("plan-reuse", heads=8, kv_heads=2, q_len=4096, kv_len=4096)
+  layout = case.make_layout()
+  q, k, v, do, _ = random_inputs(7, batch=case.batch, q_len=case.q_len,
+                                 kv_len=case.kv_len, heads=case.heads,
+                                 kv_heads=case.kv_heads, head_dim=case.head_dim,
+                                 dtype=jnp.bfloat16)
+  ids = {name: jnp.asarray(x) for name, x in layout.kwargs().items()}
+
+  def two_layers(q, k, v, ids, reuse):
+    kwargs = (dict(plan=attention.make_attention_plan(q, k, **ids,
+                                                      implementation=implementation))
+              if reuse else ids)
+    first = flash_attention(q, k, v, implementation=implementation, **kwargs)
+    return flash_attention(first, k, v, implementation=implementation, **kwargs)
+
+  def run(reuse, ids):
+    out, vjp = jax.vjp(lambda q, k, v: two_layers(q, k, v, ids, reuse), q, k, v)
+    return (out, *vjp(do))
+
+  planned, alone = (jax.jit(run, static_argnums=0)(reuse, ids) for reuse in (True, False))
+  for name, a, b in zip(("out", "dq", "dk", "dv"), planned, alone):
+    np.testing.assert_array_equal(np.asarray(a.astype(jnp.float32)),
+                                  np.asarray(b.astype(jnp.float32)), err_msg=name)
+    assert_finite(name, np.asarray(a.astype(jnp.float32)))

@@ -293,6 +293,34 @@ def test_q_compares_of_the_wrong_shape_are_rejected():
     _small_forward(q_compares=jnp.zeros((1, 2), jnp.int32))
 
 
+def _work_items(n_items, num_ctas=1):
+  return mosaic_persistent.WorkItems(jnp.zeros((n_items, 8), jnp.int32), num_ctas)
+
+
+@pytest.mark.parametrize("options, match", [
+    (dict(items=_work_items(1), schedule="pingpong"), "items.*persistent schedule"),
+    (dict(items=_work_items(2)), r"items: the table must be int32 \(1, 8\)"),
+    (dict(items=_work_items(1), q_compares=jnp.zeros((1, 1), jnp.int32)),
+     "items: give the compares to work_items"),
+    (dict(items=_work_items(1), num_ctas=2), "num_ctas: the items were dealt to 1 CTAs"),
+], ids=["grid", "wrong-table", "with-compares", "other-num-ctas"])
+def test_work_items_that_do_not_fit_the_call_are_rejected(options, match):
+  with pytest.raises(ValueError, match=match):
+    _small_forward(**options)
+
+
+def test_work_items_are_the_item_table_of_the_schedule():
+  ranges = _random_ranges(3, 2, 8, 8)
+  compares = jnp.asarray(np.random.default_rng(3).integers(0, 2**20, (2, 8)), jnp.int32)
+  items = mosaic_persistent.work_items(ranges, 3, compares, num_ctas=5)
+  want = mosaic_persistent.item_table(
+      ranges, mosaic_persistent.persistent_schedule(ranges, 3, 5), 3, compares)
+  assert items.num_ctas == 5
+  np.testing.assert_array_equal(items.table, want)
+  default = mosaic_persistent.work_items(ranges, 3)  # min(SMs, 48 items) CTAs
+  assert default.num_ctas == min(mosaic_persistent.num_sms(), 48)
+
+
 def test_num_sms_without_a_gpu_is_the_h100_default():
   if jax.default_backend() == "gpu":
     assert mosaic_persistent.num_sms() >= 1
@@ -643,6 +671,27 @@ def test_a_mosaic_plan_tiles_the_forward_with_the_mosaic_tile():
   assert (plan.tiles.forward.block_q, plan.tiles.forward.block_k) == (128, 128)
   assert plan.tiles.dq.block_q == mosaic_backward.DEFAULT_DQ_TILE.block_major
   assert plan.ids.q_segment_ids.shape == (2, 1024)  # padded to the largest tile
+
+
+@pytest.mark.parametrize("t, persistent", [(1000, True), (40000, False)])
+def test_a_mosaic_plan_holds_the_work_items_of_its_persistent_kernels(t, persistent):
+  """The forward and dQ kernels run persistent at T = 1000 (their items come
+  with the plan, made once), the grid at T = 40000 (>16 MB of K/V per head);
+  dK/dV runs the grid by default."""
+  q, kv, _ = _api_inputs(t=t, kv_heads=1)
+  rng = np.random.default_rng(t)
+  ids = jnp.asarray(np.cumsum(rng.random((2, t)) < 0.004, axis=1) + 1, jnp.int32)
+  make = lambda ids: make_attention_plan(q, kv, segment_ids=ids,  # noqa: E731
+                                         implementation="mosaic")
+  tiles, heads = (make(ids) if persistent else jax.eval_shape(make, ids)).tiles, q.shape[2]
+  assert tiles.dkdv_items is None
+  if not persistent:
+    assert tiles.forward_items is None and tiles.dq_items is None
+    return
+  for items, rows in ((tiles.forward_items, tiles.forward), (tiles.dq_items, tiles.dq)):
+    want = mosaic_persistent.work_items(rows.q_ranges, heads, rows.q_compares)
+    assert items.num_ctas == want.num_ctas
+    np.testing.assert_array_equal(items.table, want.table)
 
 
 def _mosaic_bad_calls():

@@ -30,7 +30,7 @@ from helpers import (ALL_KINDS, Layout, allowed_np, assert_close, assert_finite,
 from test_gpu import GpuCase
 from jpack import masks
 from jpack.attention import reference_attention
-from pallas_kernels import mosaic_backward
+from pallas_kernels import mosaic_backward, mosaic_persistent
 from pallas_kernels.config import TileConfig
 
 TOL = 2e-2  # bfloat16 / float16 against the float32 reference
@@ -252,6 +252,27 @@ def test_compares_of_the_wrong_shape_are_rejected(kernel, name):
         x, x, x, x, stat, stat, ids, ids, ids, ids, jnp.zeros((1, 2, 4), jnp.int32),
         tile=DQ_TILE, scale=0.1, causal=True, sliding_window=None,
         **{name: jnp.zeros((1, 3), jnp.int32)})
+
+
+def _work_items(n_items, num_ctas=4):
+  return mosaic_persistent.WorkItems(jnp.zeros((n_items, 8), jnp.int32), num_ctas)
+
+
+@pytest.mark.parametrize("kernel", ["backward_dq", "backward_dkdv"])
+@pytest.mark.parametrize("options, match", [
+    (dict(items=_work_items(4), schedule="grid"), "items.*schedule='persistent'"),
+    (dict(items=_work_items(5), schedule="persistent"),
+     r"items: the table must be int32 \(4, 8\)"),
+    (dict(items=_work_items(4), schedule="persistent", num_ctas=3), "num_ctas"),
+], ids=["grid", "wrong-table", "other-num-ctas"])
+def test_work_items_that_do_not_fit_the_call_are_rejected(kernel, options, match):
+  x = jnp.zeros((1, 256, 2, 128), jnp.bfloat16)
+  stat = jnp.zeros((1, 2, 256), jnp.float32)
+  ids = jnp.ones((1, 256), jnp.int32)
+  with pytest.raises(ValueError, match=match):  # 2 plan rows x 2 heads: 4 items
+    getattr(mosaic_backward, kernel)(
+        x, x, x, x, stat, stat, ids, ids, ids, ids, jnp.zeros((1, 2, 4), jnp.int32),
+        tile=DQ_TILE, scale=0.1, causal=True, sliding_window=None, **options)
 
 
 @pytest.mark.parametrize("kernel", ["backward_dq", "backward_dkdv"])
