@@ -3,10 +3,12 @@
     PYTHONPATH=. python experiments/fwd_probe.py \\
         --variants persistent-pingpong,pingpong,serial@128x64s3 --layouts packed,dense,full
 
-A variant is "schedule[@BQxBKsS][+compares]": a schedule of
+A variant is "schedule[@BQxBKsS][+compares][+halves]": a schedule of
 mosaic_attention.SCHEDULES, an optional tiling (default
-mosaic_attention.DEFAULT_TILE) and "+compares": pass the plan's q_compares
-(masked tiles that need one compare; persistent schedules only). Layouts, all
+mosaic_attention.DEFAULT_TILE), "+compares": pass the plan's q_compares
+(masked tiles that need one compare) and "+halves": its q_halves (consumers
+that run the last kv tile on its first half; both persistent schedules
+only). Layouts, all
 B=4 (--batch), T=8192, H=16, D=128 bfloat16 (the main shape of
 bench_attention.py):
   packed  lognormal documents of mean length 1024, causal (the main case);
@@ -64,6 +66,8 @@ from pallas_kernels.config import TileConfig  # noqa: E402
 
 BATCH, SEQ_LEN, HEADS, HEAD_DIM = 4, 8192, 16, 128
 LAYOUTS = ("packed", "padded", "dense", "full", "blocks", "blocksc")
+OPTIONS = ("compares", "halves")
+"""Variant options: pass the plan's q_compares, its q_halves (persistent schedules)."""
 
 
 def layout(name, seed=0, batch=None):
@@ -84,10 +88,11 @@ def layout(name, seed=0, batch=None):
 
 
 def parse_variant(text):
-  """(schedule, TileConfig, compares: bool) of "schedule[@BQxBKsS][+compares]"."""
-  text, plus, option = text.partition("+")
-  if plus and option != "compares":
-    raise ValueError(f"the only variant option is +compares, got +{option!r}")
+  """(schedule, TileConfig, options: frozenset) of "schedule[@BQxBKsS][+option...]",
+  options among OPTIONS."""
+  text, *options = text.split("+")
+  if unknown := set(options) - set(OPTIONS):
+    raise ValueError(f"variant options are {OPTIONS}, got {sorted(unknown)}")
   schedule, _, tiling = text.partition("@")
   if schedule not in mosaic_attention.SCHEDULES:
     raise ValueError(f"schedule must be one of {mosaic_attention.SCHEDULES}, got {schedule!r}")
@@ -96,7 +101,7 @@ def parse_variant(text):
     bq, rest = tiling.split("x")
     bk, stages = rest.split("s")
     tile = TileConfig(int(bq), int(bk), num_stages=int(stages))
-  return schedule, tile, bool(plus)
+  return schedule, tile, frozenset(options)
 
 
 @contextlib.contextmanager
@@ -158,14 +163,14 @@ def rel_err(a, b):
 
 
 def kernel(tile, schedule, scale, causal):
-  """jitted (q, k, v, seg, pos, q_ranges, q_compares or None) -> out of the Mosaic
-  forward (self-attention)."""
-  return jax.jit(lambda q, k, v, seg, pos, ranges, compares: mosaic_attention.forward(
+  """jitted (q, k, v, seg, pos, q_ranges, q_compares or None, q_halves or None) -> out
+  of the Mosaic forward (self-attention)."""
+  return jax.jit(lambda q, k, v, seg, pos, ranges, compares, halves: mosaic_attention.forward(
       q, k, v, seg, seg, pos, pos, ranges, tile=tile, scale=scale, causal=causal,
-      sliding_window=None, schedule=schedule, q_compares=compares)[0])
+      sliding_window=None, schedule=schedule, q_compares=compares, q_halves=halves)[0])
 
 
-def run_variant(name, schedule, tile, compares, layout_name, inputs, args, first_out):
+def run_variant(name, schedule, tile, options, layout_name, inputs, args, first_out):
   """(result dict, out float32 numpy) of one variant on one layout (module docstring).
 
   inputs: (q, k, v, segment ids, positions) of the layout; first_out: the
@@ -179,7 +184,8 @@ def run_variant(name, schedule, tile, compares, layout_name, inputs, args, first
   ranges = np.asarray(plan.q_ranges)
   tiles = int((ranges[..., 3] - ranges[..., 0]).clip(0).sum()) * HEADS
   fn, fn_args = kernel(tile, schedule, scale, causal), (
-      *inputs, plan.q_ranges, plan.q_compares if compares else None)
+      *inputs, plan.q_ranges, plan.q_compares if "compares" in options else None,
+      plan.q_halves if "halves" in options else None)
   result = {}
   dump = args.dump and os.path.join(args.dump, name.replace("@", "_") + ".txt")
   trace_dir = args.profile and os.path.join(args.profile, f"{layout_name}-{name}")
@@ -234,10 +240,10 @@ def main():
   for layout_name in args.layouts.split(","):
     inputs = (q, k, v, jnp.asarray(layout(layout_name, batch=args.batch)[0]), pos)
     first_out = None
-    for name, schedule, tile, compares in variants:
+    for name, schedule, tile, options in variants:
       result = dict(layout=layout_name, variant=name)
       try:
-        found, out = run_variant(name, schedule, tile, compares, layout_name, inputs, args,
+        found, out = run_variant(name, schedule, tile, options, layout_name, inputs, args,
                                  first_out)
         result.update(found)
         first_out = out if first_out is None else first_out

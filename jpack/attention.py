@@ -542,8 +542,8 @@ def _mosaic_work_items(plan: AttentionPlan, dtype):
   dkdv = mosaic_backward.default_schedule(config.dkdv, q, "dkdv") == "persistent"
   return dataclasses.replace(
       tiles,
-      forward_items=(work(tiles.forward.q_ranges, heads, tiles.forward.q_compares)
-                     if forward else None),
+      forward_items=(work(tiles.forward.q_ranges, heads, tiles.forward.q_compares,
+                          halves=tiles.forward.q_halves) if forward else None),
       dq_items=work(tiles.dq.q_ranges, heads, tiles.dq.q_compares) if dq else None,
       dkdv_items=(work(tiles.dkdv.kv_ranges, k.shape[2], tiles.dkdv.kv_compares)
                   if dkdv else None))

@@ -153,12 +153,15 @@ class TilePlan:
     q_compares: int32 [B, nq], per q tile the masked kv tiles that need only
       one of the mask's two compares (`compare_splits`).
     kv_compares: int32 [B, nk], the same per kv tile (its masked q tiles).
+    q_halves: int32 [B, nq], per q tile the groups of HALF_ROWS rows that see
+      nothing of the second half of its last kv tile (`last_tile_halves`).
   The ranges use the (lo, full_lo, full_hi, hi) layout of `visit_ranges`.
   """
   q_ranges: jax.Array
   kv_ranges: jax.Array
   q_compares: jax.Array
   kv_compares: jax.Array
+  q_halves: jax.Array
   block_q: int = dataclasses.field(metadata=dict(static=True))
   block_k: int = dataclasses.field(metadata=dict(static=True))
 
@@ -178,8 +181,46 @@ def make_tile_plan(q_segment_ids, kv_segment_ids, q_positions, kv_positions, *,
   kv_ranges = visit_ranges(visit.transpose(0, 2, 1), full.transpose(0, 2, 1))
   q_compares, kv_compares = compare_splits(q, kv, q_ranges, kv_ranges, causal=causal,
                                            sliding_window=sliding_window)
+  q_halves = last_tile_halves(q_segment_ids, kv_segment_ids, q_positions, kv_positions,
+                              q_ranges, block_q=block_q, block_k=block_k, causal=causal,
+                              sliding_window=sliding_window)
   return TilePlan(q_ranges=q_ranges, kv_ranges=kv_ranges, q_compares=q_compares,
-                  kv_compares=kv_compares, block_q=block_q, block_k=block_k)
+                  kv_compares=kv_compares, q_halves=q_halves, block_q=block_q,
+                  block_k=block_k)
+
+
+HALF_ROWS = 64
+"""The row groups of last_tile_halves: one consumer warpgroup's rows in the Mosaic kernels."""
+
+
+def last_tile_halves(q_segment_ids, kv_segment_ids, q_positions, kv_positions, q_ranges, *,
+                     block_q: int, block_k: int, causal: bool, sliding_window: int | None,
+                     rows: int = HALF_ROWS):
+  """int32 [B, nq]: bit r set when rows [rows * r, rows * (r + 1)) of a q tile can
+  attend no key of the second half of the tile's last kv tile (hi - 1).
+
+  Such rows may run that tile on its first block_k / 2 keys only (its diagonal
+  tile, typically: the first rows of a q tile inside one document see only
+  the keys up to their own positions). Decided by tile_occupancy at the finer
+  tiling (rows x block_k / 2), so sound like the plan itself; 0 for an empty
+  row, and when block_q is not a multiple of rows or block_k is odd.
+  """
+  batch, n_q = q_ranges.shape[:2]
+  groups = block_q // rows
+  if block_q % rows or block_k % 2:
+    return jnp.zeros((batch, n_q), jnp.int32)
+  q = tile_stats(q_segment_ids, q_positions, rows)
+  kv = tile_stats(kv_segment_ids, kv_positions, block_k // 2)
+  visit, _ = tile_occupancy(q, kv, causal=causal, sliding_window=sliding_window)
+  lo, hi = q_ranges[..., 0], q_ranges[..., 3]
+  second_half = jnp.maximum(2 * hi - 1, 0)  # the half tile index of (hi - 1)'s second half
+  visit = visit.reshape(batch, n_q, groups, visit.shape[-1])
+  sees = jnp.take_along_axis(
+      visit, jnp.broadcast_to(second_half[:, :, None, None], (batch, n_q, groups, 1)),
+      axis=-1)[..., 0]
+  blind = ~sees & (hi > lo)[..., None]
+  return jnp.sum(blind.astype(jnp.int32) << jnp.arange(groups, dtype=jnp.int32),
+                 axis=-1).astype(jnp.int32)
 
 
 def compare_splits(q: TileStats, kv: TileStats, q_ranges, kv_ranges, *, causal: bool,

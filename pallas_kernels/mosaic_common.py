@@ -366,8 +366,11 @@ def tile_doc_mask(major_ids, ids_smem, slot, shape, *, kv_major, causal, sliding
   those `compare` needs). kv_major: the rows are keys (the minor ids are q ids).
   """
   needed = (compare != "positions", compare != "ids")
-  minor_ids = tuple(col_vector(ids_smem.at[slot, n][...]) if needed[n] else None
-                    for n in range(2))
+  def ids(n):  # a tile may run on its first columns only
+    ref = ids_smem.at[slot, n]
+    return col_vector((ref if ref.shape[-1] == shape[1] else ref.at[pl.ds(0, shape[1])])[...])
+
+  minor_ids = tuple(ids(n) if needed[n] else None for n in range(2))
   q_ids, kv_ids = (minor_ids, major_ids) if kv_major else (major_ids, minor_ids)
   return doc_mask(*q_ids, *kv_ids, shape, kv_major=kv_major, causal=causal,
                   sliding_window=sliding_window, compare=compare)

@@ -17,6 +17,11 @@ The loops carry named scopes (c_qk, c_softmax, p_load_kv, ...): regions of
 Mosaic GPU's on-device profiler when it is on (experiments/fwd_probe.py
 --profile), no code otherwise.
 
+Halves. A consumer whose item's halves bit (the plan's q_halves, jpack.masks.
+last_tile_halves) says its 64 rows see nothing of the second half of the
+item's last kv tile runs that step on the tile's first 64 keys only (128-key
+tiles): typically consumer 0 on a diagonal tile. Same barriers, same outputs.
+
 Items. A CTA's items are n = 0 .. N-1, the busy ones (hi > lo: at least one
 kv tile) first, then the empty ones (persistent_schedule). A busy item n uses
 Q buffer pair qs = n % 2 (one 64-row buffer per consumer, which also stages
@@ -171,22 +176,25 @@ def persistent_schedule(q_ranges, heads: int, num_ctas: int,
   return items[sorted_pos]
 
 
-def item_table(q_ranges, schedule, heads: int, q_compares=None):
-  """int32 [num_items, 8]: row i = (b, qt, h, lo, full_lo, full_hi, hi, compares), item schedule[i].
+def item_table(q_ranges, schedule, heads: int, q_compares=None, q_halves=None):
+  """int32 [num_items, 9]: row i = (b, qt, h, lo, full_lo, full_hi, hi, compares, halves)
+  of item schedule[i].
 
   q_ranges: int32 [B, nq, 4]; schedule: int32 [num_items], items encoded as
   (b * nq + qt) * heads + h (persistent_schedule); q_compares: the plan's
   int32 [B, nq] (jpack.masks.compare_splits), or None for 0 (every masked
-  tile compares everything). The kernel reads a row with independent loads,
-  instead of decoding the item and then loading its plan row (two dependent
-  trips to global memory at every item).
+  tile compares everything); q_halves: the plan's int32 [B, nq] (jpack.masks.
+  last_tile_halves), or None for 0. The kernel reads a row with independent
+  loads, instead of decoding the item and then loading its plan row (two
+  dependent trips to global memory at every item).
   """
   n_q = q_ranges.shape[1]
   h, row = schedule % heads, schedule // heads
   b, qt = row // n_q, row % n_q
-  compares = jnp.zeros_like(h) if q_compares is None else q_compares[b, qt]
+  per_row = lambda x: jnp.zeros_like(h) if x is None else x[b, qt]  # noqa: E731
   return jnp.concatenate([jnp.stack([b, qt, h], axis=1), q_ranges[b, qt],
-                          compares[:, None]], axis=1).astype(jnp.int32)
+                          per_row(q_compares)[:, None], per_row(q_halves)[:, None]],
+                         axis=1).astype(jnp.int32)
 
 
 @jax.tree_util.register_dataclass
@@ -194,7 +202,7 @@ def item_table(q_ranges, schedule, heads: int, q_compares=None):
 class WorkItems:
   """A persistent kernel's work items, in reading order: what `work_items` returns.
 
-  table: int32 [num_items, 8] (item_table); num_ctas: the CTAs that deal them
+  table: int32 [num_items, 9] (item_table); num_ctas: the CTAs that deal them
   (persistent_schedule's order depends on it). A pytree: it can be made once
   per batch (jpack's AttentionPlan) and passed through jit.
   """
@@ -202,53 +210,57 @@ class WorkItems:
   num_ctas: int = dataclasses.field(metadata=dict(static=True))
 
 
-def work_items(ranges, heads: int, compares=None, num_ctas: int | None = None) -> WorkItems:
+def work_items(ranges, heads: int, compares=None, num_ctas: int | None = None,
+               halves=None) -> WorkItems:
   """The work items of a persistent kernel over plan rows `ranges`: one per (row, head).
 
   ranges: int32 [B, n, 4] plan rows (q-major for the forward and dQ, kv-major
   for dK/dV); heads: the heads each row is run for (kv heads for dK/dV);
   compares: the plan's int32 [B, n] (q_compares or kv_compares) or None;
-  num_ctas: default min(num_sms(), number of items).
+  num_ctas: default min(num_sms(), number of items); halves: the plan's
+  q_halves (the forward's) or None.
   """
   num_items = ranges.shape[0] * ranges.shape[1] * heads
   if num_ctas is None:
     num_ctas = min(num_sms(), num_items)
   order = persistent_schedule(ranges, heads, num_ctas, window_rounds=WINDOW_ROUNDS)
-  return WorkItems(item_table(ranges, order, heads, compares), num_ctas)
+  return WorkItems(item_table(ranges, order, heads, compares, halves), num_ctas)
 
 
 def resolve_work_items(items: WorkItems | None, ranges, heads: int, compares,
-                       num_ctas: int | None) -> WorkItems:
+                       num_ctas: int | None, halves=None) -> WorkItems:
   """`items` checked against a launch, or work_items(ranges, ...) when None.
 
   ValueError when given items do not fit: a table of another shape, with
-  compares (the table holds them), or num_ctas other than the table's.
+  compares or halves (the table holds them), or num_ctas other than the
+  table's.
   """
   if items is None:
-    return work_items(ranges, heads, compares, num_ctas)
+    return work_items(ranges, heads, compares, num_ctas, halves)
   if not isinstance(items, WorkItems):
     raise TypeError(f"items must be a WorkItems (work_items), got {type(items).__name__}")
-  expected = (ranges.shape[0] * ranges.shape[1] * heads, 8)
+  expected = (ranges.shape[0] * ranges.shape[1] * heads, 9)
   if tuple(items.table.shape) != expected or items.table.dtype != jnp.int32:
     raise ValueError(f"items: the table must be int32 {expected} (one row per plan row "
                      f"and head), got {items.table.dtype} {tuple(items.table.shape)}")
-  if compares is not None:
-    raise ValueError("items: give the compares to work_items, not beside a table "
-                     "(the table holds them)")
+  if compares is not None or halves is not None:
+    raise ValueError("items: give the compares and halves to work_items, not beside a "
+                     "table (the table holds them)")
   if num_ctas is not None and num_ctas != items.num_ctas:
     raise ValueError(f"num_ctas: the items were dealt to {items.num_ctas} CTAs, "
                      f"got num_ctas={num_ctas}")
   return items
 
 
-def cta_items(items_ref, num_ctas: int):
+def cta_items(items_ref, num_ctas: int, columns: int = 8):
   """(count, describe): the work items of this CTA (grid axis "ctas") in an item table.
 
-  items_ref: int32 [num_items, 8] (item_table); CTA c owns rows c, c + num_ctas,
-  ... count: int32, how many (0 if c >= num_items). describe(n): the columns
-  (b, tile, h, lo, full_lo, full_hi, hi, compares) of the CTA's item n,
-  independent loads that nothing waits for until they are used; n is clamped
-  into the table, so a loop may prefetch describe(n + 1) at its last item.
+  items_ref: int32 [num_items, 9] (item_table); CTA c owns rows c, c + num_ctas,
+  ... count: int32, how many (0 if c >= num_items). describe(n): the first
+  `columns` columns (b, tile, h, lo, full_lo, full_hi, hi, compares[, halves])
+  of the CTA's item n, independent loads that nothing waits for until they are
+  used; n is clamped into the table, so a loop may prefetch describe(n + 1) at
+  its last item.
   """
   cta = lax.axis_index("ctas")
   num_items = items_ref.shape[0]
@@ -256,7 +268,7 @@ def cta_items(items_ref, num_ctas: int):
 
   def describe(n):
     pos = jnp.minimum(cta + n * num_ctas, jnp.int32(num_items - 1))
-    return tuple(items_ref[pos, i] for i in range(items_ref.shape[1]))
+    return tuple(items_ref[pos, i] for i in range(columns))
 
   return count, describe
 
@@ -294,7 +306,10 @@ def _persistent_forward_kernel(items_ref, q_ref, k_ref, v_ref, q_seg_ref,
   block_q = num_consumers * WG_ROWS
   dtype = q_ref.dtype
   stages = jnp.int32(num_stages)
-  count, describe = cta_items(items_ref, num_ctas)
+  count, describe = cta_items(items_ref, num_ctas, columns=9)
+  # A consumer whose rows see nothing of its item's last kv tile's second half
+  # (the item's halves bit) runs that tile on its first half_k keys only.
+  half_k = block_k // 2 if block_k == 128 else None
 
   def q_buffer(n, consumer):
     return lax.rem(n, jnp.int32(2)) * num_consumers + consumer
@@ -303,7 +318,7 @@ def _persistent_forward_kernel(items_ref, q_ref, k_ref, v_ref, q_seg_ref,
   def _producer():
 
     def item(n, carry):
-      t, (b, qt, h, lo, _, _, hi, _) = carry
+      t, (b, qt, h, lo, _, _, hi, _, _) = carry
       next_item = describe(n + 1)  # loaded now, used by the next iteration
       qs = lax.rem(n, jnp.int32(2))
 
@@ -342,7 +357,6 @@ def _persistent_forward_kernel(items_ref, q_ref, k_ref, v_ref, q_seg_ref,
   @consumer_warpgroups(wg, num_consumers)
   def _consumer():
     logit_scale = scale * LOG2E
-    s_shape = (WG_ROWS, block_k)
     o_shape = (WG_ROWS, head_dim)
 
     # The pingpong consumers' meeting point (docstring); nothing without it.
@@ -351,7 +365,7 @@ def _persistent_forward_kernel(items_ref, q_ref, k_ref, v_ref, q_seg_ref,
       pl.when(wg == 1)(meet)  # consumer 1 runs one rendezvous behind (docstring)
 
     def item(n, carry):
-      t0, (b, qt, h, lo, full_lo, full_hi, hi, compares) = carry
+      t0, (b, qt, h, lo, full_lo, full_hi, hi, compares, halves) = carry
       next_item = describe(n + 1)  # loads issued now, used by the next iteration
       qs = lax.rem(n, jnp.int32(2))
       buf = q_buffer(n, wg)
@@ -366,18 +380,31 @@ def _persistent_forward_kernel(items_ref, q_ref, k_ref, v_ref, q_seg_ref,
         q_ids = tuple(row_vector(q_ids_smem.at[buf, i][...]) for i in range(2))
 
         def visit(j, carry, *, masked):
-          acc, m, l = carry
           slot = lax.rem(t0 + (j - lo), stages)
           with jax.named_scope("c_wait_kv"):
             plgpu.barrier_wait(kv_ready.at[slot])  # once per step, every consumer
+          if masked is False or half_k is None:
+            carry = step(j, carry, slot, masked, block_k)
+          else:
+            half = ((lax.shift_right_logical(halves, wg) & 1) == 1) & (j == hi - 1)
+            carry = lax.cond(half, functools.partial(step, width=half_k),
+                             functools.partial(step, width=block_k), j, carry, slot, masked)
+          plgpu.barrier_arrive(kv_consumed.at[slot])  # once per step, every consumer
+          return carry
+
+        def step(j, carry, slot, masked, width):
+          """One kv tile on its first `width` keys (the rest masked for these rows)."""
+          acc, m, l = carry
+          first = lambda ref: ref if width == block_k else ref.at[pl.ds(0, width)]  # noqa: E731
 
           def qk(acc_ref):
-            plgpu.wgmma(acc_ref, q_smem, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
+            plgpu.wgmma(acc_ref, q_smem,
+                        plgpu.transpose_ref(first(k_smem.at[slot]), (1, 0)))
             meet()  # QK^T issued: the other consumer may finish its softmax
             return acc_ref[...]
 
           with jax.named_scope("c_qk"):
-            s = pl.run_scoped(qk, plgpu.ACC(s_shape, jnp.float32))
+            s = pl.run_scoped(qk, plgpu.ACC((WG_ROWS, width), jnp.float32))
 
           # q_free[1 - qs]: the release of item n - 1, once per item, after the
           # first QK^T (so the store had time to read its Q buffer).
@@ -398,8 +425,7 @@ def _persistent_forward_kernel(items_ref, q_ref, k_ref, v_ref, q_seg_ref,
               meet()  # softmax done; the other consumer issued its QK^T
 
           with jax.named_scope("c_pv"):
-            acc = mma_accumulate(acc, p, v_smem.at[slot], dtype)
-          plgpu.barrier_arrive(kv_consumed.at[slot])  # once per step, every consumer
+            acc = mma_accumulate(acc, p, first(v_smem.at[slot]), dtype)
           return acc, m_new, l
 
         acc, m, l = three_runs(lo, full_lo, full_hi, hi, visit,
@@ -425,7 +451,7 @@ def _persistent_forward_kernel(items_ref, q_ref, k_ref, v_ref, q_seg_ref,
 
 def persistent_forward(q, k, v, q_seg, kv_seg, q_pos, kv_pos, q_ranges, *, tile: TileConfig,
                        scale, causal, sliding_window, num_ctas: int | None = None,
-                       pingpong: bool = False, q_compares=None,
+                       pingpong: bool = False, q_compares=None, q_halves=None,
                        items: WorkItems | None = None):
   """forward(..., schedule="persistent[-pingpong]"): the item table, then the kernel.
 
@@ -435,8 +461,11 @@ def persistent_forward(q, k, v, q_seg, kv_seg, q_pos, kv_pos, q_ranges, *, tile:
   pingpong: the two consumers take turns on the tensor cores (no effect with
   one consumer); needs tile.num_stages >= 2 (ValueError).
   num_ctas: the number of CTAs launched; default min(num_sms(), number of
-  work items B * H * Tq / block_major). items: the work items made
-  beforehand (work_items(q_ranges, H, q_compares)), or None to make them here.
+  work items B * H * Tq / block_major). q_halves: the plan's int32 [B, nq]
+  (jpack.masks.last_tile_halves: whose rows need only the first half of the
+  last kv tile; used with block_k = 128), or None. items: the work items made
+  beforehand (work_items(q_ranges, H, q_compares, halves=q_halves)), or None
+  to make them here.
   """
   batch, tq, heads, head_dim = q.shape
   num_consumers = tile.block_major // WG_ROWS
@@ -444,7 +473,7 @@ def persistent_forward(q, k, v, q_seg, kv_seg, q_pos, kv_pos, q_ranges, *, tile:
   transforms = mma_transforms(q.dtype)
   opts = dict(scale=scale, causal=causal, sliding_window=sliding_window, block_k=bk,
               num_stages=stages, num_consumers=num_consumers, group=heads // k.shape[2])
-  items = resolve_work_items(items, q_ranges, heads, q_compares, num_ctas)
+  items = resolve_work_items(items, q_ranges, heads, q_compares, num_ctas, q_halves)
   num_ctas = items.num_ctas
   pingpong = pingpong and num_consumers == 2
   if pingpong and stages < 2:

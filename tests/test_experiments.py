@@ -97,14 +97,15 @@ def test_workers_die_with_their_parent():
   pytest.fail(f"worker {worker} still running 10 s after its parent was killed")
 
 
-def test_fwd_probe_variants_parse_into_schedules_tiles_and_compares():
+def test_fwd_probe_variants_parse_into_schedules_tiles_and_options():
   assert fwd_probe.parse_variant("pingpong") == ("pingpong", mosaic_attention.DEFAULT_TILE,
-                                                 False)
-  schedule, tile, compares = fwd_probe.parse_variant("serial@128x64s3")
-  assert schedule == "serial" and not compares
+                                                 frozenset())
+  schedule, tile, options = fwd_probe.parse_variant("serial@128x64s3")
+  assert schedule == "serial" and not options
   assert (tile.block_major, tile.block_minor, tile.num_stages) == (128, 64, 3)
   assert fwd_probe.parse_variant("persistent-pingpong+compares") == (
-      "persistent-pingpong", mosaic_attention.DEFAULT_TILE, True)
+      "persistent-pingpong", mosaic_attention.DEFAULT_TILE, frozenset({"compares"}))
+  assert fwd_probe.parse_variant("persistent+halves+compares")[2] == {"compares", "halves"}
   with pytest.raises(ValueError, match="schedule"):
     fwd_probe.parse_variant("eager")
   with pytest.raises(ValueError, match="compares"):
@@ -144,7 +145,7 @@ def test_fwd_probe_runs_variants_and_times_them(monkeypatch):
   monkeypatch.setattr(fwd_probe, "SEQ_LEN", 1024)
   monkeypatch.setattr(fwd_probe, "HEADS", 2)
   monkeypatch.setattr(fwd_probe, "kernel", lambda tile, schedule, scale, causal: jax.jit(
-      lambda q, k, v, seg, pos, ranges, compares: reference_attention(
+      lambda q, k, v, seg, pos, ranges, compares, halves: reference_attention(
           q, k, v, segment_ids=seg, causal=causal, scale=scale).astype(q.dtype)))
   args = type("Args", (), dict(dump=None, profile=None, reps=2))()
   shape = (1, 1024, 2, fwd_probe.HEAD_DIM)
@@ -153,11 +154,13 @@ def test_fwd_probe_runs_variants_and_times_them(monkeypatch):
   pos = jnp.arange(1024, dtype=jnp.int32)[None]
   seg = jnp.asarray(fwd_probe.layout("blocksc", batch=1)[0])
   first, out = fwd_probe.run_variant("pingpong", "pingpong", mosaic_attention.DEFAULT_TILE,
-                                     False, "blocksc", (q, k, v, seg, pos), args, None)
+                                     frozenset(), "blocksc", (q, k, v, seg, pos), args, None)
   assert first["rel_err_vs_reference_row0"] < 1e-2 and first["rel_err_vs_first"] == 0.0
   assert first["nonfinite"] == 0 and first["ms"] > 0 and first["tiles"] == 8 * 9 // 2 * 2
-  again, _ = fwd_probe.run_variant("serial+compares", "serial", mosaic_attention.DEFAULT_TILE,
-                                   True, "blocksc", (q, k, v, seg, pos), args, out)
+  again, _ = fwd_probe.run_variant("serial+compares+halves", "serial",
+                                   mosaic_attention.DEFAULT_TILE,
+                                   frozenset({"compares", "halves"}), "blocksc",
+                                   (q, k, v, seg, pos), args, out)
   assert again["rel_err_vs_first"] == 0.0 and "rel_err_vs_reference_row0" not in again
 
 

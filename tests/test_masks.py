@@ -206,6 +206,49 @@ def test_one_compare_suffices_where_the_compares_say_so(kind, blocks, view, opt,
   assert (allowed == positions_only)[positions_span].all()
 
 
+def _blind_halves(layout, block_q, block_k, causal, sliding_window, rows):
+  """(ranges [B, nq, 4], halves [B, nq], blind: bool [B, Tq, Tk], the token pairs
+  last_tile_halves says no row can attend: each flagged row group against the
+  second half of its q tile's last kv tile)."""
+  plan = _plan_fn(block_q, block_k, causal, sliding_window)(*layout.arrays())
+  halves = np.asarray(masks.last_tile_halves(
+      *layout.arrays(), plan.q_ranges, block_q=block_q, block_k=block_k, causal=causal,
+      sliding_window=sliding_window, rows=rows))
+  ranges = np.asarray(plan.q_ranges)
+  blind = np.zeros((layout.q_segment_ids.shape[0], layout.q_segment_ids.shape[1],
+                    layout.kv_segment_ids.shape[1]), bool)
+  for b, i in zip(*np.nonzero(halves)):
+    keys = slice(ranges[b, i, 3] * block_k - block_k // 2, ranges[b, i, 3] * block_k)
+    for r in range(block_q // rows):
+      if halves[b, i] >> r & 1:
+        blind[b, i * block_q + r * rows:i * block_q + (r + 1) * rows, keys] = True
+  return ranges, halves, blind
+
+
+@pytest.mark.parametrize("kind,blocks", LAYOUT_CASES, ids=LAYOUT_IDS)
+@given(opt=st.sampled_from(OPTIONS), data=st.data())
+def test_last_tile_halves_flag_only_rows_that_see_nothing_there(kind, blocks, opt, data):
+  """Pair by pair: a flagged row group attends no key of its last kv tile's second half."""
+  layout = data.draw(_layouts(kind, blocks))
+  block_q, block_k = blocks
+  ranges, halves, blind = _blind_halves(layout, block_q, block_k, *opt,
+                                        rows=max(1, block_q // 2))
+  assert not (halves[ranges[..., 3] <= ranges[..., 0]]).any()  # empty rows: nothing
+  assert not (allowed_np(layout, causal=opt[0], sliding_window=opt[1]) & blind).any()
+
+
+def test_the_first_rows_of_a_diagonal_tile_need_half_of_it():
+  """One document of 64 tokens, 32-row q tiles in groups of 16 rows, 32-key kv tiles,
+  causal: on each diagonal tile the first 16 rows see only the first 16 keys."""
+  seg = np.ones((1, 64), np.int32)
+  pos = arange_positions(1, 64)
+  ranges, halves, _ = _blind_halves(Layout(seg, seg, pos, pos), 32, 32, True, None, rows=16)
+  np.testing.assert_array_equal(ranges[0, :, 3], [1, 2])
+  np.testing.assert_array_equal(halves[0], [1, 1])  # group 0 only
+  _, halves, _ = _blind_halves(Layout(seg, seg, pos, pos), 32, 32, False, None, rows=16)
+  np.testing.assert_array_equal(halves[0], [0, 0])  # bidirectional: every key is seen
+
+
 def test_packed_documents_need_one_compare_per_masked_tile():
   """Documents of 40 and 24 tokens, positions along the row, 16 x 16 tiles, causal.
 

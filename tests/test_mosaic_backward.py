@@ -255,14 +255,14 @@ def test_compares_of_the_wrong_shape_are_rejected(kernel, name):
 
 
 def _work_items(n_items, num_ctas=4):
-  return mosaic_persistent.WorkItems(jnp.zeros((n_items, 8), jnp.int32), num_ctas)
+  return mosaic_persistent.WorkItems(jnp.zeros((n_items, 9), jnp.int32), num_ctas)
 
 
 @pytest.mark.parametrize("kernel", ["backward_dq", "backward_dkdv"])
 @pytest.mark.parametrize("options, match", [
     (dict(items=_work_items(4), schedule="grid"), "items.*schedule='persistent'"),
     (dict(items=_work_items(5), schedule="persistent"),
-     r"items: the table must be int32 \(4, 8\)"),
+     r"items: the table must be int32 \(4, 9\)"),
     (dict(items=_work_items(4), schedule="persistent", num_ctas=3), "num_ctas"),
 ], ids=["grid", "wrong-table", "other-num-ctas"])
 def test_work_items_that_do_not_fit_the_call_are_rejected(kernel, options, match):
