@@ -689,7 +689,8 @@ def test_a_mosaic_plan_holds_the_work_items_of_its_persistent_kernels(t, persist
   ids = jnp.asarray(np.cumsum(rng.random((2, t)) < 0.004, axis=1) + 1, jnp.int32)
   make = lambda ids: make_attention_plan(q, kv, segment_ids=ids,  # noqa: E731
                                          implementation="mosaic")
-  tiles, heads = (make(ids) if persistent else jax.eval_shape(make, ids)).tiles, q.shape[2]
+  tiles, heads = (jax.jit(make) if persistent else functools.partial(jax.eval_shape, make))(
+      ids).tiles, q.shape[2]
   assert tiles.dkdv_items is None
   if not persistent:
     assert tiles.forward_items is None and tiles.dq_items is None
