@@ -54,7 +54,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.config import TileConfig
 from pallas_kernels.mosaic_common import (
-    WG_ROWS, broadcast_rows, check_supported, consumer_warpgroups, copy_q_tile,
+    WG_ROWS, broadcast_rows, check_row_words, check_supported, consumer_warpgroups, copy_q_tile,
     empty_row_stats, launch, mma_accumulate, mma_transforms, online_softmax,
     producer_warpgroup, rendezvous, row_vector, store_output, stream_kv_tiles, three_runs,
     tile_doc_mask, wait_for_free_slot, zeros_acc)
@@ -460,10 +460,8 @@ def forward(q, k, v, q_seg, kv_seg, q_pos, kv_pos, q_ranges, *, tile: TileConfig
     raise ValueError(f"items (work items of a persistent kernel) need a persistent "
                      f"schedule, got schedule={schedule!r}")
   check_supported(q, k, tile)
-  for name, x in (("q_compares", q_compares), ("q_halves", q_halves)):
-    if x is not None and (x.shape != q_ranges.shape[:2] or x.dtype != jnp.int32):
-      raise ValueError(f"{name} must be int32 {tuple(q_ranges.shape[:2])} (one per "
-                       f"plan row), got {x.dtype} {tuple(x.shape)}")
+  check_row_words("q_compares", q_compares, q_ranges)
+  check_row_words("q_halves", q_halves, q_ranges)
   if persistent:
     return persistent_forward(q, k, v, q_seg, kv_seg, q_pos, kv_pos, q_ranges, tile=tile,
                               scale=scale, causal=causal, sliding_window=sliding_window,

@@ -76,8 +76,9 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from pallas_kernels.config import TileConfig
 from pallas_kernels.mosaic_backward_steps import dkdv_step, dq_step, row_stats
 from pallas_kernels.mosaic_common import (
-    WG_ROWS, check_supported, consumer_warpgroups, launch, load_kv_rows, mma_transforms,
-    producer_warpgroup, row_vector, stream_kv_tiles, stream_q_tiles, three_runs, zeros_acc)
+    WG_ROWS, check_row_words, check_supported, consumer_warpgroups, launch, load_kv_rows,
+    mma_transforms, producer_warpgroup, row_vector, stream_kv_tiles, stream_q_tiles,
+    three_runs, zeros_acc)
 from pallas_kernels.mosaic_persistent import WorkItems
 from pallas_kernels.mosaic_persistent_backward import (
     persistent_backward_dkdv, persistent_backward_dq)
@@ -180,14 +181,6 @@ def check_backward_inputs(q, k, plan, tile: TileConfig, *, kv_major: bool, rule=
                      f"not supported), got shape {tuple(plan.shape)}")
 
 
-def _check_compares(compares, ranges, name):
-  """ValueError unless compares is None or int32 with one entry per plan row."""
-  if compares is not None and (tuple(compares.shape) != tuple(ranges.shape[:2])
-                               or compares.dtype != jnp.int32):
-    raise ValueError(f"{name} must be int32 {tuple(ranges.shape[:2])} (one per plan row), "
-                     f"got {compares.dtype} {tuple(compares.shape)}")
-
-
 def _with_compares(ranges, compares):
   """The grid kernels' plan rows: [B, n, 4], or [B, n, 5] with the compares last."""
   return ranges if compares is None else jnp.concatenate([ranges, compares[..., None]], -1)
@@ -267,7 +260,7 @@ def backward_dq(q, k, v, do, lse, delta, q_seg, kv_seg, q_pos, kv_pos, q_ranges,
   """
   check_backward_inputs(q, k, q_ranges, tile, kv_major=False, rule=rule,
                         kv_doc=kv_doc, dense=dense, interpret=interpret)
-  _check_compares(q_compares, q_ranges, "q_compares")
+  check_row_words("q_compares", q_compares, q_ranges)
   if _pick_schedule(schedule, num_ctas, tile, k, "dq", items) == "persistent":
     return persistent_backward_dq(q, k, v, do, lse, delta, q_seg, kv_seg, q_pos, kv_pos,
                                   q_ranges, tile=tile, scale=scale, causal=causal,
@@ -323,7 +316,7 @@ def backward_dq_and_delta(q, k, v, do, lse, out, dlse, q_seg, kv_seg, q_pos, kv_
   """
   check_backward_inputs(q, k, q_ranges, tile, kv_major=False, rule=rule,
                         kv_doc=kv_doc, dense=dense, interpret=interpret)
-  _check_compares(q_compares, q_ranges, "q_compares")
+  check_row_words("q_compares", q_compares, q_ranges)
   if _pick_schedule(schedule, num_ctas, tile, k, "dq", items) == "persistent":
     return persistent_backward_dq(q, k, v, do, lse, None, q_seg, kv_seg, q_pos, kv_pos,
                                   q_ranges, tile=tile, scale=scale, causal=causal,
@@ -413,7 +406,7 @@ def backward_dkdv(q, k, v, do, lse, delta, q_seg, kv_seg, q_pos, kv_pos, kv_rang
   """
   check_backward_inputs(q, k, kv_ranges, tile, kv_major=True, rule=rule,
                         kv_doc=kv_doc, dense=dense, interpret=interpret)
-  _check_compares(kv_compares, kv_ranges, "kv_compares")
+  check_row_words("kv_compares", kv_compares, kv_ranges)
   if _pick_schedule(schedule, num_ctas, tile, q, "dkdv", items) == "persistent":
     return persistent_backward_dkdv(q, k, v, do, lse, delta, q_seg, kv_seg, q_pos, kv_pos,
                                     kv_ranges, tile=tile, scale=scale, causal=causal,

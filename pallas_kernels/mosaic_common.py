@@ -64,7 +64,7 @@ from pallas_kernels.config import COMPARE_SPLIT_BITS, TileConfig
 from pallas_kernels.segment_attention import EMPTY_LSE, LOG2E, MASKED_LOGIT
 
 __all__ = ["COMPARES", "CONSUMER_REGISTERS", "LN2", "PRODUCER_REGISTERS", "WG_ROWS",
-           "broadcast_cols", "broadcast_rows", "check_supported", "col_vector",
+           "broadcast_cols", "broadcast_rows", "check_row_words", "check_supported", "col_vector",
            "consumer_warpgroups", "copy_kv_tile", "copy_q_tile", "doc_mask", "empty_row_stats",
            "launch", "launch_accumulating", "load_kv_rows", "mask_tile", "mma_accumulate",
            "mma_transforms", "online_softmax", "producer_warpgroup", "rendezvous", "row_vector",
@@ -355,6 +355,14 @@ def doc_mask(q_seg, q_pos, kv_seg, kv_pos, shape, *, kv_major, causal, sliding_w
       if allowed is not None:
         mask = allowed if mask is None else mask & allowed
   return mask
+
+
+def check_row_words(name, x, ranges):
+  """ValueError unless x (a plan's per-row word: q_compares, kv_compares, q_halves) is
+  None or int32 with one entry per plan row of ranges [B, n, 4]."""
+  if x is not None and (tuple(x.shape) != tuple(ranges.shape[:2]) or x.dtype != jnp.int32):
+    raise ValueError(f"{name} must be int32 {tuple(ranges.shape[:2])} (one per plan row), "
+                     f"got {x.dtype} {tuple(x.shape)}")
 
 
 def tile_doc_mask(major_ids, ids_smem, slot, shape, *, kv_major, causal, sliding_window,
