@@ -3,12 +3,13 @@
     PYTHONPATH=. python experiments/fwd_probe.py \\
         --variants persistent-pingpong,pingpong,serial@128x64s3 --layouts packed,dense,full
 
-A variant is "schedule[@BQxBKsS][+compares][+halves]": a schedule of
+A variant is "schedule[@BQxBKsS][+compares][+spans|+lasthalf]": a schedule of
 mosaic_attention.SCHEDULES, an optional tiling (default
 mosaic_attention.DEFAULT_TILE), "+compares": pass the plan's q_compares
-(masked tiles that need one compare) and "+halves": its q_halves (consumers
-that run the last kv tile on its first half; both persistent schedules
-only). Layouts, all
+(masked tiles that need one compare), "+spans": its q_spans (the kv tiles
+and half tiles each consumer skips; both persistent schedules only) and
+"+lasthalf": q_spans cut to the last tile's first half (session 8's
+halves, for comparison). Layouts, all
 B=4 (--batch), T=8192, H=16, D=128 bfloat16 (the main shape of
 bench_attention.py):
   packed  lognormal documents of mean length 1024, causal (the main case);
@@ -55,6 +56,7 @@ if REPO_ROOT not in sys.path:
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+from jax import lax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from experiments import timing  # noqa: E402
@@ -62,12 +64,13 @@ from experiments.layouts import causal_doc_flops, packed_segment_ids  # noqa: E4
 from jpack import masks  # noqa: E402
 from jpack.attention import reference_attention  # noqa: E402
 from pallas_kernels import mosaic_attention, mosaic_common  # noqa: E402
-from pallas_kernels.config import TileConfig  # noqa: E402
+from pallas_kernels.config import GROUP_SPAN_BITS, SPAN_HALF_BITS, TileConfig  # noqa: E402
 
 BATCH, SEQ_LEN, HEADS, HEAD_DIM = 4, 8192, 16, 128
 LAYOUTS = ("packed", "padded", "dense", "full", "blocks", "blocksc")
-OPTIONS = ("compares", "halves")
-"""Variant options: pass the plan's q_compares, its q_halves (persistent schedules)."""
+OPTIONS = ("compares", "spans", "lasthalf")
+"""Variant options: pass the plan's q_compares, its q_spans (persistent schedules),
+or its q_spans cut by last_half_only."""
 
 
 def layout(name, seed=0, batch=None):
@@ -93,6 +96,8 @@ def parse_variant(text):
   text, *options = text.split("+")
   if unknown := set(options) - set(OPTIONS):
     raise ValueError(f"variant options are {OPTIONS}, got {sorted(unknown)}")
+  if {"spans", "lasthalf"} <= set(options):
+    raise ValueError("variant options spans and lasthalf exclude each other")
   schedule, _, tiling = text.partition("@")
   if schedule not in mosaic_attention.SCHEDULES:
     raise ValueError(f"schedule must be one of {mosaic_attention.SCHEDULES}, got {schedule!r}")
@@ -162,12 +167,23 @@ def rel_err(a, b):
   return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
+def last_half_only(spans):
+  """q_spans [B, nq] with each group's front 0 and back at most 1: the consumers
+  skip nothing but the last tile's second half (session 8's halves)."""
+  cut = jnp.zeros_like(spans)
+  for g in range(2):
+    shift = GROUP_SPAN_BITS * g + SPAN_HALF_BITS
+    back = lax.shift_right_logical(spans, shift) & (2**SPAN_HALF_BITS - 1)
+    cut |= jnp.minimum(back, 1) << shift
+  return cut
+
+
 def kernel(tile, schedule, scale, causal):
-  """jitted (q, k, v, seg, pos, q_ranges, q_compares or None, q_halves or None) -> out
+  """jitted (q, k, v, seg, pos, q_ranges, q_compares or None, q_spans or None) -> out
   of the Mosaic forward (self-attention)."""
-  return jax.jit(lambda q, k, v, seg, pos, ranges, compares, halves: mosaic_attention.forward(
+  return jax.jit(lambda q, k, v, seg, pos, ranges, compares, spans: mosaic_attention.forward(
       q, k, v, seg, seg, pos, pos, ranges, tile=tile, scale=scale, causal=causal,
-      sliding_window=None, schedule=schedule, q_compares=compares, q_halves=halves)[0])
+      sliding_window=None, schedule=schedule, q_compares=compares, q_spans=spans)[0])
 
 
 def run_variant(name, schedule, tile, options, layout_name, inputs, args, first_out):
@@ -185,7 +201,8 @@ def run_variant(name, schedule, tile, options, layout_name, inputs, args, first_
   tiles = int((ranges[..., 3] - ranges[..., 0]).clip(0).sum()) * HEADS
   fn, fn_args = kernel(tile, schedule, scale, causal), (
       *inputs, plan.q_ranges, plan.q_compares if "compares" in options else None,
-      plan.q_halves if "halves" in options else None)
+      plan.q_spans if "spans" in options
+      else last_half_only(plan.q_spans) if "lasthalf" in options else None)
   result = {}
   dump = args.dump and os.path.join(args.dump, name.replace("@", "_") + ".txt")
   trace_dir = args.profile and os.path.join(args.profile, f"{layout_name}-{name}")

@@ -543,7 +543,7 @@ def _mosaic_work_items(plan: AttentionPlan, dtype):
   return dataclasses.replace(
       tiles,
       forward_items=(work(tiles.forward.q_ranges, heads, tiles.forward.q_compares,
-                          halves=tiles.forward.q_halves) if forward else None),
+                          spans=tiles.forward.q_spans) if forward else None),
       dq_items=work(tiles.dq.q_ranges, heads, tiles.dq.q_compares) if dq else None,
       dkdv_items=(work(tiles.dkdv.kv_ranges, k.shape[2], tiles.dkdv.kv_compares)
                   if dkdv else None))

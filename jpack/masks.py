@@ -24,12 +24,13 @@ skip the mask arithmetic there). Two kinds:
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
 
 from jpack.mask_rules import Tokens
-from pallas_kernels.config import COMPARE_SPLIT_BITS
+from pallas_kernels.config import COMPARE_SPLIT_BITS, GROUP_SPAN_BITS, SPAN_HALF_BITS
 
 _INT_MAX = jnp.iinfo(jnp.int32).max
 _INT_MIN = jnp.iinfo(jnp.int32).min
@@ -153,15 +154,16 @@ class TilePlan:
     q_compares: int32 [B, nq], per q tile the masked kv tiles that need only
       one of the mask's two compares (`compare_splits`).
     kv_compares: int32 [B, nk], the same per kv tile (its masked q tiles).
-    q_halves: int32 [B, nq], per q tile the groups of HALF_ROWS rows that see
-      nothing of the second half of its last kv tile (`last_tile_halves`).
+    q_spans: int32 [B, nq], per q tile and group of GROUP_ROWS rows the half
+      kv tiles at either end of its range that the group cannot attend
+      (`group_spans`).
   The ranges use the (lo, full_lo, full_hi, hi) layout of `visit_ranges`.
   """
   q_ranges: jax.Array
   kv_ranges: jax.Array
   q_compares: jax.Array
   kv_compares: jax.Array
-  q_halves: jax.Array
+  q_spans: jax.Array
   block_q: int = dataclasses.field(metadata=dict(static=True))
   block_k: int = dataclasses.field(metadata=dict(static=True))
 
@@ -181,46 +183,57 @@ def make_tile_plan(q_segment_ids, kv_segment_ids, q_positions, kv_positions, *,
   kv_ranges = visit_ranges(visit.transpose(0, 2, 1), full.transpose(0, 2, 1))
   q_compares, kv_compares = compare_splits(q, kv, q_ranges, kv_ranges, causal=causal,
                                            sliding_window=sliding_window)
-  q_halves = last_tile_halves(q_segment_ids, kv_segment_ids, q_positions, kv_positions,
-                              q_ranges, block_q=block_q, block_k=block_k, causal=causal,
-                              sliding_window=sliding_window)
+  q_spans = group_spans(q_segment_ids, kv_segment_ids, q_positions, kv_positions, q_ranges,
+                        block_q=block_q, block_k=block_k, causal=causal,
+                        sliding_window=sliding_window)
   return TilePlan(q_ranges=q_ranges, kv_ranges=kv_ranges, q_compares=q_compares,
-                  kv_compares=kv_compares, q_halves=q_halves, block_q=block_q,
+                  kv_compares=kv_compares, q_spans=q_spans, block_q=block_q,
                   block_k=block_k)
 
 
-HALF_ROWS = 64
-"""The row groups of last_tile_halves: one consumer warpgroup's rows in the Mosaic kernels."""
+GROUP_ROWS = 64
+"""The row groups of group_spans: one consumer warpgroup's rows in the Mosaic kernels."""
 
 
-def last_tile_halves(q_segment_ids, kv_segment_ids, q_positions, kv_positions, q_ranges, *,
-                     block_q: int, block_k: int, causal: bool, sliding_window: int | None,
-                     rows: int = HALF_ROWS):
-  """int32 [B, nq]: bit r set when rows [rows * r, rows * (r + 1)) of a q tile can
-  attend no key of the second half of the tile's last kv tile (hi - 1).
+def group_spans(q_segment_ids, kv_segment_ids, q_positions, kv_positions, q_ranges, *,
+                block_q: int, block_k: int, causal: bool, sliding_window: int | None,
+                rows: int = GROUP_ROWS):
+  """int32 [B, nq]: per q tile and group of `rows` rows, the half kv tiles at either
+  end of the tile's kv range [lo, hi) that the group's rows cannot attend.
 
-  Such rows may run that tile on its first block_k / 2 keys only (its diagonal
-  tile, typically: the first rows of a q tile inside one document see only
-  the keys up to their own positions). Decided by tile_occupancy at the finer
-  tiling (rows x block_k / 2), so sound like the plan itself; 0 for an empty
-  row, and when block_q is not a multiple of rows or block_k is odd.
+  Group g has bits [GROUP_SPAN_BITS * g, ... + 16) (pallas_kernels.config):
+  front + (back << SPAN_HALF_BITS), where the group attends nothing in the
+  first `front` and the last `back` halves (block_k / 2 keys each) of the
+  range's 2 * (hi - lo). A consumer may skip those kv tiles and run a tile
+  whose other half it needs on that half only: the rows of a document that
+  starts inside the q tile skip the earlier documents' tiles, the first rows
+  of a diagonal tile see only its first half. A group that attends nothing
+  in the range has front = 2 * (hi - lo), back = 0. Each is capped at 255 (a
+  smaller count only leaves masked work to do). Decided by tile_occupancy at
+  the finer tiling (rows x block_k / 2), so sound like the plan itself; 0 for
+  an empty row, and for every row when block_q is not a multiple of rows, an
+  odd block_k, or more than two groups (32 bits).
   """
   batch, n_q = q_ranges.shape[:2]
   groups = block_q // rows
-  if block_q % rows or block_k % 2:
+  if block_q % rows or block_k % 2 or groups * GROUP_SPAN_BITS > 32:
     return jnp.zeros((batch, n_q), jnp.int32)
   q = tile_stats(q_segment_ids, q_positions, rows)
   kv = tile_stats(kv_segment_ids, kv_positions, block_k // 2)
   visit, _ = tile_occupancy(q, kv, causal=causal, sliding_window=sliding_window)
-  lo, hi = q_ranges[..., 0], q_ranges[..., 3]
-  second_half = jnp.maximum(2 * hi - 1, 0)  # the half tile index of (hi - 1)'s second half
-  visit = visit.reshape(batch, n_q, groups, visit.shape[-1])
-  sees = jnp.take_along_axis(
-      visit, jnp.broadcast_to(second_half[:, :, None, None], (batch, n_q, groups, 1)),
-      axis=-1)[..., 0]
-  blind = ~sees & (hi > lo)[..., None]
-  return jnp.sum(blind.astype(jnp.int32) << jnp.arange(groups, dtype=jnp.int32),
-                 axis=-1).astype(jnp.int32)
+  visit = visit.reshape(batch, n_q, groups, visit.shape[-1])  # [B, nq, groups, 2 nk]
+  lo, hi = (2 * q_ranges[..., i, None] for i in (0, 3))  # [B, nq, 1], in halves
+  half = jnp.arange(visit.shape[-1], dtype=jnp.int32)
+  seen = visit & (half >= lo[..., None]) & (half < hi[..., None])
+  any_seen = seen.any(axis=-1)
+  first = jnp.argmax(seen, axis=-1).astype(jnp.int32)
+  last = visit.shape[-1] - 1 - jnp.argmax(seen[..., ::-1], axis=-1).astype(jnp.int32)
+  cap = 2**SPAN_HALF_BITS - 1
+  front = jnp.minimum(jnp.where(any_seen, first - lo, hi - lo), cap)
+  back = jnp.minimum(jnp.where(any_seen, hi - 1 - last, 0), cap)
+  words = (front | back << SPAN_HALF_BITS) << (GROUP_SPAN_BITS
+                                              * jnp.arange(groups, dtype=jnp.int32))
+  return functools.reduce(jnp.bitwise_or, [words[..., g] for g in range(groups)])
 
 
 def compare_splits(q: TileStats, kv: TileStats, q_ranges, kv_ranges, *, causal: bool,

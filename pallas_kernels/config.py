@@ -10,6 +10,15 @@ COMPARE_SPLIT_BITS = 16
 need only the segment-id compare, the last positions_len only the position
 compares (causal, sliding window)."""
 
+GROUP_SPAN_BITS = 16
+"""A tile plan's q_spans (jpack.masks.group_spans) per q tile: row group g (64
+rows, one Mosaic consumer warpgroup) in bits [GROUP_SPAN_BITS * g, ... + 16):
+front + (back << SPAN_HALF_BITS), the half kv tiles at the start and at the
+end of the row's range that the group's rows cannot attend."""
+
+SPAN_HALF_BITS = 8
+"""Bits of a group span's front and of its back (each capped at 255 halves)."""
+
 
 @dataclasses.dataclass(frozen=True)
 class TileConfig:

@@ -420,7 +420,7 @@ def _split_forward_kernel(ranges_ref, q_ref, k_ref, v_ref, q_seg_ref, q_pos_ref,
 def forward(q, k, v, q_seg, kv_seg, q_pos, kv_pos, q_ranges, *, tile: TileConfig,
             scale, causal, sliding_window, interpret=False,
             schedule: str | None = None, num_ctas: int | None = None, q_compares=None,
-            q_halves=None, items: WorkItems | None = None):
+            q_spans=None, items: WorkItems | None = None):
   """Returns (out [B, Tq, H, D] in q.dtype, lse float32 [B, H, Tq]).
 
   Same arguments as `segment_attention.forward`; `interpret` must be False
@@ -434,13 +434,13 @@ def forward(q, k, v, q_seg, kv_seg, q_pos, kv_pos, q_ranges, *, tile: TileConfig
   masks.compare_splits: the masked tiles that need only the segment-id or
   only the position compares), used by the persistent schedules; None, or a
   grid schedule: every masked tile compares everything (same outputs).
-  q_halves: int32 [B, Tq / block_major], the plan's q_halves (jpack.masks.
-  last_tile_halves: the consumers whose rows need only the first half of the
-  row's last kv tile), used by the persistent schedules with 128-key tiles;
-  None: every consumer runs the whole tile (same outputs).
+  q_spans: int32 [B, Tq / block_major], the plan's q_spans (jpack.masks.
+  group_spans: per consumer, the kv tiles, or halves of them, at either end
+  of the row's range that its rows cannot attend), used by the persistent
+  schedules; None: every consumer runs every tile whole (same outputs).
   items: the persistent schedules' work items made beforehand
-  (mosaic_persistent.work_items(q_ranges, H, q_compares, halves=q_halves),
-  e.g. once per batch for many layers), in place of q_compares and q_halves;
+  (mosaic_persistent.work_items(q_ranges, H, q_compares, spans=q_spans),
+  e.g. once per batch for many layers), in place of q_compares and q_spans;
   None: made in the call.
   """
   if interpret:
@@ -461,12 +461,12 @@ def forward(q, k, v, q_seg, kv_seg, q_pos, kv_pos, q_ranges, *, tile: TileConfig
                      f"schedule, got schedule={schedule!r}")
   check_supported(q, k, tile)
   check_row_words("q_compares", q_compares, q_ranges)
-  check_row_words("q_halves", q_halves, q_ranges)
+  check_row_words("q_spans", q_spans, q_ranges)
   if persistent:
     return persistent_forward(q, k, v, q_seg, kv_seg, q_pos, kv_pos, q_ranges, tile=tile,
                               scale=scale, causal=causal, sliding_window=sliding_window,
                               num_ctas=num_ctas, pingpong=schedule == "persistent-pingpong",
-                              q_compares=q_compares, q_halves=q_halves, items=items)
+                              q_compares=q_compares, q_spans=q_spans, items=items)
   batch, tq, heads, head_dim = q.shape
   group = heads // k.shape[2]
   num_consumers = tile.block_major // WG_ROWS

@@ -358,7 +358,7 @@ def doc_mask(q_seg, q_pos, kv_seg, kv_pos, shape, *, kv_major, causal, sliding_w
 
 
 def check_row_words(name, x, ranges):
-  """ValueError unless x (a plan's per-row word: q_compares, kv_compares, q_halves) is
+  """ValueError unless x (a plan's per-row word: q_compares, kv_compares, q_spans) is
   None or int32 with one entry per plan row of ranges [B, n, 4]."""
   if x is not None and (tuple(x.shape) != tuple(ranges.shape[:2]) or x.dtype != jnp.int32):
     raise ValueError(f"{name} must be int32 {tuple(ranges.shape[:2])} (one per plan row), "
@@ -366,17 +366,20 @@ def check_row_words(name, x, ranges):
 
 
 def tile_doc_mask(major_ids, ids_smem, slot, shape, *, kv_major, causal, sliding_window,
-                  compare="both"):
-  """doc_mask of one [64, n] tile: the consumer's rows against the slot's columns.
+                  compare="both", first_column=0):
+  """doc_mask of one [64, n] tile: the consumer's rows against the slot's columns
+  [first_column, first_column + n).
 
   major_ids: (segment ids, positions) [64] row vectors of the consumer's rows;
-  ids_smem: int32 [stages, 2, n], the ring's minor ids, read at `slot` (only
-  those `compare` needs). kv_major: the rows are keys (the minor ids are q ids).
+  ids_smem: int32 [stages, 2, N >= n], the ring's minor ids, read at `slot`
+  (only those `compare` needs). kv_major: the rows are keys (the minor ids are
+  q ids). A tile may run on part of its columns (mosaic_persistent: spans).
   """
   needed = (compare != "positions", compare != "ids")
-  def ids(n):  # a tile may run on its first columns only
+  def ids(n):
     ref = ids_smem.at[slot, n]
-    return col_vector((ref if ref.shape[-1] == shape[1] else ref.at[pl.ds(0, shape[1])])[...])
+    whole = first_column == 0 and ref.shape[-1] == shape[1]
+    return col_vector((ref if whole else ref.at[pl.ds(first_column, shape[1])])[...])
 
   minor_ids = tuple(ids(n) if needed[n] else None for n in range(2))
   q_ids, kv_ids = (minor_ids, major_ids) if kv_major else (major_ids, minor_ids)
@@ -436,7 +439,8 @@ def three_runs(lo, full_lo, full_hi, hi, visit, carry, compares=None, *, kv_majo
   return lax.fori_loop(full_hi, hi, masked_visit, carry)
 
 
-def mask_tile(s, major_ids, ids_smem, slot, *, kv_major, causal, sliding_window, masked):
+def mask_tile(s, major_ids, ids_smem, slot, *, kv_major, causal, sliding_window, masked,
+              first_column=0):
   """s [64, n] with the pairs the document mask disallows set to MASKED_LOGIT.
 
   masked: True (both compares), or an int32 index into COMPARES chosen per
@@ -446,7 +450,8 @@ def mask_tile(s, major_ids, ids_smem, slot, *, kv_major, causal, sliding_window,
   def masking(compare):
     def apply(s):
       mask = tile_doc_mask(major_ids, ids_smem, slot, s.shape, kv_major=kv_major,
-                           causal=causal, sliding_window=sliding_window, compare=compare)
+                           causal=causal, sliding_window=sliding_window, compare=compare,
+                           first_column=first_column)
       return s if mask is None else jnp.where(mask, s, MASKED_LOGIT)
     return apply
 

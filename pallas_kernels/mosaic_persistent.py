@@ -17,10 +17,15 @@ The loops carry named scopes (c_qk, c_softmax, p_load_kv, ...): regions of
 Mosaic GPU's on-device profiler when it is on (experiments/fwd_probe.py
 --profile), no code otherwise.
 
-Halves. A consumer whose item's halves bit (the plan's q_halves, jpack.masks.
-last_tile_halves) says its 64 rows see nothing of the second half of the
-item's last kv tile runs that step on the tile's first 64 keys only (128-key
-tiles): typically consumer 0 on a diagonal tile. Same barriers, same outputs.
+Spans. Each consumer reads its own group span from the item (the plan's
+q_spans, jpack.masks.group_spans): the half kv tiles at the start and at the
+end of the item's range that its 64 rows cannot attend. It skips the kv tiles
+wholly inside them (the rows of a document that starts inside the q tile
+skip the tiles of the documents before it) and, with 128-key tiles, runs a
+tile of which it needs one half on that half's 64 keys only (consumer 0 on a
+diagonal tile runs the first half). A skipped step keeps the barriers of a
+step: it waits for the tile, meets the other consumer twice (pingpong) and
+releases the slot. Same outputs.
 
 Items. A CTA's items are n = 0 .. N-1, the busy ones (hi > lo: at least one
 kv tile) first, then the empty ones (persistent_schedule). A busy item n uses
@@ -77,7 +82,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.config import TileConfig
+from pallas_kernels.config import GROUP_SPAN_BITS, SPAN_HALF_BITS, TileConfig
 from pallas_kernels.mosaic_common import (
     WG_ROWS, broadcast_rows, consumer_warpgroups, copy_kv_tile, copy_q_tile, empty_row_stats,
     launch, mask_tile, mma_accumulate, mma_transforms, online_softmax, producer_warpgroup,
@@ -176,15 +181,15 @@ def persistent_schedule(q_ranges, heads: int, num_ctas: int,
   return items[sorted_pos]
 
 
-def item_table(q_ranges, schedule, heads: int, q_compares=None, q_halves=None):
-  """int32 [num_items, 9]: row i = (b, qt, h, lo, full_lo, full_hi, hi, compares, halves)
+def item_table(q_ranges, schedule, heads: int, q_compares=None, q_spans=None):
+  """int32 [num_items, 9]: row i = (b, qt, h, lo, full_lo, full_hi, hi, compares, spans)
   of item schedule[i].
 
   q_ranges: int32 [B, nq, 4]; schedule: int32 [num_items], items encoded as
   (b * nq + qt) * heads + h (persistent_schedule); q_compares: the plan's
   int32 [B, nq] (jpack.masks.compare_splits), or None for 0 (every masked
-  tile compares everything); q_halves: the plan's int32 [B, nq] (jpack.masks.
-  last_tile_halves), or None for 0. The kernel reads a row with independent
+  tile compares everything); q_spans: the plan's int32 [B, nq] (jpack.masks.
+  group_spans), or None for 0. The kernel reads a row with independent
   loads, instead of decoding the item and then loading its plan row (two
   dependent trips to global memory at every item).
   """
@@ -193,7 +198,7 @@ def item_table(q_ranges, schedule, heads: int, q_compares=None, q_halves=None):
   b, qt = row // n_q, row % n_q
   per_row = lambda x: jnp.zeros_like(h) if x is None else x[b, qt]  # noqa: E731
   return jnp.concatenate([jnp.stack([b, qt, h], axis=1), q_ranges[b, qt],
-                          per_row(q_compares)[:, None], per_row(q_halves)[:, None]],
+                          per_row(q_compares)[:, None], per_row(q_spans)[:, None]],
                          axis=1).astype(jnp.int32)
 
 
@@ -211,40 +216,40 @@ class WorkItems:
 
 
 def work_items(ranges, heads: int, compares=None, num_ctas: int | None = None,
-               halves=None) -> WorkItems:
+               spans=None) -> WorkItems:
   """The work items of a persistent kernel over plan rows `ranges`: one per (row, head).
 
   ranges: int32 [B, n, 4] plan rows (q-major for the forward and dQ, kv-major
   for dK/dV); heads: the heads each row is run for (kv heads for dK/dV);
   compares: the plan's int32 [B, n] (q_compares or kv_compares) or None;
-  num_ctas: default min(num_sms(), number of items); halves: the plan's
-  q_halves (the forward's) or None.
+  num_ctas: default min(num_sms(), number of items); spans: the plan's
+  q_spans (the forward's) or None.
   """
   num_items = ranges.shape[0] * ranges.shape[1] * heads
   if num_ctas is None:
     num_ctas = min(num_sms(), num_items)
   order = persistent_schedule(ranges, heads, num_ctas, window_rounds=WINDOW_ROUNDS)
-  return WorkItems(item_table(ranges, order, heads, compares, halves), num_ctas)
+  return WorkItems(item_table(ranges, order, heads, compares, spans), num_ctas)
 
 
 def resolve_work_items(items: WorkItems | None, ranges, heads: int, compares,
-                       num_ctas: int | None, halves=None) -> WorkItems:
+                       num_ctas: int | None, spans=None) -> WorkItems:
   """`items` checked against a launch, or work_items(ranges, ...) when None.
 
   ValueError when given items do not fit: a table of another shape, with
-  compares or halves (the table holds them), or num_ctas other than the
+  compares or spans (the table holds them), or num_ctas other than the
   table's.
   """
   if items is None:
-    return work_items(ranges, heads, compares, num_ctas, halves)
+    return work_items(ranges, heads, compares, num_ctas, spans)
   if not isinstance(items, WorkItems):
     raise TypeError(f"items must be a WorkItems (work_items), got {type(items).__name__}")
   expected = (ranges.shape[0] * ranges.shape[1] * heads, 9)
   if tuple(items.table.shape) != expected or items.table.dtype != jnp.int32:
     raise ValueError(f"items: the table must be int32 {expected} (one row per plan row "
                      f"and head), got {items.table.dtype} {tuple(items.table.shape)}")
-  if compares is not None or halves is not None:
-    raise ValueError("items: give the compares and halves to work_items, not beside a "
+  if compares is not None or spans is not None:
+    raise ValueError("items: give the compares and spans to work_items, not beside a "
                      "table (the table holds them)")
   if num_ctas is not None and num_ctas != items.num_ctas:
     raise ValueError(f"num_ctas: the items were dealt to {items.num_ctas} CTAs, "
@@ -257,7 +262,7 @@ def cta_items(items_ref, num_ctas: int, columns: int = 8):
 
   items_ref: int32 [num_items, 9] (item_table); CTA c owns rows c, c + num_ctas,
   ... count: int32, how many (0 if c >= num_items). describe(n): the first
-  `columns` columns (b, tile, h, lo, full_lo, full_hi, hi, compares[, halves])
+  `columns` columns (b, tile, h, lo, full_lo, full_hi, hi, compares[, spans])
   of the CTA's item n, independent loads that nothing waits for until they are
   used; n is clamped into the table, so a loop may prefetch describe(n + 1) at
   its last item.
@@ -293,7 +298,7 @@ def _persistent_forward_kernel(items_ref, q_ref, k_ref, v_ref, q_seg_ref,
   consumer 1's PV of step t - 1, which follows the rendezvous that needs
   that QK^T.
 
-  items_ref: int32 [num_items, 8] (item_table); CTA c runs the items of rows
+  items_ref: int32 [num_items, 9] (item_table); CTA c runs the items of rows
   c, c + num_ctas, ... Scratch: Q buffers [2 * num_consumers, 64, D] (item n,
   consumer wg: buffer (n % 2) * num_consumers + wg), which also stage that
   item's output; q ids [2 * num_consumers, 2, 64]; lse [2 * num_consumers,
@@ -307,8 +312,8 @@ def _persistent_forward_kernel(items_ref, q_ref, k_ref, v_ref, q_seg_ref,
   dtype = q_ref.dtype
   stages = jnp.int32(num_stages)
   count, describe = cta_items(items_ref, num_ctas, columns=9)
-  # A consumer whose rows see nothing of its item's last kv tile's second half
-  # (the item's halves bit) runs that tile on its first half_k keys only.
+  # A tile of which a consumer needs one half runs on that half's keys only
+  # with 128-key tiles (module docstring: spans); other tilings run it whole.
   half_k = block_k // 2 if block_k == 128 else None
 
   def q_buffer(n, consumer):
@@ -365,13 +370,27 @@ def _persistent_forward_kernel(items_ref, q_ref, k_ref, v_ref, q_seg_ref,
       pl.when(wg == 1)(meet)  # consumer 1 runs one rendezvous behind (docstring)
 
     def item(n, carry):
-      t0, (b, qt, h, lo, full_lo, full_hi, hi, compares, halves) = carry
+      t0, (b, qt, h, lo, full_lo, full_hi, hi, compares, spans) = carry
       next_item = describe(n + 1)  # loads issued now, used by the next iteration
       qs = lax.rem(n, jnp.int32(2))
       buf = q_buffer(n, wg)
       q_smem = q_bufs.at[buf]
       rows = pl.ds(qt * block_q + wg * WG_ROWS, WG_ROWS)
       out_refs = (q_smem, lse_smem.at[buf], o_ref.at[b, rows, h], lse_ref.at[b, h, rows])
+      # This consumer's kv tiles: [first, last], the first on its second half
+      # only (front odd), the last on its first half only (back odd).
+      span = lax.shift_right_logical(spans, GROUP_SPAN_BITS * wg) & (2**GROUP_SPAN_BITS - 1)
+      front = span & (2**SPAN_HALF_BITS - 1)
+      back = lax.shift_right_logical(span, SPAN_HALF_BITS)
+      first, last = lo + lax.shift_right_logical(front, 1), hi - 1 - lax.shift_right_logical(back, 1)
+
+      def release_previous_item(j):
+        # q_free[1 - qs]: the release of item n - 1, once per item, after the
+        # first QK^T (so the store had time to read its Q buffer).
+        @pl.when((j == lo) & (n >= 1))
+        def _release():
+          plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+          plgpu.barrier_arrive(q_free.at[1 - qs])
 
       @pl.when(hi > lo)
       def _attend():
@@ -383,40 +402,51 @@ def _persistent_forward_kernel(items_ref, q_ref, k_ref, v_ref, q_seg_ref,
           slot = lax.rem(t0 + (j - lo), stages)
           with jax.named_scope("c_wait_kv"):
             plgpu.barrier_wait(kv_ready.at[slot])  # once per step, every consumer
-          if masked is False or half_k is None:
-            carry = step(j, carry, slot, masked, block_k)
-          else:
-            half = ((lax.shift_right_logical(halves, wg) & 1) == 1) & (j == hi - 1)
-            carry = lax.cond(half, functools.partial(step, width=half_k),
-                             functools.partial(step, width=block_k), j, carry, slot, masked)
+          if masked is False:  # a full tile: every row attends all of it
+            carry = step(j, carry, slot, masked, keys=(0, block_k))
+          else:  # skipped, on its second half, on its first half, or whole (the span)
+            outside = (j < first) | (j > last)
+            whole = functools.partial(step, keys=(0, block_k))
+            if half_k is None:
+              kinds, kind = [skip, whole], jnp.where(outside, 0, 1)
+            else:
+              kinds = [skip, functools.partial(step, keys=(half_k, half_k)),
+                       functools.partial(step, keys=(0, half_k)), whole]
+              kind = jnp.where(outside, 0, jnp.where(
+                  (j == first) & ((front & 1) == 1), 1,
+                  jnp.where((j == last) & ((back & 1) == 1), 2, 3)))
+            carry = lax.switch(kind.astype(jnp.int32), kinds, j, carry, slot, masked)
           plgpu.barrier_arrive(kv_consumed.at[slot])  # once per step, every consumer
           return carry
 
-        def step(j, carry, slot, masked, width):
-          """One kv tile on its first `width` keys (the rest masked for these rows)."""
+        def skip(j, carry, slot, masked):
+          """A tile none of this consumer's rows attend: the step's meetings only."""
+          del slot, masked
+          meet()
+          release_previous_item(j)
+          meet()
+          return carry
+
+        def step(j, carry, slot, masked, keys):
+          """One kv tile on keys [start, start + width) (the rest masked for these rows)."""
           acc, m, l = carry
-          first = lambda ref: ref if width == block_k else ref.at[pl.ds(0, width)]  # noqa: E731
+          start, width = keys
+          part = lambda ref: ref if width == block_k else ref.at[pl.ds(start, width)]  # noqa: E731
 
           def qk(acc_ref):
             plgpu.wgmma(acc_ref, q_smem,
-                        plgpu.transpose_ref(first(k_smem.at[slot]), (1, 0)))
+                        plgpu.transpose_ref(part(k_smem.at[slot]), (1, 0)))
             meet()  # QK^T issued: the other consumer may finish its softmax
             return acc_ref[...]
 
           with jax.named_scope("c_qk"):
             s = pl.run_scoped(qk, plgpu.ACC((WG_ROWS, width), jnp.float32))
-
-          # q_free[1 - qs]: the release of item n - 1, once per item, after the
-          # first QK^T (so the store had time to read its Q buffer).
-          @pl.when((j == lo) & (n >= 1))
-          def _release_previous_item():
-            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-            plgpu.barrier_arrive(q_free.at[1 - qs])
+          release_previous_item(j)
 
           with jax.named_scope("c_softmax" if masked is False else "c_softmax_masked"):
             if masked is not False:
               s = mask_tile(s, q_ids, kv_ids_smem, slot, kv_major=False, causal=causal,
-                            sliding_window=sliding_window, masked=masked)
+                            sliding_window=sliding_window, masked=masked, first_column=start)
             p, m_new, l, alpha = online_softmax(s, m, l, logit_scale=logit_scale)
             acc = acc * broadcast_rows(alpha, acc.shape)
           if sched:
@@ -425,7 +455,7 @@ def _persistent_forward_kernel(items_ref, q_ref, k_ref, v_ref, q_seg_ref,
               meet()  # softmax done; the other consumer issued its QK^T
 
           with jax.named_scope("c_pv"):
-            acc = mma_accumulate(acc, p, first(v_smem.at[slot]), dtype)
+            acc = mma_accumulate(acc, p, part(v_smem.at[slot]), dtype)
           return acc, m_new, l
 
         acc, m, l = three_runs(lo, full_lo, full_hi, hi, visit,
@@ -451,7 +481,7 @@ def _persistent_forward_kernel(items_ref, q_ref, k_ref, v_ref, q_seg_ref,
 
 def persistent_forward(q, k, v, q_seg, kv_seg, q_pos, kv_pos, q_ranges, *, tile: TileConfig,
                        scale, causal, sliding_window, num_ctas: int | None = None,
-                       pingpong: bool = False, q_compares=None, q_halves=None,
+                       pingpong: bool = False, q_compares=None, q_spans=None,
                        items: WorkItems | None = None):
   """forward(..., schedule="persistent[-pingpong]"): the item table, then the kernel.
 
@@ -461,10 +491,10 @@ def persistent_forward(q, k, v, q_seg, kv_seg, q_pos, kv_pos, q_ranges, *, tile:
   pingpong: the two consumers take turns on the tensor cores (no effect with
   one consumer); needs tile.num_stages >= 2 (ValueError).
   num_ctas: the number of CTAs launched; default min(num_sms(), number of
-  work items B * H * Tq / block_major). q_halves: the plan's int32 [B, nq]
-  (jpack.masks.last_tile_halves: whose rows need only the first half of the
-  last kv tile; used with block_k = 128), or None. items: the work items made
-  beforehand (work_items(q_ranges, H, q_compares, halves=q_halves)), or None
+  work items B * H * Tq / block_major). q_spans: the plan's int32 [B, nq]
+  (jpack.masks.group_spans: the kv tiles, or halves of them with block_k =
+  128, that each consumer's rows cannot attend), or None. items: the work
+  items made beforehand (work_items(q_ranges, H, q_compares, spans=q_spans)), or None
   to make them here.
   """
   batch, tq, heads, head_dim = q.shape
@@ -473,7 +503,7 @@ def persistent_forward(q, k, v, q_seg, kv_seg, q_pos, kv_pos, q_ranges, *, tile:
   transforms = mma_transforms(q.dtype)
   opts = dict(scale=scale, causal=causal, sliding_window=sliding_window, block_k=bk,
               num_stages=stages, num_consumers=num_consumers, group=heads // k.shape[2])
-  items = resolve_work_items(items, q_ranges, heads, q_compares, num_ctas, q_halves)
+  items = resolve_work_items(items, q_ranges, heads, q_compares, num_ctas, q_spans)
   num_ctas = items.num_ctas
   pingpong = pingpong and num_consumers == 2
   if pingpong and stages < 2:

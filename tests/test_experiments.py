@@ -105,7 +105,9 @@ def test_fwd_probe_variants_parse_into_schedules_tiles_and_options():
   assert (tile.block_major, tile.block_minor, tile.num_stages) == (128, 64, 3)
   assert fwd_probe.parse_variant("persistent-pingpong+compares") == (
       "persistent-pingpong", mosaic_attention.DEFAULT_TILE, frozenset({"compares"}))
-  assert fwd_probe.parse_variant("persistent+halves+compares")[2] == {"compares", "halves"}
+  assert fwd_probe.parse_variant("persistent+spans+compares")[2] == {"compares", "spans"}
+  with pytest.raises(ValueError, match="exclude"):
+    fwd_probe.parse_variant("persistent+spans+lasthalf")
   with pytest.raises(ValueError, match="schedule"):
     fwd_probe.parse_variant("eager")
   with pytest.raises(ValueError, match="compares"):
@@ -122,6 +124,15 @@ def test_fwd_probe_layouts_are_packed_rows_of_the_main_shape(name):
     assert (seg == 1).all()
   if name in ("blocks", "blocksc"):
     assert len(np.unique(seg[0])) == fwd_probe.SEQ_LEN // 1024
+
+
+def test_fwd_probe_last_half_only_keeps_a_groups_back_at_most_one():
+  def word(front0, back0, front1, back1):
+    return (front0 | back0 << 8 | (front1 | back1 << 8) << 16) - (1 << 32) * (back1 >= 128)
+  spans = jnp.asarray([[word(0, 1, 0, 0), word(3, 2, 1, 0), word(255, 0, 2, 255)]],
+                      jnp.int32)
+  np.testing.assert_array_equal(fwd_probe.last_half_only(spans),
+                                [[word(0, 1, 0, 0), word(0, 1, 0, 0), word(0, 0, 0, 1)]])
 
 
 def test_fwd_probe_summarizes_a_profile_per_role(tmp_path):
@@ -145,7 +156,7 @@ def test_fwd_probe_runs_variants_and_times_them(monkeypatch):
   monkeypatch.setattr(fwd_probe, "SEQ_LEN", 1024)
   monkeypatch.setattr(fwd_probe, "HEADS", 2)
   monkeypatch.setattr(fwd_probe, "kernel", lambda tile, schedule, scale, causal: jax.jit(
-      lambda q, k, v, seg, pos, ranges, compares, halves: reference_attention(
+      lambda q, k, v, seg, pos, ranges, compares, spans: reference_attention(
           q, k, v, segment_ids=seg, causal=causal, scale=scale).astype(q.dtype)))
   args = type("Args", (), dict(dump=None, profile=None, reps=2))()
   shape = (1, 1024, 2, fwd_probe.HEAD_DIM)
@@ -157,9 +168,9 @@ def test_fwd_probe_runs_variants_and_times_them(monkeypatch):
                                      frozenset(), "blocksc", (q, k, v, seg, pos), args, None)
   assert first["rel_err_vs_reference_row0"] < 1e-2 and first["rel_err_vs_first"] == 0.0
   assert first["nonfinite"] == 0 and first["ms"] > 0 and first["tiles"] == 8 * 9 // 2 * 2
-  again, _ = fwd_probe.run_variant("serial+compares+halves", "serial",
+  again, _ = fwd_probe.run_variant("serial+compares+spans", "serial",
                                    mosaic_attention.DEFAULT_TILE,
-                                   frozenset({"compares", "halves"}), "blocksc",
+                                   frozenset({"compares", "spans"}), "blocksc",
                                    (q, k, v, seg, pos), args, out)
   assert again["rel_err_vs_first"] == 0.0 and "rel_err_vs_reference_row0" not in again
 

@@ -21,6 +21,7 @@ from helpers import (CONTIGUOUS_KINDS, Layout, aligned_documents, allowed_np,
                      arange_positions, chunk_layouts, dense_masks, ids_from_runs,
                      self_layouts)
 from jpack import masks
+from pallas_kernels.config import GROUP_SPAN_BITS, SPAN_HALF_BITS
 from jpack.attention import KernelConfig, TileConfig, make_attention_plan
 
 B, T = 2, 64            # self-attention layouts
@@ -206,47 +207,84 @@ def test_one_compare_suffices_where_the_compares_say_so(kind, blocks, view, opt,
   assert (allowed == positions_only)[positions_span].all()
 
 
-def _blind_halves(layout, block_q, block_k, causal, sliding_window, rows):
-  """(ranges [B, nq, 4], halves [B, nq], blind: bool [B, Tq, Tk], the token pairs
-  last_tile_halves says no row can attend: each flagged row group against the
-  second half of its q tile's last kv tile)."""
+def _group_spans(layout, block_q, block_k, causal, sliding_window, rows):
+  """(ranges [B, nq, 4], front, back: int [B, nq, groups]) of masks.group_spans, decoded."""
   plan = _plan_fn(block_q, block_k, causal, sliding_window)(*layout.arrays())
-  halves = np.asarray(masks.last_tile_halves(
+  words = np.asarray(masks.group_spans(
       *layout.arrays(), plan.q_ranges, block_q=block_q, block_k=block_k, causal=causal,
-      sliding_window=sliding_window, rows=rows))
-  ranges = np.asarray(plan.q_ranges)
-  blind = np.zeros((layout.q_segment_ids.shape[0], layout.q_segment_ids.shape[1],
-                    layout.kv_segment_ids.shape[1]), bool)
-  for b, i in zip(*np.nonzero(halves)):
-    keys = slice(ranges[b, i, 3] * block_k - block_k // 2, ranges[b, i, 3] * block_k)
-    for r in range(block_q // rows):
-      if halves[b, i] >> r & 1:
-        blind[b, i * block_q + r * rows:i * block_q + (r + 1) * rows, keys] = True
-  return ranges, halves, blind
+      sliding_window=sliding_window, rows=rows)).astype(np.int64) & 0xFFFFFFFF
+  group = np.stack([words >> (GROUP_SPAN_BITS * g) & 0xFFFF
+                    for g in range(block_q // rows)], axis=-1)
+  half_mask = 2**SPAN_HALF_BITS - 1
+  return np.asarray(plan.q_ranges), group & half_mask, group >> SPAN_HALF_BITS
+
+
+def _exact_spans(layout, ranges, block_q, block_k, causal, sliding_window, rows):
+  """(front, back) [B, nq, groups] from the dense mask, uncapped: the halves at
+  either end of each range that a row group attends nothing of."""
+  ok = allowed_np(layout, causal=causal, sliding_window=sliding_window)
+  b, tq, tk = ok.shape
+  seen = ok.reshape(b, tq // block_q, block_q // rows, rows, 2 * tk // block_k,
+                    block_k // 2).any(axis=(3, 5))  # [B, nq, groups, 2 nk]
+  front, back = (np.zeros(seen.shape[:3], int) for _ in range(2))
+  for i, j, g in np.ndindex(*seen.shape[:3]):
+    lo, hi = 2 * ranges[i, j, 0], 2 * ranges[i, j, 3]
+    halves = np.flatnonzero(seen[i, j, g, lo:hi])
+    front[i, j, g] = halves[0] if len(halves) else max(hi - lo, 0)
+    back[i, j, g] = hi - lo - 1 - halves[-1] if len(halves) else 0
+  return front, back
 
 
 @pytest.mark.parametrize("kind,blocks", LAYOUT_CASES, ids=LAYOUT_IDS)
 @given(opt=st.sampled_from(OPTIONS), data=st.data())
-def test_last_tile_halves_flag_only_rows_that_see_nothing_there(kind, blocks, opt, data):
-  """Pair by pair: a flagged row group attends no key of its last kv tile's second half."""
+def test_group_spans_name_only_halves_the_group_cannot_attend(kind, blocks, opt, data):
+  """Pair by pair: no row of a group attends a key of its front or back halves; on
+  contiguous documents with positions along the row the spans are exact."""
   layout = data.draw(_layouts(kind, blocks))
   block_q, block_k = blocks
-  ranges, halves, blind = _blind_halves(layout, block_q, block_k, *opt,
-                                        rows=max(1, block_q // 2))
-  assert not (halves[ranges[..., 3] <= ranges[..., 0]]).any()  # empty rows: nothing
-  assert not (allowed_np(layout, causal=opt[0], sliding_window=opt[1]) & blind).any()
+  rows = max(1, block_q // 2)
+  ranges, front, back = _group_spans(layout, block_q, block_k, *opt, rows=rows)
+  exact_front, exact_back = _exact_spans(layout, ranges, block_q, block_k, *opt, rows=rows)
+  assert (front <= exact_front).all() and (back <= exact_back).all()
+  assert not front[ranges[..., 3] <= ranges[..., 0]].any()  # empty rows: nothing
+  assert not back[ranges[..., 3] <= ranges[..., 0]].any()
+  if kind == "self":
+    np.testing.assert_array_equal(front, exact_front)
+    np.testing.assert_array_equal(back, exact_back)
 
 
-def test_the_first_rows_of_a_diagonal_tile_need_half_of_it():
-  """One document of 64 tokens, 32-row q tiles in groups of 16 rows, 32-key kv tiles,
-  causal: on each diagonal tile the first 16 rows see only the first 16 keys."""
-  seg = np.ones((1, 64), np.int32)
+def test_group_spans_of_a_diagonal_tile_and_of_a_document_starting_in_the_tile():
+  """16-token row groups of 32-row q tiles, 32-key kv tiles (16-key halves), causal.
+
+  One document of 64 tokens: on each diagonal tile group 0 sees only the first
+  half (back = 1). Documents of 48 and 16 tokens (positions per document): q
+  tile 1 (rows 32-63) has range kv tiles [0, 2); its group 0 (rows 32-47, doc
+  1) sees keys 0-47, its group 1 (rows 48-63, doc 2) only keys 48-63."""
   pos = arange_positions(1, 64)
-  ranges, halves, _ = _blind_halves(Layout(seg, seg, pos, pos), 32, 32, True, None, rows=16)
+  seg = np.ones((1, 64), np.int32)
+  ranges, front, back = _group_spans(Layout(seg, seg, pos, pos), 32, 32, True, None, rows=16)
   np.testing.assert_array_equal(ranges[0, :, 3], [1, 2])
-  np.testing.assert_array_equal(halves[0], [1, 1])  # group 0 only
-  _, halves, _ = _blind_halves(Layout(seg, seg, pos, pos), 32, 32, False, None, rows=16)
-  np.testing.assert_array_equal(halves[0], [0, 0])  # bidirectional: every key is seen
+  np.testing.assert_array_equal(back[0], [[1, 0], [1, 0]])
+  np.testing.assert_array_equal(front[0], [[0, 0], [0, 0]])
+  _, _, back = _group_spans(Layout(seg, seg, pos, pos), 32, 32, False, None, rows=16)
+  np.testing.assert_array_equal(back[0], [[0, 0], [0, 0]])  # bidirectional: all seen
+  seg = np.array([[1] * 48 + [2] * 16], np.int32)
+  pos = np.concatenate([np.arange(48), np.arange(16)])[None].astype(np.int32)
+  ranges, front, back = _group_spans(Layout(seg, seg, pos, pos), 32, 32, True, None, rows=16)
+  np.testing.assert_array_equal(ranges[0, 1, [0, 3]], [0, 2])
+  np.testing.assert_array_equal(front[0, 1], [0, 3])
+  np.testing.assert_array_equal(back[0, 1], [1, 0])
+
+
+def test_group_spans_are_capped():
+  """Group 1 of the last q tile (doc 2) attends nothing of the 402 halves before it:
+  its front is capped at 255. Group 0 (doc 1) sees none of the last kv tile."""
+  seg = np.array([[1] * 1608 + [2] * 8], np.int32)
+  pos = np.concatenate([np.arange(1608), np.arange(8)])[None].astype(np.int32)
+  ranges, front, back = _group_spans(Layout(seg, seg, pos, pos), 16, 8, True, None, rows=8)
+  np.testing.assert_array_equal(ranges[0, -1, [0, 3]], [0, 202])
+  np.testing.assert_array_equal(front[0, -1], [0, 255])
+  np.testing.assert_array_equal(back[0, -1], [2, 0])
 
 
 def test_packed_documents_need_one_compare_per_masked_tile():

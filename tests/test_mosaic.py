@@ -54,7 +54,7 @@ schedules = pytest.mark.parametrize("schedule", SCHEDULES)
                                              "schedule", "num_ctas"))
 def mosaic_forward(q, k, v, q_seg, kv_seg, q_pos, kv_pos, *, causal, window, scale,
                    tile, schedule=None, num_ctas=None):
-  """(out, lse) of the Mosaic kernel, with its tile plan (ranges, q_compares, q_halves);
+  """(out, lse) of the Mosaic kernel, with its tile plan (ranges, q_compares, q_spans);
   lengths multiples of the tile."""
   plan = masks.make_tile_plan(q_seg, kv_seg, q_pos, kv_pos, block_q=tile.block_major,
                               block_k=tile.block_minor, causal=causal,
@@ -63,7 +63,7 @@ def mosaic_forward(q, k, v, q_seg, kv_seg, q_pos, kv_pos, *, causal, window, sca
                                   tile=tile, scale=scale, causal=causal,
                                   sliding_window=window, schedule=schedule,
                                   num_ctas=num_ctas, q_compares=plan.q_compares,
-                                  q_halves=plan.q_halves)
+                                  q_spans=plan.q_spans)
 
 
 # ----------------------------------------------------------------------------
@@ -264,20 +264,20 @@ def test_persistent_schedule_orders_items_head_major():
 
 @pytest.mark.parametrize("seed", [0, 1])
 @pytest.mark.parametrize("with_plan_words", [False, True])
-def test_item_table_holds_each_items_coordinates_plan_row_compares_and_halves(
+def test_item_table_holds_each_items_coordinates_plan_row_compares_and_spans(
     seed, with_plan_words):
   batch, n_q, n_k, heads = 2, 8, 8, 3
   ranges = _random_ranges(seed, batch, n_q, n_k)
   rng = np.random.default_rng(seed)
-  compares, halves = (jnp.asarray(rng.integers(0, high, (batch, n_q)), jnp.int32)
-                      for high in (2**20, 4))
+  compares, spans = (jnp.asarray(rng.integers(-2**31, 2**31, (batch, n_q)), jnp.int32)
+                     for _ in range(2))
   schedule = mosaic_persistent.persistent_schedule(ranges, heads, 4)
   table = np.asarray(mosaic_persistent.item_table(
-      ranges, schedule, heads, *((compares, halves) if with_plan_words else ())))
+      ranges, schedule, heads, *((compares, spans) if with_plan_words else ())))
   assert table.shape == (batch * n_q * heads, 9) and table.dtype == np.int32
   for row, item in zip(table, np.asarray(schedule)):
     b, qt, h = item // heads // n_q, item // heads % n_q, item % heads
-    words = [int(compares[b, qt]), int(halves[b, qt])] if with_plan_words else [0, 0]
+    words = [int(compares[b, qt]), int(spans[b, qt])] if with_plan_words else [0, 0]
     np.testing.assert_array_equal(row, [b, qt, h, *np.asarray(ranges)[b, qt], *words])
 
 
@@ -291,7 +291,7 @@ def _small_forward(**options):
                                   sliding_window=None, **options)
 
 
-@pytest.mark.parametrize("name", ["q_compares", "q_halves"])
+@pytest.mark.parametrize("name", ["q_compares", "q_spans"])
 def test_plan_words_of_the_wrong_shape_are_rejected(name):
   with pytest.raises(ValueError, match=name):
     _small_forward(**{name: jnp.zeros((1, 2), jnp.int32)})
@@ -305,11 +305,11 @@ def _work_items(n_items, num_ctas=1):
     (dict(items=_work_items(1), schedule="pingpong"), "items.*persistent schedule"),
     (dict(items=_work_items(2)), r"items: the table must be int32 \(1, 9\)"),
     (dict(items=_work_items(1), q_compares=jnp.zeros((1, 1), jnp.int32)),
-     "items: give the compares and halves to work_items"),
-    (dict(items=_work_items(1), q_halves=jnp.zeros((1, 1), jnp.int32)),
-     "items: give the compares and halves to work_items"),
+     "items: give the compares and spans to work_items"),
+    (dict(items=_work_items(1), q_spans=jnp.zeros((1, 1), jnp.int32)),
+     "items: give the compares and spans to work_items"),
     (dict(items=_work_items(1), num_ctas=2), "num_ctas: the items were dealt to 1 CTAs"),
-], ids=["grid", "wrong-table", "with-compares", "with-halves", "other-num-ctas"])
+], ids=["grid", "wrong-table", "with-compares", "with-spans", "other-num-ctas"])
 def test_work_items_that_do_not_fit_the_call_are_rejected(options, match):
   with pytest.raises(ValueError, match=match):
     _small_forward(**options)
@@ -695,10 +695,10 @@ def test_a_mosaic_plan_holds_the_work_items_of_its_persistent_kernels(t, persist
   if not persistent:
     assert tiles.forward_items is None and tiles.dq_items is None
     return
-  for items, rows, halves in ((tiles.forward_items, tiles.forward, tiles.forward.q_halves),
+  for items, rows, spans in ((tiles.forward_items, tiles.forward, tiles.forward.q_spans),
                               (tiles.dq_items, tiles.dq, None)):
     want = mosaic_persistent.work_items(rows.q_ranges, heads, rows.q_compares,
-                                        halves=halves)
+                                        spans=spans)
     assert items.num_ctas == want.num_ctas
     np.testing.assert_array_equal(items.table, want.table)
 
