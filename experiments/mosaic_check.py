@@ -281,8 +281,8 @@ def _mosaic_fn(causal, window, scale, tile, schedule="serial", num_ctas=None):
 
   The plan (masks.TilePlan) is made inside unless given.
 
-  The persistent schedule's work array (mosaic_persistent.persistent_schedule)
-  is made inside too, from the plan.
+  The persistent schedules' work items (mosaic_persistent.work_items) are
+  made inside too, from the plan.
   """
   import jax
 

@@ -4,10 +4,11 @@
 `persistent_forward`: the consumer loop of mosaic_attention in a persistent
 kernel, a grid of `num_ctas` CTAs (default: the GPU's SM count, see num_sms),
 each walking a list of work items (batch, head, q tile) from an item table
-(persistent_schedule orders the items: (batch, head)-major windows for L2
+(reading_positions orders the items: (batch, head)-major windows for L2
 locality, heaviest plan rows first within a window, empty items after all
-others, dealt to the CTAs in snake order; item_table turns each into its
-coordinates and plan row; CTA c reads rows c, c + num_ctas, ...). The producer
+others, dealt to the CTAs in snake order; item_table puts each item's
+coordinates and plan row at its position; CTA c reads rows c, c + num_ctas,
+...). The producer
 streams Q (with the q ids and positions) and the K/V tiles of every item
 without draining between items, so the next item's loads land while the
 consumers finish the current one; the consumers stage each item's output in
@@ -28,7 +29,7 @@ step: it waits for the tile, meets the other consumer twice (pingpong) and
 releases the slot. Same outputs.
 
 Items. A CTA's items are n = 0 .. N-1, the busy ones (hi > lo: at least one
-kv tile) first, then the empty ones (persistent_schedule). A busy item n uses
+kv tile) first, then the empty ones (reading_positions). A busy item n uses
 Q buffer pair qs = n % 2 (one 64-row buffer per consumer, which also stages
 that consumer's output of the item). Step t counts kv tiles over all the
 CTA's items (item n's first step is the number of tiles of items 0 .. n-1) and
@@ -90,7 +91,8 @@ from pallas_kernels.mosaic_common import (
 from pallas_kernels.segment_attention import LOG2E
 
 __all__ = ["DEFAULT_NUM_SMS", "WorkItems", "cta_items", "item_table", "num_sms",
-           "persistent_forward", "persistent_schedule", "resolve_work_items", "work_items"]
+           "persistent_forward", "persistent_schedule", "reading_positions",
+           "resolve_work_items", "work_items"]
 
 DEFAULT_NUM_SMS = 132
 """SMs of an H100 SXM: the persistent grid when the device does not say (num_sms)."""
@@ -114,92 +116,113 @@ WINDOW_ROUNDS = 1
 1 was the fastest of 1, 2, 4 and one global sort on an H100 (perf_notes entry 13)."""
 
 
-RANK_MAX_ITEMS = 8192
-"""Up to this many items _stable_order ranks by comparing all pairs, not by sorting."""
+RANK_MAX_PAIRS = 2**26
+"""Up to this many (item, item) pairs inside windows _ranks counts them; above, it sorts."""
 
 
-def _stable_order(work, window: np.ndarray):
-  """int32 [n]: the stable order of items by (work <= 0, window, -work).
+def _ranks(work, window_items: int):
+  """int32 [n]: each item's rank in the stable order by (work <= 0, window, -work).
 
   work: int32 [n] (clipped to [0, 65535] for the order: longer rows tie);
-  window: numpy int [n]. One int32 key; up to RANK_MAX_ITEMS items each
-  item's rank is counted over all pairs (one fused compare-and-sum and one
-  scatter, several times faster on a GPU than XLA's sort of 4096 items with
-  three keys, which took 44 us a call), above that the key is sorted.
+  window k holds items [k * window_items, (k + 1) * window_items). Busy items
+  (work > 0) come first, window by window, heaviest first, ties by index;
+  the empty ones after all of them, by index. Each busy item's rank inside
+  its window is counted over the window's pairs (one fused compare-and-sum,
+  n * window_items pairs; XLA's sort of 4096 items with three keys took 44 us
+  on a GPU), then offset by the busy items of earlier windows; above
+  RANK_MAX_PAIRS pairs the order is sorted instead.
   """
   n = work.shape[0]
-  if window.max(initial=0) >= 2**14:  # the key would not fit in int32
-    return jnp.lexsort((-jnp.clip(work, 0, 2**16 - 1), jnp.asarray(window, jnp.int32),
-                        work <= 0)).astype(jnp.int32)
-  key = ((work <= 0).astype(jnp.int32) << 30 | jnp.asarray(window << 16, jnp.int32)
-         | (2**16 - 1 - jnp.clip(work, 0, 2**16 - 1)))
-  if n > RANK_MAX_ITEMS:
-    return jnp.argsort(key, stable=True).astype(jnp.int32)
-  index = jnp.arange(n, dtype=jnp.int32)
-  before = (key[None, :] < key[:, None]) | ((key[None, :] == key[:, None])
-                                             & (index[None, :] < index[:, None]))
-  rank = jnp.sum(before, axis=1, dtype=jnp.int32)  # items ordered before item i
-  return jnp.zeros(n, jnp.int32).at[rank].set(index, unique_indices=True)
+  windows = -(-n // window_items)
+  clipped = jnp.clip(work, 0, 2**16 - 1)
+  busy = work > 0
+  if windows * window_items**2 > RANK_MAX_PAIRS:
+    window = jnp.asarray(np.arange(n) // window_items, jnp.int32)
+    order = jnp.lexsort((-clipped, window, ~busy))
+    return jnp.zeros(n, jnp.int32).at[order].set(jnp.arange(n, dtype=jnp.int32),
+                                                  unique_indices=True)
+  pad = windows * window_items - n  # padding: not busy, ranked nowhere
+  w = jnp.pad(clipped, (0, pad)).reshape(windows, 1, window_items)
+  b = jnp.pad(busy, (0, pad)).reshape(windows, 1, window_items)
+  index = jnp.arange(window_items, dtype=jnp.int32)
+  # before[k, i, j]: busy item j of window k goes before item i of that window.
+  before = b & ((w > w.transpose(0, 2, 1))
+                | ((w == w.transpose(0, 2, 1)) & (index[None, :] < index[:, None])))
+  in_window = jnp.sum(before, axis=2, dtype=jnp.int32)
+  per_window = jnp.sum(b, axis=(1, 2), dtype=jnp.int32)
+  earlier = (jnp.cumsum(per_window) - per_window)[:, None]  # busy items of earlier windows
+  busy_rank = (earlier + in_window).reshape(-1)[:n]
+  empty_rank = jnp.sum(busy, dtype=jnp.int32) + jnp.cumsum(~busy, dtype=jnp.int32) - 1
+  return jnp.where(busy, busy_rank, empty_rank).astype(jnp.int32)
 
 
-def persistent_schedule(q_ranges, heads: int, num_ctas: int,
-                        window_rounds: int | None = WINDOW_ROUNDS):
-  """int32 [B * nq * heads]: the work items of the persistent forward, in its reading order.
+def reading_positions(ranges, heads: int, num_ctas: int,
+                      window_rounds: int | None = WINDOW_ROUNDS):
+  """int32 [B * n * heads]: where item (b, h, row) sits in a persistent kernel's reading
+  order, items enumerated (batch, head)-major, rows fastest.
 
-  q_ranges: int32 [B, nq, 4], the plan rows. Item (b, qt, h) is encoded as
-  (b * nq + qt) * heads + h; its work is hi - lo of row (b, qt).
+  ranges: int32 [B, n, 4], the plan rows (q tiles, or kv tiles for dK/dV); an
+  item's work is hi - lo of its row.
 
-  Locality first: items are taken (batch, head)-major, q tiles fastest, so the
+  Locality first: items are taken (batch, head)-major, rows fastest, so the
   CTAs running at one time share the K/V of a few heads in L2 (sorting all
   items by work spread every round over all heads: K/V came from HBM each
   time, entry 13 of experiments/perf_notes.md). Balance within that: the
   items are cut into windows of whole (batch, head) pairs, about
   window_rounds * num_ctas items each (None: one window, the global sort),
-  sorted by descending work inside a window (stable, _stable_order); the
-  empty items (work 0, no kv tile) go after all the others, so that every
-  CTA meets them last (the kernel relies on it). The result is dealt in rounds of num_ctas: CTA c
-  takes the c-th item of an even round and the c-th from the end of an odd
-  round (snake order, which evens out the heavy firsts), and reads positions
-  c, c + num_ctas, c + 2 * num_ctas, ... of the result.
+  sorted by descending work inside a window (stable, _ranks); the empty items
+  (work 0, no kv tile) go after all the others, so that every CTA meets them
+  last (the kernels rely on it). The result is dealt in rounds of num_ctas:
+  CTA c takes the c-th item of an even round and the c-th from the end of an
+  odd round (snake order, which evens out the heavy firsts), and reads
+  positions c, c + num_ctas, c + 2 * num_ctas, ...
   """
-  batch, n_q, _ = q_ranges.shape
-  n_items = batch * n_q * heads
-  work = jnp.broadcast_to((q_ranges[..., 3] - q_ranges[..., 0])[:, None, :],
-                          (batch, heads, n_q)).reshape(-1)  # (b, h, qt) order
-  b, h, qt = np.unravel_index(np.arange(n_items), (batch, heads, n_q))
-  items = jnp.asarray((b * n_q + qt) * heads + h, jnp.int32)
+  batch, n_rows, _ = ranges.shape
+  n_items = batch * n_rows * heads
+  work = jnp.broadcast_to((ranges[..., 3] - ranges[..., 0])[:, None, :],
+                          (batch, heads, n_rows)).reshape(-1)
   window_items = (n_items if window_rounds is None else  # whole (batch, head) pairs
-                  max(1, -(-window_rounds * num_ctas // n_q)) * n_q)
-  window = np.arange(n_items) // window_items
-  # Empty items last of all (the kernel needs them after a CTA's other items),
-  # then by window, then heaviest first (stable).
-  items = items[_stable_order(work, window)]
-  pos = np.arange(n_items)
-  rnd, lane = pos // num_ctas, pos % num_ctas
-  round_size = np.minimum(num_ctas, n_items - rnd * num_ctas)
-  sorted_pos = rnd * num_ctas + np.where(rnd % 2 == 0, lane, round_size - 1 - lane)
-  return items[sorted_pos]
+                  max(1, -(-window_rounds * num_ctas // n_rows)) * n_rows)
+  rank = _ranks(work, min(window_items, n_items))
+  # Snake dealing: odd rounds reversed (an involution, so rank -> position).
+  rnd, lane = rank // num_ctas, rank % num_ctas
+  round_size = jnp.minimum(num_ctas, n_items - rnd * num_ctas)
+  return rnd * num_ctas + jnp.where(rnd % 2 == 0, lane, round_size - 1 - lane)
 
 
-def item_table(q_ranges, schedule, heads: int, q_compares=None, q_spans=None):
-  """int32 [num_items, 9]: row i = (b, qt, h, lo, full_lo, full_hi, hi, compares, spans)
-  of item schedule[i].
+def persistent_schedule(q_ranges, heads: int, num_ctas: int,
+                        window_rounds: int | None = WINDOW_ROUNDS):
+  """int32 [B * nq * heads]: the work items in reading order (reading_positions), each
+  encoded as (b * nq + qt) * heads + h."""
+  batch, n_q, _ = q_ranges.shape
+  b, h, qt = np.unravel_index(np.arange(batch * n_q * heads), (batch, heads, n_q))
+  items = jnp.asarray((b * n_q + qt) * heads + h, jnp.int32)
+  positions = reading_positions(q_ranges, heads, num_ctas, window_rounds)
+  return jnp.zeros_like(items).at[positions].set(items, unique_indices=True)
 
-  q_ranges: int32 [B, nq, 4]; schedule: int32 [num_items], items encoded as
-  (b * nq + qt) * heads + h (persistent_schedule); q_compares: the plan's
-  int32 [B, nq] (jpack.masks.compare_splits), or None for 0 (every masked
-  tile compares everything); q_spans: the plan's int32 [B, nq] (jpack.masks.
-  group_spans), or None for 0. The kernel reads a row with independent
-  loads, instead of decoding the item and then loading its plan row (two
-  dependent trips to global memory at every item).
+
+def item_table(ranges, positions, heads: int, compares=None, spans=None):
+  """int32 [num_items, 9]: row positions[i] = (b, tile, h, lo, full_lo, full_hi, hi,
+  compares, spans) of item i = (b, h, tile), items enumerated as in reading_positions.
+
+  ranges: int32 [B, n, 4]; positions: int32 [num_items] (reading_positions);
+  compares: the plan's int32 [B, n] (jpack.masks.compare_splits), or None for
+  0 (every masked tile compares everything); spans: the plan's int32 [B, n]
+  (jpack.masks.group_spans), or None for 0. Built in item order (broadcasts)
+  and scattered once. The kernel reads a row with independent loads, instead
+  of decoding the item and then loading its plan row (two dependent trips to
+  global memory at every item).
   """
-  n_q = q_ranges.shape[1]
-  h, row = schedule % heads, schedule // heads
-  b, qt = row // n_q, row % n_q
-  per_row = lambda x: jnp.zeros_like(h) if x is None else x[b, qt]  # noqa: E731
-  return jnp.concatenate([jnp.stack([b, qt, h], axis=1), q_ranges[b, qt],
-                          per_row(q_compares)[:, None], per_row(q_spans)[:, None]],
-                         axis=1).astype(jnp.int32)
+  batch, n_rows, _ = ranges.shape
+  per_item = lambda x: jnp.broadcast_to(  # noqa: E731  [B, n, ...] -> [items, ...]
+      x[:, None], (batch, heads, *x.shape[1:])).reshape(batch * heads * n_rows, *x.shape[2:])
+  zeros = jnp.zeros((batch, n_rows), jnp.int32)
+  b, h, tile = np.unravel_index(np.arange(batch * heads * n_rows), (batch, heads, n_rows))
+  rows = jnp.concatenate([jnp.asarray(np.stack([b, tile, h], axis=1), jnp.int32),
+                          per_item(ranges.astype(jnp.int32)),
+                          per_item(zeros if compares is None else compares)[:, None],
+                          per_item(zeros if spans is None else spans)[:, None]], axis=1)
+  return jnp.zeros_like(rows).at[positions].set(rows, unique_indices=True)
 
 
 @jax.tree_util.register_dataclass
@@ -208,7 +231,7 @@ class WorkItems:
   """A persistent kernel's work items, in reading order: what `work_items` returns.
 
   table: int32 [num_items, 9] (item_table); num_ctas: the CTAs that deal them
-  (persistent_schedule's order depends on it). A pytree: it can be made once
+  (reading_positions' order depends on it). A pytree: it can be made once
   per batch (jpack's AttentionPlan) and passed through jit.
   """
   table: jax.Array
@@ -228,8 +251,8 @@ def work_items(ranges, heads: int, compares=None, num_ctas: int | None = None,
   num_items = ranges.shape[0] * ranges.shape[1] * heads
   if num_ctas is None:
     num_ctas = min(num_sms(), num_items)
-  order = persistent_schedule(ranges, heads, num_ctas, window_rounds=WINDOW_ROUNDS)
-  return WorkItems(item_table(ranges, order, heads, compares, spans), num_ctas)
+  positions = reading_positions(ranges, heads, num_ctas)
+  return WorkItems(item_table(ranges, positions, heads, compares, spans), num_ctas)
 
 
 def resolve_work_items(items: WorkItems | None, ranges, heads: int, compares,
@@ -465,7 +488,7 @@ def _persistent_forward_kernel(items_ref, q_ref, k_ref, v_ref, q_seg_ref,
 
       @pl.when(hi <= lo)
       def _write_empty():
-        # Empty items come last (persistent_schedule) and have no Q: the
+        # Empty items come last (reading_positions) and have no Q: the
         # buffer's last reader was this consumer's own store of item n - 2.
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
         store_output(zeros_acc(o_shape), *empty_row_stats(), *out_refs)

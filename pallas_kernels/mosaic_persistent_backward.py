@@ -4,7 +4,7 @@
 run these kernels: the consumer steps of the grid kernels
 (mosaic_backward_steps) in persistent kernels of `num_ctas` CTAs, each walking
 a list of work items, ordered and dealt as the persistent forward's
-(mosaic_persistent: persistent_schedule, item_table, cta_items). An item is a
+(mosaic_persistent: reading_positions, item_table, cta_items). An item is a
 major tile of one head: (batch, q tile, head) for dQ, (batch, kv tile, kv
 head) for dK/dV. Same contract, inputs and outputs as the grid kernels.
 
@@ -24,7 +24,7 @@ consumer computes delta = rowsum(O * dO) - dlse of its rows (dlse arrives in
 delta's place), uses it for the item and stores it for the dK/dV kernel.
 
 Items. A CTA's items are n = 0 .. N-1, the busy ones (at least one minor
-tile) first, then the empty ones (persistent_schedule): an empty item's
+tile) first, then the empty ones (reading_positions): an empty item's
 output is zeros, written by each consumer through its own buffers of pair
 n % 2 once its own earlier stores from them have read them (no busy item
 follows, so nothing else touches them any more); the producer loads nothing

@@ -191,16 +191,15 @@ def test_persistent_schedule_global_sort_runs_every_item_once_heaviest_first(see
     assert np.all(np.diff(work[c::num_ctas]) <= 0)
 
 
-@pytest.mark.parametrize("n, window_offset", [(1, 0), (100, 0), (4096, 0), (9000, 0),
-                                               (300, 2**14)])
-def test_stable_order_sorts_by_emptiness_window_and_descending_work(n, window_offset):
-  # The three paths: pair ranks (n <= 8192), argsort of one key, lexsort (big windows).
+@pytest.mark.parametrize("n, window_items", [(1, 1), (100, 15), (4096, 192), (9000, 9000),
+                                              (300, 1000)])
+def test_ranks_order_by_emptiness_window_and_descending_work(n, window_items):
+  # Both paths: pairs counted inside windows, and a sort (9000^2 pairs > RANK_MAX_PAIRS).
   rng = np.random.default_rng(n)
   work = rng.integers(-2, 70000 if n == 100 else 12, n).astype(np.int32)  # ties, clipping
-  window = np.arange(n) // max(1, n // 7) + window_offset
-  got = np.asarray(mosaic_persistent._stable_order(jnp.asarray(work), window))
-  want = np.lexsort((-np.clip(work, 0, 2**16 - 1), window, work <= 0))
-  np.testing.assert_array_equal(got, want)
+  got = np.asarray(mosaic_persistent._ranks(jnp.asarray(work), window_items))
+  order = np.lexsort((-np.clip(work, 0, 2**16 - 1), np.arange(n) // window_items, work <= 0))
+  np.testing.assert_array_equal(got[order], np.arange(n))
 
 
 def _unsnake(schedule, num_ctas):
@@ -271,11 +270,12 @@ def test_item_table_holds_each_items_coordinates_plan_row_compares_and_spans(
   rng = np.random.default_rng(seed)
   compares, spans = (jnp.asarray(rng.integers(-2**31, 2**31, (batch, n_q)), jnp.int32)
                      for _ in range(2))
-  schedule = mosaic_persistent.persistent_schedule(ranges, heads, 4)
+  schedule = np.asarray(mosaic_persistent.persistent_schedule(ranges, heads, 4))
+  positions = mosaic_persistent.reading_positions(ranges, heads, 4)
   table = np.asarray(mosaic_persistent.item_table(
-      ranges, schedule, heads, *((compares, spans) if with_plan_words else ())))
+      ranges, positions, heads, *((compares, spans) if with_plan_words else ())))
   assert table.shape == (batch * n_q * heads, 9) and table.dtype == np.int32
-  for row, item in zip(table, np.asarray(schedule)):
+  for row, item in zip(table, schedule):
     b, qt, h = item // heads // n_q, item // heads % n_q, item % heads
     words = [int(compares[b, qt]), int(spans[b, qt])] if with_plan_words else [0, 0]
     np.testing.assert_array_equal(row, [b, qt, h, *np.asarray(ranges)[b, qt], *words])
@@ -320,7 +320,7 @@ def test_work_items_are_the_item_table_of_the_schedule():
   compares = jnp.asarray(np.random.default_rng(3).integers(0, 2**20, (2, 8)), jnp.int32)
   items = mosaic_persistent.work_items(ranges, 3, compares, num_ctas=5)
   want = mosaic_persistent.item_table(
-      ranges, mosaic_persistent.persistent_schedule(ranges, 3, 5), 3, compares)
+      ranges, mosaic_persistent.reading_positions(ranges, 3, 5), 3, compares)
   assert items.num_ctas == 5
   np.testing.assert_array_equal(items.table, want)
   default = mosaic_persistent.work_items(ranges, 3)  # min(SMs, 48 items) CTAs
