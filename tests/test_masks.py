@@ -238,8 +238,7 @@ def _exact_spans(layout, ranges, block_q, block_k, causal, sliding_window, rows)
 @pytest.mark.parametrize("kind,blocks", LAYOUT_CASES, ids=LAYOUT_IDS)
 @given(opt=st.sampled_from(OPTIONS), data=st.data())
 def test_group_spans_name_only_halves_the_group_cannot_attend(kind, blocks, opt, data):
-  """Pair by pair: no row of a group attends a key of its front or back halves; on
-  contiguous documents with positions along the row the spans are exact."""
+  """Pair by pair: no row of a group attends a key of its front or back halves."""
   layout = data.draw(_layouts(kind, blocks))
   block_q, block_k = blocks
   rows = max(1, block_q // 2)
@@ -248,9 +247,19 @@ def test_group_spans_name_only_halves_the_group_cannot_attend(kind, blocks, opt,
   assert (front <= exact_front).all() and (back <= exact_back).all()
   assert not front[ranges[..., 3] <= ranges[..., 0]].any()  # empty rows: nothing
   assert not back[ranges[..., 3] <= ranges[..., 0]].any()
-  if kind == "self":
-    np.testing.assert_array_equal(front, exact_front)
-    np.testing.assert_array_equal(back, exact_back)
+
+
+@pytest.mark.parametrize("blocks", BLOCKS_SELF, ids=[_blk_id(b) for b in BLOCKS_SELF])
+@given(opt=st.sampled_from(OPTIONS), data=st.data())
+def test_group_spans_are_exact_on_contiguous_documents(blocks, opt, data):
+  """Documents as contiguous runs, positions along the row: the spans miss nothing."""
+  layout = data.draw(self_layouts(B, T, kinds=CONTIGUOUS_KINDS))
+  block_q, block_k = blocks
+  rows = max(1, block_q // 2)
+  ranges, front, back = _group_spans(layout, block_q, block_k, *opt, rows=rows)
+  exact_front, exact_back = _exact_spans(layout, ranges, block_q, block_k, *opt, rows=rows)
+  np.testing.assert_array_equal(front, exact_front)
+  np.testing.assert_array_equal(back, exact_back)
 
 
 def test_group_spans_of_a_diagonal_tile_and_of_a_document_starting_in_the_tile():
