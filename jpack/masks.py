@@ -226,8 +226,8 @@ def group_spans(q_segment_ids, kv_segment_ids, q_positions, kv_positions, q_rang
   half = jnp.arange(visit.shape[-1], dtype=jnp.int32)
   seen = visit & (half >= lo[..., None]) & (half < hi[..., None])
   any_seen = seen.any(axis=-1)
-  first = jnp.argmax(seen, axis=-1).astype(jnp.int32)
-  last = visit.shape[-1] - 1 - jnp.argmax(seen[..., ::-1], axis=-1).astype(jnp.int32)
+  first = jnp.min(jnp.where(seen, half, visit.shape[-1]), axis=-1)
+  last = jnp.max(jnp.where(seen, half, -1), axis=-1)
   cap = 2**SPAN_HALF_BITS - 1
   front = jnp.minimum(jnp.where(any_seen, first - lo, hi - lo), cap)
   back = jnp.minimum(jnp.where(any_seen, hi - 1 - last, 0), cap)

@@ -405,7 +405,8 @@ def _persistent_forward_kernel(items_ref, q_ref, k_ref, v_ref, q_seg_ref,
       span = lax.shift_right_logical(spans, GROUP_SPAN_BITS * wg) & (2**GROUP_SPAN_BITS - 1)
       front = span & (2**SPAN_HALF_BITS - 1)
       back = lax.shift_right_logical(span, SPAN_HALF_BITS)
-      first, last = lo + lax.shift_right_logical(front, 1), hi - 1 - lax.shift_right_logical(back, 1)
+      first = lo + lax.shift_right_logical(front, 1)
+      last = hi - 1 - lax.shift_right_logical(back, 1)
 
       def release_previous_item(j):
         # q_free[1 - qs]: the release of item n - 1, once per item, after the
