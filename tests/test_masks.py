@@ -207,12 +207,18 @@ def test_one_compare_suffices_where_the_compares_say_so(kind, blocks, view, opt,
   assert (allowed == positions_only)[positions_span].all()
 
 
+@functools.lru_cache(maxsize=None)
+def _group_spans_fn(block_q, block_k, causal, sliding_window, rows):
+  return jax.jit(functools.partial(
+      masks.group_spans, block_q=block_q, block_k=block_k, causal=causal,
+      sliding_window=sliding_window, rows=rows))
+
+
 def _group_spans(layout, block_q, block_k, causal, sliding_window, rows):
   """(ranges [B, nq, 4], front, back: int [B, nq, groups]) of masks.group_spans, decoded."""
   plan = _plan_fn(block_q, block_k, causal, sliding_window)(*layout.arrays())
-  words = np.asarray(masks.group_spans(
-      *layout.arrays(), plan.q_ranges, block_q=block_q, block_k=block_k, causal=causal,
-      sliding_window=sliding_window, rows=rows)).astype(np.int64) & 0xFFFFFFFF
+  words = np.asarray(_group_spans_fn(block_q, block_k, causal, sliding_window, rows)(
+      *layout.arrays(), plan.q_ranges)).astype(np.int64) & 0xFFFFFFFF
   group = np.stack([words >> (GROUP_SPAN_BITS * g) & 0xFFFF
                     for g in range(block_q // rows)], axis=-1)
   half_mask = 2**SPAN_HALF_BITS - 1
