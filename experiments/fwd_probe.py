@@ -48,6 +48,7 @@ import contextlib
 import glob
 import json
 import os
+import re
 import sys
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -204,8 +205,11 @@ def run_variant(name, schedule, tile, options, layout_name, inputs, args, first_
       plan.q_spans if "spans" in options
       else last_half_only(plan.q_spans) if "lasthalf" in options else None)
   result = {}
-  dump = args.dump and os.path.join(args.dump, name.replace("@", "_") + ".txt")
-  trace_dir = args.profile and os.path.join(args.profile, f"{layout_name}-{name}")
+  # File names of letters, digits, "_", "-" and "." only ("@" and "+" are not
+  # carried back from the GPU machine).
+  file_name = re.sub(r"[^A-Za-z0-9_.-]", "_", name)
+  dump = args.dump and os.path.join(args.dump, file_name + ".txt")
+  trace_dir = args.profile and os.path.join(args.profile, f"{layout_name}-{file_name}")
   if trace_dir:
     os.makedirs(trace_dir, exist_ok=True)
     mosaic_common.PROFILE = dict(profile_space=args.profile_space, profile_dir=trace_dir)
