@@ -35,10 +35,15 @@ Peers (``--peers``, comma list):
   torch_varlen   torch.nn.attention.varlen.varlen_attn (subprocess)
 
 Timing: jitted forward, and jitted jax.grad of sum(out * cotangent) w.r.t. q, k, v;
-``--warmup`` runs, then the median of ``--reps`` samples, each the mean of 10 calls
-dispatched back to back (``experiments/timing.py``), in ms. Torch peers are timed
-the same way with CUDA events around 10 back-to-back calls (median). Useful TFLOP/s count only the
-document-causal work (``layouts.causal_doc_flops``; fwd+bwd = 3.5x fwd).
+``--warmup`` runs each, then ``--reps`` rounds; a round takes one sample of every JAX
+peer's forward and forward+backward, in an order rotated round by round, and a sample
+is the mean of 10 calls dispatched back to back (``experiments/timing.py``), in ms. So
+the GPU's clock drifts fall on all JAX peers alike. Reported: the median and the 10th
+and 90th percentiles of the samples; ratios to jpack are the median (and percentiles)
+of the per-round ratios. Torch peers run in their own process, before the JAX peers,
+timed with CUDA events around 10 back-to-back calls (median of ``--reps``); their
+ratios are ratios of medians. Useful TFLOP/s count only the document-causal work
+(``layouts.causal_doc_flops``; fwd+bwd = 3.5x fwd).
 
 Writes ``--out-json`` and a bar chart ``--out-png``; prints a markdown table last.
 """
@@ -411,6 +416,13 @@ class PeerResult:
     fwd_bwd_tflops: float | None = None
     fwd_vs_jpack: float | None = None
     fwd_bwd_vs_jpack: float | None = None
+    # interleaved timing (JAX peers): 10th and 90th percentiles, and the samples
+    fwd_p10_p90: list[float] | None = None
+    fwd_bwd_p10_p90: list[float] | None = None
+    fwd_vs_jpack_p10_p90: list[float] | None = None
+    fwd_bwd_vs_jpack_p10_p90: list[float] | None = None
+    fwd_samples: list[float] | None = None
+    fwd_bwd_samples: list[float] | None = None
     note: str = ""
 
     def add_note(self, text: str) -> None:
@@ -435,25 +447,39 @@ def mark_correctness(result: PeerResult, tol: float) -> None:
 
 
 def fill_throughput(results: list[PeerResult], fwd_flops: float) -> None:
-    """Useful TFLOP/s from times, and times relative to jpack's."""
+    """Useful TFLOP/s from times, and times relative to jpack's.
+
+    Where both peers have interleaved samples, the ratio is the median of the
+    per-round ratios (with their 10th/90th percentiles); else the ratio of medians.
+    """
     jpack = next((r for r in results if r.name == "jpack"), None)
     for r in results:
         if r.fwd_ms:
             r.fwd_tflops = fwd_flops / (r.fwd_ms * 1e-3) / 1e12
         if r.fwd_bwd_ms:
             r.fwd_bwd_tflops = FWD_BWD_FLOPS_FACTOR * fwd_flops / (r.fwd_bwd_ms * 1e-3) / 1e12
-        if jpack is not None and jpack.fwd_ms and r.fwd_ms:
-            r.fwd_vs_jpack = r.fwd_ms / jpack.fwd_ms
-        if jpack is not None and jpack.fwd_bwd_ms and r.fwd_bwd_ms:
-            r.fwd_bwd_vs_jpack = r.fwd_bwd_ms / jpack.fwd_bwd_ms
+        if jpack is None:
+            continue
+        for part in ("fwd", "fwd_bwd"):
+            mine, base = getattr(r, f"{part}_samples"), getattr(jpack, f"{part}_samples")
+            if mine and base and len(mine) == len(base):
+                p10, median, p90 = timing.quantiles(timing.round_ratios(mine, base))
+                setattr(r, f"{part}_vs_jpack", median)
+                setattr(r, f"{part}_vs_jpack_p10_p90", [p10, p90])
+            elif getattr(r, f"{part}_ms") and getattr(jpack, f"{part}_ms"):
+                setattr(r, f"{part}_vs_jpack", getattr(r, f"{part}_ms") / getattr(jpack, f"{part}_ms"))
 
 
 # =========================================================================== running JAX peers
 
 
-def run_jax_peer(name: str, check: Problem, check_inputs: Inputs, oracle: Oracle,
-                 main: Problem, main_inputs: Inputs, args) -> PeerResult:
-    """Checks peer ``name`` on the small case, then times fwd and fwd+bwd on the main one."""
+def prepare_jax_peer(name: str, check: Problem, check_inputs: Inputs, oracle: Oracle,
+                     main: Problem, main_inputs: Inputs, args) -> tuple[PeerResult, dict]:
+    """Checks peer ``name`` on the small case, then builds and warms up its main-shape calls.
+
+    Returns (result, timed): timed maps "fwd" and "fwd_bwd" to (jitted fn, args) for
+    time_jax_peers; a call that fails to compile or run (e.g. OOM) is left out, noted.
+    """
     result = PeerResult(name)
     builder = JAX_BUILDERS[name]
     try:
@@ -465,7 +491,7 @@ def run_jax_peer(name: str, check: Problem, check_inputs: Inputs, oracle: Oracle
         del out, grads
     except Exception as exc:  # noqa: BLE001 - a failing peer is a result, not a crash
         result.status = f"error (check): {short_error(exc)}"
-        return result
+        return result, {}
     mark_correctness(result, args.tol)
 
     mi = main_inputs
@@ -473,17 +499,36 @@ def run_jax_peer(name: str, check: Problem, check_inputs: Inputs, oracle: Oracle
         attend, extra, note = builder(main, mi.segment_ids)
     except Exception as exc:  # noqa: BLE001
         result.status = f"error: {short_error(exc)}"
-        return result
+        return result, {}
     result.add_note(note)
-    result.fwd_ms, fwd_error = try_median_ms(forward_fn(attend), (mi.q, mi.k, mi.v, *extra), args)
-    result.fwd_bwd_ms, bwd_error = try_median_ms(
-        forward_backward_fn(attend), (mi.q, mi.k, mi.v, mi.cot, *extra), args)
-    for label, error in (("fwd", fwd_error), ("fwd+bwd", bwd_error)):
-        if error:
-            result.add_note(f"{label} failed: {error}")
-    if fwd_error and bwd_error:
-        result.status = f"error: {fwd_error[:80]}"
-    return result
+    calls = {"fwd": (forward_fn(attend), (mi.q, mi.k, mi.v, *extra)),
+             "fwd_bwd": (forward_backward_fn(attend), (mi.q, mi.k, mi.v, mi.cot, *extra))}
+    timed, errors = {}, []
+    for part, (fn, fn_args) in calls.items():
+        try:
+            for _ in range(max(1, args.warmup)):
+                jax.block_until_ready(fn(*fn_args))
+            timed[part] = (fn, fn_args)
+        except Exception as exc:  # noqa: BLE001
+            errors.append(short_error(exc))
+            result.add_note(f"{part.replace('_', '+')} failed: {errors[-1]}")
+    if not timed:
+        result.status = f"error: {errors[0][:80]}"
+    return result, timed
+
+
+def time_jax_peers(prepared: dict[str, tuple[PeerResult, dict]], reps: int) -> None:
+    """Times every prepared call in interleaved rounds (timing.interleaved_samples);
+    fills each result's medians, percentiles and samples."""
+    timed = {(name, part): call for name, (_, calls) in prepared.items()
+             for part, call in calls.items()}
+    samples = timing.interleaved_samples(timed, reps)
+    for (name, part), values in samples.items():
+        result = prepared[name][0]
+        p10, median, p90 = timing.quantiles(values)
+        setattr(result, f"{part}_ms", median)
+        setattr(result, f"{part}_p10_p90", [p10, p90])
+        setattr(result, f"{part}_samples", values)
 
 
 def try_median_ms(fn: Callable, fn_args: tuple, args) -> tuple[float | None, str | None]:
@@ -624,17 +669,26 @@ def fmt(x: float | None, spec: str = ".2f") -> str:
     return "-" if x is None else format(x, spec)
 
 
+def with_spread(value: float | None, spread: list[float] | None, spec: str) -> str:
+    """``value`` formatted with ``spec``, then "(p10-p90)" when the spread is known."""
+    text = fmt(value, spec)
+    return text if value is None or not spread else f"{text} ({fmt(spread[0], spec)}-{fmt(spread[1], spec)})"
+
+
 def markdown_table(results: list[PeerResult]) -> str:
-    """The main comparison as a markdown table."""
+    """The main comparison as a markdown table: medians, with (10th-90th percentile)
+    of the interleaved samples or per-round ratios where the peer has them."""
     head = ("| peer | status | out err | grad err | fwd ms | fwd TFLOP/s | fwd+bwd ms "
             "| fwd+bwd TFLOP/s | fwd / jpack | fwd+bwd / jpack | note |")
     lines = [head, "|" + "---|" * 11]
     for r in results:
         lines.append(
             f"| {r.name} | {r.status} | {fmt(r.out_err, '.1e')} | {fmt(r.grad_err, '.1e')} "
-            f"| {fmt(r.fwd_ms, '.3f')} | {fmt(r.fwd_tflops, '.3g')} | {fmt(r.fwd_bwd_ms, '.3f')} "
-            f"| {fmt(r.fwd_bwd_tflops, '.3g')} | {fmt(r.fwd_vs_jpack)} "
-            f"| {fmt(r.fwd_bwd_vs_jpack)} | {r.note} |")
+            f"| {with_spread(r.fwd_ms, r.fwd_p10_p90, '.3f')} | {fmt(r.fwd_tflops, '.3g')} "
+            f"| {with_spread(r.fwd_bwd_ms, r.fwd_bwd_p10_p90, '.3f')} "
+            f"| {fmt(r.fwd_bwd_tflops, '.3g')} "
+            f"| {with_spread(r.fwd_vs_jpack, r.fwd_vs_jpack_p10_p90, '.3f')} "
+            f"| {with_spread(r.fwd_bwd_vs_jpack, r.fwd_bwd_vs_jpack_p10_p90, '.3f')} | {r.note} |")
     return "\n".join(lines)
 
 
@@ -816,14 +870,21 @@ def run_benchmark(args) -> dict:
         results.update({r.name: r for r in torch_results})
 
     main_inputs = random_inputs(main, args.seed)
+    prepared = {}
     for name in args.peers:
         if name in results:
             continue
-        print(f"[jax] {name} ...", flush=True)
-        results[name] = run_jax_peer(name, check, check_inputs, oracle, main, main_inputs, args)
-        print(f"      {results[name].status} fwd={fmt(results[name].fwd_ms, '.3f')} ms "
-              f"fwd+bwd={fmt(results[name].fwd_bwd_ms, '.3f')} ms", flush=True)
-    del main_inputs
+        print(f"[jax] {name}: check, compile, warm up ...", flush=True)
+        prepared[name] = prepare_jax_peer(name, check, check_inputs, oracle, main, main_inputs,
+                                          args)
+        results[name] = prepared[name][0]
+    print(f"[jax] timing {len(prepared)} peers in {args.reps} interleaved rounds ...", flush=True)
+    time_jax_peers(prepared, args.reps)
+    for name in prepared:
+        r = results[name]
+        print(f"      {name}: {r.status} fwd={fmt(r.fwd_ms, '.3f')} ms "
+              f"fwd+bwd={fmt(r.fwd_bwd_ms, '.3f')} ms", flush=True)
+    del main_inputs, prepared
 
     ordered = [results[n] for n in args.peers]
     fwd_flops = main.fwd_flops()
@@ -837,7 +898,9 @@ def run_benchmark(args) -> dict:
         "shape": main.describe(), "check_shape": check.describe(),
         "layout": {"generator": "packed_segment_ids", "seed": args.seed,
                    "mean_doc_len": args.mean_doc_len, "sigma": 1.0, "min_len": 16},
-        "timing": {"warmup": args.warmup, "reps": args.reps, "statistic": "median"},
+        "timing": {"warmup": args.warmup, "reps": args.reps, "statistic": "median",
+                   "calls_per_sample": timing.CALLS_PER_SAMPLE,
+                   "jax_peers": "interleaved rounds (timing.interleaved_samples)"},
         "tolerance": args.tol,
         "useful_fwd_flops": fwd_flops, "useful_fwd_bwd_flops": FWD_BWD_FLOPS_FACTOR * fwd_flops,
         "peers": [dataclasses.asdict(r) for r in ordered],

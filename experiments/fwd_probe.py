@@ -20,7 +20,10 @@ bench_attention.py):
   blocksc documents of 1024 tokens, causal (short loops, masks on the diagonal).
 
 Per (layout, variant): the median time of the kernel with its tile plan made
-beforehand (experiments/timing.py), useful TFLOP/s (document-masked work) and
+beforehand, the layout's variants timed in interleaved rounds
+(experiments/timing.py: `--reps` rounds, each one sample of every variant, so
+clock drifts fall on all alike), the 10th/90th percentiles, the median of the
+per-round ratios to the first variant, useful TFLOP/s (document-masked work) and
 executed TFLOP/s (every visited tile counted whole), and the relative error
 of the output against the layout's first variant; the first variant is
 checked against the float32 reference on row 0, heads 0-1. One JSON line per
@@ -188,10 +191,12 @@ def kernel(tile, schedule, scale, causal):
 
 
 def run_variant(name, schedule, tile, options, layout_name, inputs, args, first_out):
-  """(result dict, out float32 numpy) of one variant on one layout (module docstring).
+  """(result dict, out float32 numpy, call) of one variant on one layout (module docstring).
 
   inputs: (q, k, v, segment ids, positions) of the layout; first_out: the
   layout's first output (None: this is the first, checked against the reference).
+  call: (jitted fn, args), compiled, for time_variants; None when profiling.
+  The result has the tile counts; time_variants adds the times.
   """
   q, k, v, seg, pos = inputs
   seg_np, causal = layout(layout_name, batch=q.shape[0])
@@ -229,13 +234,31 @@ def run_variant(name, schedule, tile, options, layout_name, inputs, args, first_
     jax.effects_barrier()
     trace = max(glob.glob(os.path.join(trace_dir, "*.json")), key=os.path.getmtime)
     result.update(trace=trace, regions=summarize_trace(trace, 1 + tile.block_major // 64))
-  else:
-    ms = timing.median_ms(fn, *fn_args, warmup=3, reps=args.reps)
-    flops = causal_doc_flops(seg_np, HEADS, HEAD_DIM, causal=causal)
-    executed = 4.0 * tiles * tile.block_major * tile.block_minor * HEAD_DIM
-    result.update(ms=round(ms, 4), useful_tflops=round(flops / ms / 1e9, 1),
-                  executed_tflops=round(executed / ms / 1e9, 1), tiles=tiles)
-  return result, out
+    return result, out, None
+  result.update(tiles=tiles, useful_flops=causal_doc_flops(seg_np, HEADS, HEAD_DIM, causal=causal),
+                executed_flops=4.0 * tiles * tile.block_major * tile.block_minor * HEAD_DIM)
+  return result, out, (fn, fn_args)
+
+
+def time_variants(results, calls, reps):
+  """Adds ms (median), ms_p10_p90, vs_first (median per-round ratio to the first
+  timed variant) and TFLOP/s to each result of one layout; calls: name -> (fn,
+  args) of the variants that ran (timing.interleaved_samples)."""
+  for fn, fn_args in calls.values():
+    for _ in range(2):
+      jax.block_until_ready(fn(*fn_args))
+  samples = timing.interleaved_samples(calls, reps)
+  first = next(iter(samples.values()), None)
+  for result in results:
+    if result["variant"] not in samples:
+      continue
+    values = samples[result["variant"]]
+    p10, ms, p90 = timing.quantiles(values)
+    ratio = timing.quantiles(timing.round_ratios(values, first))[1]
+    result.update(ms=round(ms, 4), ms_p10_p90=[round(p10, 4), round(p90, 4)],
+                  vs_first=round(ratio, 4),
+                  useful_tflops=round(result.pop("useful_flops") / ms / 1e9, 1),
+                  executed_tflops=round(result.pop("executed_flops") / ms / 1e9, 1))
 
 
 def main():
@@ -250,6 +273,8 @@ def main():
   p.add_argument("--batch", type=int, default=BATCH)
   args = p.parse_args()
   variants = [(v, *parse_variant(v)) for v in args.variants.split(",")]
+  if len({v[0] for v in variants}) < len(variants):
+    p.error(f"--variants names a variant twice: {args.variants} (rounds interleave them anyway)")
   for d in (args.dump, args.profile):
     if d:
       os.makedirs(d, exist_ok=True)
@@ -260,18 +285,23 @@ def main():
   results = []
   for layout_name in args.layouts.split(","):
     inputs = (q, k, v, jnp.asarray(layout(layout_name, batch=args.batch)[0]), pos)
-    first_out = None
+    first_out, calls, layout_results = None, {}, []
     for name, schedule, tile, options in variants:
       result = dict(layout=layout_name, variant=name)
       try:
-        found, out = run_variant(name, schedule, tile, options, layout_name, inputs, args,
-                                 first_out)
+        found, out, call = run_variant(name, schedule, tile, options, layout_name, inputs, args,
+                                       first_out)
         result.update(found)
         first_out = out if first_out is None else first_out
+        if call is not None:
+          calls[name] = call
       except Exception as exc:  # noqa: BLE001 - a failed variant is a result
         result["error"] = f"{type(exc).__name__}: {exc}"[:400]
+      layout_results.append(result)
+    time_variants(layout_results, calls, args.reps)
+    for result in layout_results:
       print(json.dumps(result), flush=True)
-      results.append(result)
+    results.extend(layout_results)
   if out_dir := os.environ.get("OUT"):
     with open(os.path.join(out_dir, "fwd_probe.json"), "w") as f:
       json.dump(dict(device=jax.devices()[0].device_kind, results=results), f, indent=1)

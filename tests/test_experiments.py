@@ -164,15 +164,24 @@ def test_fwd_probe_runs_variants_and_times_them(monkeypatch):
              for key in jax.random.split(jax.random.key(1), 3))
   pos = jnp.arange(1024, dtype=jnp.int32)[None]
   seg = jnp.asarray(fwd_probe.layout("blocksc", batch=1)[0])
-  first, out = fwd_probe.run_variant("pingpong", "pingpong", mosaic_attention.DEFAULT_TILE,
-                                     frozenset(), "blocksc", (q, k, v, seg, pos), args, None)
+  first, out, first_call = fwd_probe.run_variant(
+      "pingpong", "pingpong", mosaic_attention.DEFAULT_TILE, frozenset(), "blocksc",
+      (q, k, v, seg, pos), args, None)
   assert first["rel_err_vs_reference_row0"] < 1e-2 and first["rel_err_vs_first"] == 0.0
-  assert first["nonfinite"] == 0 and first["ms"] > 0 and first["tiles"] == 8 * 9 // 2 * 2
-  again, _ = fwd_probe.run_variant("serial+compares+spans", "serial",
-                                   mosaic_attention.DEFAULT_TILE,
-                                   frozenset({"compares", "spans"}), "blocksc",
-                                   (q, k, v, seg, pos), args, out)
+  assert first["nonfinite"] == 0 and first["tiles"] == 8 * 9 // 2 * 2
+  again, _, again_call = fwd_probe.run_variant(
+      "serial+compares+spans", "serial", mosaic_attention.DEFAULT_TILE,
+      frozenset({"compares", "spans"}), "blocksc", (q, k, v, seg, pos), args, out)
   assert again["rel_err_vs_first"] == 0.0 and "rel_err_vs_reference_row0" not in again
+  first["variant"], again["variant"] = "pingpong", "serial+compares+spans"  # as main names them
+  failed = dict(layout="blocksc", variant="broken", error="ValueError: refused")
+  fwd_probe.time_variants([first, again, failed],
+                          {"pingpong": first_call, "serial+compares+spans": again_call}, reps=3)
+  for result in (first, again):
+    p10, p90 = result["ms_p10_p90"]
+    assert 0 < p10 <= result["ms"] <= p90 and "useful_flops" not in result
+    assert result["executed_tflops"] >= result["useful_tflops"] >= 0
+  assert first["vs_first"] == 1.0 and again["vs_first"] > 0 and "ms" not in failed
 
 
 def test_bwd_probe_variants_parse_into_schedules_and_cta_counts():
@@ -243,3 +252,46 @@ def test_bench_jpack_planned_matches_jpack_planning_in_the_call():
   for got, want in zip(*results):
     np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
                                rtol=1e-6, atol=1e-6)
+
+
+def test_interleaved_samples_rotate_the_order_round_by_round(monkeypatch):
+  """Each round samples every entry once, starting one entry later than the last round."""
+  from experiments import timing
+
+  order = []
+  monkeypatch.setattr(timing, "sample_ms", lambda fn, args, calls: fn(*args))
+  timed = {name: ((lambda n: order.append(n) or len(order)), (name,)) for name in "abc"}
+  samples = timing.interleaved_samples(timed, reps=4)
+  assert order == list("abc" "bca" "cab" "abc")
+  assert samples == {"a": [1, 6, 8, 10], "b": [2, 4, 9, 11], "c": [3, 5, 7, 12]}
+  assert timing.round_ratios(samples["b"], samples["a"]) == [2, 4 / 6, 9 / 8, 11 / 10]
+  with pytest.raises(ValueError, match="same rounds"):
+    timing.round_ratios([1.0], [1.0, 2.0])
+
+
+def test_bench_times_peers_in_rounds_and_takes_ratios_per_round():
+  """time_jax_peers fills medians, percentiles and samples; fill_throughput's ratio
+  to jpack is the median of per-round ratios (not the ratio of medians), and the
+  ratio of medians for a peer without samples (the torch peers)."""
+  from experiments import bench_attention as bench
+
+  double = jax.jit(lambda x: x * 2)
+  x = jnp.ones((8,))
+  prepared = {name: (bench.PeerResult(name), {"fwd": (double, (x,)), "fwd_bwd": (double, (x,))})
+              for name in ("jpack", "cudnn_packed")}
+  bench.time_jax_peers(prepared, reps=5)
+  for result, _ in prepared.values():
+    assert len(result.fwd_samples) == len(result.fwd_bwd_samples) == 5
+    p10, p90 = result.fwd_p10_p90
+    assert p10 <= result.fwd_ms <= p90
+    assert result.fwd_ms == pytest.approx(np.median(result.fwd_samples))
+
+  jpack = bench.PeerResult("jpack", fwd_ms=2.0, fwd_samples=[1.0, 2.0, 4.0])
+  peer = bench.PeerResult("cudnn_packed", fwd_ms=2.0, fwd_samples=[1.5, 2.2, 4.8])
+  torch_peer = bench.PeerResult("torch_flex", fwd_ms=3.0)
+  bench.fill_throughput([jpack, peer, torch_peer], fwd_flops=1e9)
+  assert peer.fwd_vs_jpack == pytest.approx(1.2)  # per round 1.5, 1.1, 1.2
+  assert peer.fwd_vs_jpack_p10_p90 == pytest.approx([1.12, 1.44])
+  assert torch_peer.fwd_vs_jpack == 1.5 and torch_peer.fwd_vs_jpack_p10_p90 is None
+  assert jpack.fwd_tflops == pytest.approx(1e9 / 2e-3 / 1e12)
+  assert "1.200 (1.120-1.440)" in bench.markdown_table([jpack, peer, torch_peer])
