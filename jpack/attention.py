@@ -513,15 +513,16 @@ def _kernels_backward_padded(q, k, v, out, lse, do, dlse, plan: AttentionPlan,
           dv[:, :tk, :, :head_dim])
 
 
-def _make_plan(q, k, ids, spec, config, implementation) -> AttentionPlan:
-  """plans.make_plan, plus the work items of the Mosaic kernels that run persistent."""
+def _make_plan(q, k, ids, spec, config, implementation, dealing="snake") -> AttentionPlan:
+  """plans.make_plan, plus the work items of the Mosaic kernels that run persistent,
+  dealt to their CTAs by `dealing` (mosaic_persistent.DEALINGS)."""
   plan = plans.make_plan(q.shape, k.shape, ids, spec, config, implementation)
   if implementation != "mosaic" or not isinstance(plan.tiles.forward, masks.TilePlan):
     return plan
-  return dataclasses.replace(plan, tiles=_mosaic_work_items(plan, q.dtype))
+  return dataclasses.replace(plan, tiles=_mosaic_work_items(plan, q.dtype, dealing))
 
 
-def _mosaic_work_items(plan: AttentionPlan, dtype):
+def _mosaic_work_items(plan: AttentionPlan, dtype, dealing):
   """The plan's tiles with the work items of its persistent Mosaic kernels.
 
   Each persistent kernel ranks its items (B * H * row tiles of them) and
@@ -536,7 +537,7 @@ def _mosaic_work_items(plan: AttentionPlan, dtype):
   k = jax.ShapeDtypeStruct((batch, plan.ids.kv_segment_ids.shape[1], plan.k_shape[2], d),
                            dtype)
   config, tiles = plan.config, plan.tiles
-  work = mosaic_persistent.work_items
+  work = functools.partial(mosaic_persistent.work_items, dealing=dealing)
   forward = mosaic_attention.default_schedule(config.forward, k).startswith("persistent")
   dq = mosaic_backward.default_schedule(config.dq, k, "dq") == "persistent"
   dkdv = mosaic_backward.default_schedule(config.dkdv, q, "dkdv") == "persistent"
@@ -567,6 +568,7 @@ def make_attention_plan(
     sliding_window: int | None = None,
     config: KernelConfig | None = None,
     implementation: Literal["auto", "pallas", "mosaic"] = "auto",
+    balance_by_load: bool = True,
 ) -> AttentionPlan:
   """The mask and tile plan of flash_attention, computed once for many layers.
 
@@ -584,6 +586,13 @@ def make_attention_plan(
       can, else "pallas").
       A plan only runs with the kernels it was made for; the reference
       ("xla") takes any plan.
+    balance_by_load: with the Mosaic kernels, deal the persistent kernels'
+      work items to their CTAs by modelled load (round by round, the
+      costliest item to the least loaded CTA), not in snake order as a call
+      without a plan does. Same outputs; on an H100 the persistent forward
+      runs 7-20% faster on packed documents, and making the plan costs about
+      0.2 ms more per persistent kernel (a sequential scan over rounds of
+      132 items): worth it for a plan shared by several layers.
 
   Cost: O(B * Tq/bq * Tk/bk) for document masks; a general mask evaluates
   every (query, key) pair once (O(B * H_mask * Tq * Tk) elementwise work, in
@@ -604,7 +613,7 @@ def make_attention_plan(
     _check_mosaic(q, config, general_mask=rule is not None or ids.dense is not None)
   spec = _mask_spec(causal, sliding_window, rule)
   return _make_plan(q, k, ids, spec, config or _kernels(target).default_config(q.shape[3]),
-                    target)
+                    target, dealing="load" if balance_by_load else "snake")
 
 
 def flash_attention(

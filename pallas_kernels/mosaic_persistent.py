@@ -6,7 +6,7 @@ kernel, a grid of `num_ctas` CTAs (default: the GPU's SM count, see num_sms),
 each walking a list of work items (batch, head, q tile) from an item table
 (reading_positions orders the items: (batch, head)-major windows for L2
 locality, heaviest plan rows first within a window, empty items after all
-others, dealt to the CTAs in snake order; item_table puts each item's
+others, dealt to the CTAs in rounds, snake order or by modelled load; item_table puts each item's
 coordinates and plan row at its position; CTA c reads rows c, c + num_ctas,
 ...). The producer
 streams Q (with the q ids and positions) and the K/V tiles of every item
@@ -156,8 +156,78 @@ def _ranks(work, window_items: int):
   return jnp.where(busy, busy_rank, empty_rank).astype(jnp.int32)
 
 
+ITEM_COST, FULL_TILE_COST, MASKED_TILE_COST = 6, 20, 23
+"""The load model of _deal_by_load, in twentieths of a full kv tile: an item's own
+cost (its Q load and output store, about a third of a tile) plus its tiles, a masked
+one 15% dearer than a full one (the mask's compares and selects; perf_notes entry 24)."""
+
+
+def _item_costs(ranges, heads: int):
+  """int32 [B * n * heads]: the modelled cost of each item (b, h, row), 0 if empty."""
+  batch, n_rows, _ = ranges.shape
+  lo, full_lo, full_hi, hi = (ranges[..., i] for i in range(4))
+  full = jnp.maximum(full_hi - full_lo, 0)
+  masked = jnp.maximum(hi - lo, 0) - full
+  cost = jnp.where(hi > lo, ITEM_COST + FULL_TILE_COST * full + MASKED_TILE_COST * masked, 0)
+  return jnp.broadcast_to(cost[:, None, :], (batch, heads, n_rows)).reshape(-1).astype(jnp.int32)
+
+
+def _deal_by_load(rank, cost, num_ctas: int):
+  """int32 [n]: reading positions of items ranked `rank` (a permutation of 0 .. n-1),
+  dealt in rounds of num_ctas by modelled load.
+
+  Round r holds the items of ranks [r * num_ctas, (r + 1) * num_ctas), one per CTA
+  (CTA c reads position r * num_ctas + c); within a round the costliest item goes
+  to the CTA with the least load so far (cost summed over its earlier rounds), the
+  next costliest to the next, and so on: list scheduling in rounds. Ties go to the
+  lower rank and the lower CTA. The rounds depend on each other through the loads
+  only: a scan over rounds of num_ctas^2 pair counts each (on an H100 about 0.22
+  ms for the main shape's 31 rounds, mostly the loop's kernel launches).
+  """
+  n, ctas = rank.shape[0], num_ctas
+  rounds = -(-n // ctas)
+  lane = jnp.arange(ctas, dtype=jnp.int32)
+  # Cost of the item of each rank, -1 where the last round has no item.
+  by_rank = jnp.full((rounds * ctas,), -1, jnp.int32).at[rank].set(
+      cost, unique_indices=True).reshape(rounds, ctas)
+  ci, cj = by_rank[:, :, None], by_rank[:, None, :]
+  costlier = (cj > ci) | ((cj == ci) & (lane[None, None, :] < lane[None, :, None]))
+  order = jnp.sum(costlier, axis=2, dtype=jnp.int32)  # [rounds, ctas]: k-th costliest
+
+  def one_round(loads, x):
+    r, costs, order = x
+    # In the last round only the CTAs whose position exists read an item.
+    key = jnp.where(r * ctas + lane < n, loads, jnp.iinfo(jnp.int32).max)
+    lighter = (key[None, :] < key[:, None]) | ((key[None, :] == key[:, None])
+                                               & (lane[None, :] < lane[:, None]))
+    load_rank = jnp.sum(lighter, axis=1, dtype=jnp.int32)  # [ctas]: k-th least loaded
+    match = order[:, None] == load_rank[None, :]  # [item, cta]
+    cta_of = jnp.sum(jnp.where(match, lane[None, :], 0), axis=1, dtype=jnp.int32)
+    added = jnp.sum(jnp.where(match, jnp.maximum(costs, 0)[:, None], 0), axis=0,
+                    dtype=jnp.int32)
+    return loads + added, cta_of
+
+  _, cta_of = lax.scan(one_round, jnp.zeros(ctas, jnp.int32),
+                       (jnp.arange(rounds, dtype=jnp.int32), by_rank, order), unroll=4)
+  return (rank // ctas) * ctas + cta_of.reshape(-1)[rank]
+
+
+def _deal_snake(rank, num_ctas: int):
+  """int32 [n]: reading positions of items ranked `rank`, dealt in rounds of num_ctas
+  in rank order, odd rounds reversed (heavy firsts evened out when ranks follow work)."""
+  n = rank.shape[0]
+  rnd, lane = rank // num_ctas, rank % num_ctas
+  round_size = jnp.minimum(num_ctas, n - rnd * num_ctas)
+  return rnd * num_ctas + jnp.where(rnd % 2 == 0, lane, round_size - 1 - lane)
+
+
+DEALINGS = ("snake", "load")
+"""How reading_positions deals each round's items to the CTAs: "snake" (parallel,
+a few microseconds) or "load" (_deal_by_load: balanced, a sequential scan)."""
+
+
 def reading_positions(ranges, heads: int, num_ctas: int,
-                      window_rounds: int | None = WINDOW_ROUNDS):
+                      window_rounds: int | None = WINDOW_ROUNDS, dealing: str = "snake"):
   """int32 [B * n * heads]: where item (b, h, row) sits in a persistent kernel's reading
   order, items enumerated (batch, head)-major, rows fastest.
 
@@ -172,11 +242,17 @@ def reading_positions(ranges, heads: int, num_ctas: int,
   window_rounds * num_ctas items each (None: one window, the global sort),
   sorted by descending work inside a window (stable, _ranks); the empty items
   (work 0, no kv tile) go after all the others, so that every CTA meets them
-  last (the kernels rely on it). The result is dealt in rounds of num_ctas:
-  CTA c takes the c-th item of an even round and the c-th from the end of an
-  odd round (snake order, which evens out the heavy firsts), and reads
-  positions c, c + num_ctas, c + 2 * num_ctas, ...
+  last (the kernels rely on it). The result is dealt in rounds of num_ctas
+  (CTA c reads positions c, c + num_ctas, c + 2 * num_ctas, ...). dealing (one
+  of DEALINGS): "snake", round r in order if r is even, reversed if odd; or
+  "load", each round's items to the CTAs by their modelled load so far
+  (_deal_by_load, _item_costs). On the benchmark's layouts "load" runs the
+  persistent forward 7-20% faster, where the snake leaves CTAs 5-20% apart
+  in modelled load, but costs ~0.2 ms to make (perf_notes entry 26): worth it
+  where the items are made once and reused (jpack's make_attention_plan).
   """
+  if dealing not in DEALINGS:
+    raise ValueError(f"dealing must be one of {DEALINGS}, got {dealing!r}")
   batch, n_rows, _ = ranges.shape
   n_items = batch * n_rows * heads
   work = jnp.broadcast_to((ranges[..., 3] - ranges[..., 0])[:, None, :],
@@ -184,20 +260,19 @@ def reading_positions(ranges, heads: int, num_ctas: int,
   window_items = (n_items if window_rounds is None else  # whole (batch, head) pairs
                   max(1, -(-window_rounds * num_ctas // n_rows)) * n_rows)
   rank = _ranks(work, min(window_items, n_items))
-  # Snake dealing: odd rounds reversed (an involution, so rank -> position).
-  rnd, lane = rank // num_ctas, rank % num_ctas
-  round_size = jnp.minimum(num_ctas, n_items - rnd * num_ctas)
-  return rnd * num_ctas + jnp.where(rnd % 2 == 0, lane, round_size - 1 - lane)
+  if dealing == "snake":
+    return _deal_snake(rank, num_ctas)
+  return _deal_by_load(rank, _item_costs(ranges, heads), num_ctas)
 
 
 def persistent_schedule(q_ranges, heads: int, num_ctas: int,
-                        window_rounds: int | None = WINDOW_ROUNDS):
+                        window_rounds: int | None = WINDOW_ROUNDS, dealing: str = "snake"):
   """int32 [B * nq * heads]: the work items in reading order (reading_positions), each
   encoded as (b * nq + qt) * heads + h."""
   batch, n_q, _ = q_ranges.shape
   b, h, qt = np.unravel_index(np.arange(batch * n_q * heads), (batch, heads, n_q))
   items = jnp.asarray((b * n_q + qt) * heads + h, jnp.int32)
-  positions = reading_positions(q_ranges, heads, num_ctas, window_rounds)
+  positions = reading_positions(q_ranges, heads, num_ctas, window_rounds, dealing)
   return jnp.zeros_like(items).at[positions].set(items, unique_indices=True)
 
 
@@ -239,19 +314,20 @@ class WorkItems:
 
 
 def work_items(ranges, heads: int, compares=None, num_ctas: int | None = None,
-               spans=None) -> WorkItems:
+               spans=None, dealing: str = "snake") -> WorkItems:
   """The work items of a persistent kernel over plan rows `ranges`: one per (row, head).
 
   ranges: int32 [B, n, 4] plan rows (q-major for the forward and dQ, kv-major
   for dK/dV); heads: the heads each row is run for (kv heads for dK/dV);
   compares: the plan's int32 [B, n] (q_compares or kv_compares) or None;
   num_ctas: default min(num_sms(), number of items); spans: the plan's
-  q_spans (the forward's) or None.
+  q_spans (the forward's) or None; dealing: reading_positions' (DEALINGS:
+  "load" balances the CTAs better and costs more to make).
   """
   num_items = ranges.shape[0] * ranges.shape[1] * heads
   if num_ctas is None:
     num_ctas = min(num_sms(), num_items)
-  positions = reading_positions(ranges, heads, num_ctas)
+  positions = reading_positions(ranges, heads, num_ctas, dealing=dealing)
   return WorkItems(item_table(ranges, positions, heads, compares, spans), num_ctas)
 
 
