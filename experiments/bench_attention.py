@@ -23,7 +23,8 @@ Peers (``--peers``, comma list):
   jpack_mosaic   flash_attention(implementation="mosaic"): the Mosaic GPU kernels (Hopper)
   jpack_planned  flash_attention(plan=make_attention_plan(...)), "auto": the plan made once
                  outside the timed call, as a model shares it across layers and as the
-                 other peers get their layouts (the note gives the plan's own time)
+                 other peers get their layouts (the note gives the plan's own time); its
+                 persistent work items are dealt to the CTAs by load (balance_by_load)
   reference      jpack.attention.reference_attention (float32 jnp oracle)
   cudnn_dense    jax.nn.dot_product_attention(implementation="cudnn") with a dense
                  [B, 1, T, T] boolean document-causal mask built inside the jitted call
