@@ -468,7 +468,8 @@ def fill_throughput(results: list[PeerResult], fwd_flops: float) -> None:
                 setattr(r, f"{part}_vs_jpack", median)
                 setattr(r, f"{part}_vs_jpack_p10_p90", [p10, p90])
             elif getattr(r, f"{part}_ms") and getattr(jpack, f"{part}_ms"):
-                setattr(r, f"{part}_vs_jpack", getattr(r, f"{part}_ms") / getattr(jpack, f"{part}_ms"))
+                ratio = getattr(r, f"{part}_ms") / getattr(jpack, f"{part}_ms")
+                setattr(r, f"{part}_vs_jpack", ratio)
 
 
 # =========================================================================== running JAX peers
@@ -673,7 +674,9 @@ def fmt(x: float | None, spec: str = ".2f") -> str:
 def with_spread(value: float | None, spread: list[float] | None, spec: str) -> str:
     """``value`` formatted with ``spec``, then "(p10-p90)" when the spread is known."""
     text = fmt(value, spec)
-    return text if value is None or not spread else f"{text} ({fmt(spread[0], spec)}-{fmt(spread[1], spec)})"
+    if value is None or not spread:
+        return text
+    return f"{text} ({fmt(spread[0], spec)}-{fmt(spread[1], spec)})"
 
 
 def markdown_table(results: list[PeerResult]) -> str:

@@ -6,9 +6,9 @@ kernel, a grid of `num_ctas` CTAs (default: the GPU's SM count, see num_sms),
 each walking a list of work items (batch, head, q tile) from an item table
 (reading_positions orders the items: (batch, head)-major windows for L2
 locality, heaviest plan rows first within a window, empty items after all
-others, dealt to the CTAs in rounds, snake order or by modelled load; item_table puts each item's
-coordinates and plan row at its position; CTA c reads rows c, c + num_ctas,
-...). The producer
+others, dealt to the CTAs in rounds, in snake order or by modelled load;
+item_table puts each item's coordinates and plan row at its position; CTA c
+reads rows c, c + num_ctas, ...). The producer
 streams Q (with the q ids and positions) and the K/V tiles of every item
 without draining between items, so the next item's loads land while the
 consumers finish the current one; the consumers stage each item's output in
@@ -195,13 +195,13 @@ def _deal_by_load(rank, cost, num_ctas: int):
   order = jnp.sum(costlier, axis=2, dtype=jnp.int32)  # [rounds, ctas]: k-th costliest
 
   def one_round(loads, x):
-    r, costs, order = x
+    r, costs, cost_rank = x
     # In the last round only the CTAs whose position exists read an item.
     key = jnp.where(r * ctas + lane < n, loads, jnp.iinfo(jnp.int32).max)
     lighter = (key[None, :] < key[:, None]) | ((key[None, :] == key[:, None])
                                                & (lane[None, :] < lane[:, None]))
     load_rank = jnp.sum(lighter, axis=1, dtype=jnp.int32)  # [ctas]: k-th least loaded
-    match = order[:, None] == load_rank[None, :]  # [item, cta]
+    match = cost_rank[:, None] == load_rank[None, :]  # [item, cta]
     cta_of = jnp.sum(jnp.where(match, lane[None, :], 0), axis=1, dtype=jnp.int32)
     added = jnp.sum(jnp.where(match, jnp.maximum(costs, 0)[:, None], 0), axis=0,
                     dtype=jnp.int32)
