@@ -3,13 +3,15 @@
     PYTHONPATH=. python experiments/fwd_probe.py \\
         --variants persistent-pingpong,pingpong,serial@128x64s3 --layouts packed,dense,full
 
-A variant is "schedule[@BQxBKsS][+compares][+spans|+lasthalf]": a schedule of
-mosaic_attention.SCHEDULES, an optional tiling (default
+A variant is "schedule[@BQxBKsS][+compares][+spans|+lasthalf][+DEALING]": a
+schedule of mosaic_attention.SCHEDULES, an optional tiling (default
 mosaic_attention.DEFAULT_TILE), "+compares": pass the plan's q_compares
 (masked tiles that need one compare), "+spans": its q_spans (the kv tiles
-and half tiles each consumer skips; both persistent schedules only) and
+and half tiles each consumer skips; both persistent schedules only),
 "+lasthalf": q_spans cut to the last tile's first half (session 8's
-halves, for comparison). Layouts, all
+halves, for comparison), and "+snake", "+load" or "+dynamic": the persistent
+kernel's work items made beforehand, dealt so (mosaic_persistent.DEALINGS;
+without one they are made in the timed call, dealt "snake"). Layouts, all
 B=4 (--batch), T=8192, H=16, D=128 bfloat16 (the main shape of
 bench_attention.py):
   packed  lognormal documents of mean length 1024, causal (the main case);
@@ -67,14 +69,14 @@ from experiments import timing  # noqa: E402
 from experiments.layouts import causal_doc_flops, packed_segment_ids  # noqa: E402
 from jpack import masks  # noqa: E402
 from jpack.attention import reference_attention  # noqa: E402
-from pallas_kernels import mosaic_attention, mosaic_common  # noqa: E402
+from pallas_kernels import mosaic_attention, mosaic_common, mosaic_persistent  # noqa: E402
 from pallas_kernels.config import GROUP_SPAN_BITS, SPAN_HALF_BITS, TileConfig  # noqa: E402
 
 BATCH, SEQ_LEN, HEADS, HEAD_DIM = 4, 8192, 16, 128
 LAYOUTS = ("packed", "padded", "dense", "full", "blocks", "blocksc")
-OPTIONS = ("compares", "spans", "lasthalf")
+OPTIONS = ("compares", "spans", "lasthalf", *mosaic_persistent.DEALINGS)
 """Variant options: pass the plan's q_compares, its q_spans (persistent schedules),
-or its q_spans cut by last_half_only."""
+or its q_spans cut by last_half_only; make the work items beforehand, dealt so."""
 
 
 def layout(name, seed=0, batch=None):
@@ -102,6 +104,8 @@ def parse_variant(text):
     raise ValueError(f"variant options are {OPTIONS}, got {sorted(unknown)}")
   if {"spans", "lasthalf"} <= set(options):
     raise ValueError("variant options spans and lasthalf exclude each other")
+  if len(set(options) & set(mosaic_persistent.DEALINGS)) > 1:
+    raise ValueError(f"variant options {mosaic_persistent.DEALINGS} exclude each other")
   schedule, _, tiling = text.partition("@")
   if schedule not in mosaic_attention.SCHEDULES:
     raise ValueError(f"schedule must be one of {mosaic_attention.SCHEDULES}, got {schedule!r}")
@@ -183,11 +187,12 @@ def last_half_only(spans):
 
 
 def kernel(tile, schedule, scale, causal):
-  """jitted (q, k, v, seg, pos, q_ranges, q_compares or None, q_spans or None) -> out
-  of the Mosaic forward (self-attention)."""
-  return jax.jit(lambda q, k, v, seg, pos, ranges, compares, spans: mosaic_attention.forward(
-      q, k, v, seg, seg, pos, pos, ranges, tile=tile, scale=scale, causal=causal,
-      sliding_window=None, schedule=schedule, q_compares=compares, q_spans=spans)[0])
+  """jitted (q, k, v, seg, pos, q_ranges, q_compares or None, q_spans or None, items or
+  None) -> out of the Mosaic forward (self-attention)."""
+  return jax.jit(lambda q, k, v, seg, pos, ranges, compares, spans, items: (
+      mosaic_attention.forward(q, k, v, seg, seg, pos, pos, ranges, tile=tile, scale=scale,
+                               causal=causal, sliding_window=None, schedule=schedule,
+                               q_compares=compares, q_spans=spans, items=items)[0]))
 
 
 def run_variant(name, schedule, tile, options, layout_name, inputs, args, first_out):
@@ -199,16 +204,22 @@ def run_variant(name, schedule, tile, options, layout_name, inputs, args, first_
   The result has the tile counts; time_variants adds the times.
   """
   q, k, v, seg, pos = inputs
-  seg_np, causal = layout(layout_name, batch=q.shape[0])
+  seg_np, causal = layout(layout_name, args.seed, q.shape[0])
   scale = 1.0 / np.sqrt(HEAD_DIM)
   plan = masks.make_tile_plan(seg, seg, pos, pos, block_q=tile.block_major,
                               block_k=tile.block_minor, causal=causal, sliding_window=None)
   ranges = np.asarray(plan.q_ranges)
   tiles = int((ranges[..., 3] - ranges[..., 0]).clip(0).sum()) * HEADS
+  compares = plan.q_compares if "compares" in options else None
+  spans = (plan.q_spans if "spans" in options
+           else last_half_only(plan.q_spans) if "lasthalf" in options else None)
+  items = None
+  if dealing := next(iter(options & set(mosaic_persistent.DEALINGS)), None):
+    items = mosaic_persistent.work_items(plan.q_ranges, HEADS, compares, spans=spans,
+                                         dealing=dealing)
+    compares = spans = None  # the items hold them
   fn, fn_args = kernel(tile, schedule, scale, causal), (
-      *inputs, plan.q_ranges, plan.q_compares if "compares" in options else None,
-      plan.q_spans if "spans" in options
-      else last_half_only(plan.q_spans) if "lasthalf" in options else None)
+      *inputs, plan.q_ranges, compares, spans, items)
   result = {}
   # File names of letters, digits, "_", "-" and "." only ("@" and "+" are not
   # carried back from the GPU machine).
@@ -271,6 +282,7 @@ def main():
   p.add_argument("--profile-space", type=int, default=300,
                  help="profiled regions per warpgroup (shared memory: 16 bytes each)")
   p.add_argument("--batch", type=int, default=BATCH)
+  p.add_argument("--seed", type=int, default=0, help="the packed layouts' documents")
   args = p.parse_args()
   variants = [(v, *parse_variant(v)) for v in args.variants.split(",")]
   if len({v[0] for v in variants}) < len(variants):
@@ -284,10 +296,10 @@ def main():
   pos = jnp.broadcast_to(jnp.arange(SEQ_LEN, dtype=jnp.int32), (args.batch, SEQ_LEN))
   results = []
   for layout_name in args.layouts.split(","):
-    inputs = (q, k, v, jnp.asarray(layout(layout_name, batch=args.batch)[0]), pos)
+    inputs = (q, k, v, jnp.asarray(layout(layout_name, args.seed, args.batch)[0]), pos)
     first_out, calls, layout_results = None, {}, []
     for name, schedule, tile, options in variants:
-      result = dict(layout=layout_name, variant=name)
+      result = dict(layout=layout_name, seed=args.seed, variant=name)
       try:
         found, out, call = run_variant(name, schedule, tile, options, layout_name, inputs, args,
                                        first_out)

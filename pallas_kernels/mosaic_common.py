@@ -314,7 +314,7 @@ def launch_accumulating(kernel, args, accumulators, scratch, barriers, *, out_ty
                     thread_name="wg")
   outs = pl.kernel(
       _kernel_entry(kernel, scratch, barriers), out_type=out_type, mesh=mesh,
-      compiler_params=plgpu.CompilerParams(approx_math=True), name=name,
+      compiler_params=plgpu.CompilerParams(approx_math=True, **PROFILE), name=name,
   )(*args, *refs)
   return outs, tuple(jax.freeze(r) for r in refs)
 

@@ -60,8 +60,22 @@ Balance: both sides read every item's plan row from the same table, so they
 agree on t and n. The last busy item releases nothing (its store is awaited
 at the kernel's end), the release of the one before completes a phase nobody
 waits for, and likewise the last num_stages kv_consumed completions: harmless,
-the kernel ends. No barrier runs two phases ahead of a waiter, which keeps
-the per-thread parity tracking of barrier_wait exact: q_ready's completion for
+the kernel ends. Items dealt "dynamic" (claimed at run time, mosaic_claims):
+the table holds the items in rank order, busy ones first; the CTA's busy
+items n = 0, 1, ... are those its producer claims (items 0 and 1 before its
+loop, item n + 2 in item n right after the wait for q_free and the Q load),
+until a claimed index is >= busy; then its round of the empty rows, as
+above (the producer skips them). Every warpgroup waits for item n + 1's
+index at the start of item n (ready[(n + 1) % 4]) and loads its row. Safe
+with 4 slots: the producer's claim of item n + 2 comes after the release of
+item n - 2 (n >= 2), which every consumer makes in item n - 1, after reading
+the indices of items up to n; so the slot's previous index (item n - 2) was
+read by all, and its barrier's previous phase waited by all. No deadlock:
+the index a warpgroup waits for at item n was claimed in the producer's item
+n - 1, which needs nothing of item n. All claimed items are busy, so the
+producer cannot run ahead through empty ones.
+No barrier runs two phases ahead of a waiter, which keeps the per-thread
+parity tracking of barrier_wait exact: q_ready's completion for
 item n + 2 needs the release of item n, which every consumer makes after
 waiting q_ready for item n + 1; q_free's release of item n + 2 is made in item
 n + 3, whose Q the producer loads only after waiting the release of item n +
@@ -84,15 +98,16 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.config import GROUP_SPAN_BITS, SPAN_HALF_BITS, TileConfig
+from pallas_kernels.mosaic_claims import CLAIM_SLOTS, claim, claimed
 from pallas_kernels.mosaic_common import (
     WG_ROWS, broadcast_rows, consumer_warpgroups, copy_kv_tile, copy_q_tile, empty_row_stats,
-    launch, mask_tile, mma_accumulate, mma_transforms, online_softmax, producer_warpgroup,
+    launch, launch_accumulating, mask_tile, mma_accumulate, mma_transforms, online_softmax, producer_warpgroup,
     rendezvous, row_vector, store_output, three_runs, wait_for_free_slot, zeros_acc)
 from pallas_kernels.segment_attention import LOG2E
 
-__all__ = ["DEFAULT_NUM_SMS", "WorkItems", "cta_items", "item_table", "num_sms",
+__all__ = ["DEALINGS", "DEFAULT_NUM_SMS", "WorkItems", "cta_items", "item_table", "num_sms",
            "persistent_forward", "persistent_schedule", "reading_positions",
-           "resolve_work_items", "work_items"]
+           "resolve_work_items", "table_row", "work_items"]
 
 DEFAULT_NUM_SMS = 132
 """SMs of an H100 SXM: the persistent grid when the device does not say (num_sms)."""
@@ -116,44 +131,66 @@ WINDOW_ROUNDS = 1
 1 was the fastest of 1, 2, 4 and one global sort on an H100 (perf_notes entry 13)."""
 
 
+CLAIMED_TAIL = 0.3
+"""Items to be claimed at run time (dealing "dynamic"): the share of the windows at
+the end that form one window, so the CTAs meet the heavy items of the last 30% of
+the work before its light ones (a CPU model of the claims, perf_notes entry 27: the
+busiest CTA 0.6-1.6% above the mean on the benchmark's layouts, against 4-11% in
+windows alone; larger windows cost L2 locality, entry 13)."""
+
+
 RANK_MAX_PAIRS = 2**26
 """Up to this many (item, item) pairs inside windows _ranks counts them; above, it sorts."""
 
 
-def _ranks(work, window_items: int):
+def _ranks(work, window_items: int, tail_windows: int = 0):
   """int32 [n]: each item's rank in the stable order by (work <= 0, window, -work).
 
   work: int32 [n] (clipped to [0, 65535] for the order: longer rows tie);
-  window k holds items [k * window_items, (k + 1) * window_items). Busy items
-  (work > 0) come first, window by window, heaviest first, ties by index;
-  the empty ones after all of them, by index. Each busy item's rank inside
-  its window is counted over the window's pairs (one fused compare-and-sum,
-  n * window_items pairs; XLA's sort of 4096 items with three keys took 44 us
-  on a GPU), then offset by the busy items of earlier windows; above
-  RANK_MAX_PAIRS pairs the order is sorted instead.
+  window k holds items [k * window_items, (k + 1) * window_items), except
+  that the last tail_windows windows form one. Busy items (work > 0) come
+  first, window by window, heaviest first, ties by index; the empty ones
+  after all of them, by index. Each busy item's rank inside its window is
+  counted over the window's pairs (one fused compare-and-sum per window
+  size; XLA's sort of 4096 items with three keys took 44 us on a GPU), then
+  offset by the busy items of earlier windows; above RANK_MAX_PAIRS pairs the
+  order is sorted instead.
   """
   n = work.shape[0]
   windows = -(-n // window_items)
+  head = (windows - min(tail_windows, windows)) * window_items  # items before the tail
+  window = np.minimum(np.arange(n) // window_items, head // window_items)
   clipped = jnp.clip(work, 0, 2**16 - 1)
   busy = work > 0
-  if windows * window_items**2 > RANK_MAX_PAIRS:
-    window = jnp.asarray(np.arange(n) // window_items, jnp.int32)
-    order = jnp.lexsort((-clipped, window, ~busy))
+  if head * window_items + (n - head)**2 > RANK_MAX_PAIRS:
+    order = jnp.lexsort((-clipped, jnp.asarray(window, jnp.int32), ~busy))
     return jnp.zeros(n, jnp.int32).at[order].set(jnp.arange(n, dtype=jnp.int32),
                                                   unique_indices=True)
+  parts = [_window_ranks(clipped[a:b], busy[a:b], size)
+           for a, b, size in ((0, head, window_items), (head, n, n - head)) if b > a]
+  in_window = jnp.concatenate([r for r, _ in parts])
+  per_window = jnp.concatenate([c for _, c in parts])
+  earlier = jnp.cumsum(per_window) - per_window  # busy items of earlier windows
+  busy_rank = earlier[window] + in_window
+  empty_rank = jnp.sum(busy, dtype=jnp.int32) + jnp.cumsum(~busy, dtype=jnp.int32) - 1
+  return jnp.where(busy, busy_rank, empty_rank).astype(jnp.int32)
+
+
+def _window_ranks(work, busy, window_items: int):
+  """(in_window int32 [n], busy per window int32 [windows]): each busy item's rank
+  among the busy items of its window (heaviest first, ties by index), windows of
+  window_items consecutive items."""
+  n = work.shape[0]
+  windows = -(-n // window_items)
   pad = windows * window_items - n  # padding: not busy, ranked nowhere
-  w = jnp.pad(clipped, (0, pad)).reshape(windows, 1, window_items)
+  w = jnp.pad(work, (0, pad)).reshape(windows, 1, window_items)
   b = jnp.pad(busy, (0, pad)).reshape(windows, 1, window_items)
   index = jnp.arange(window_items, dtype=jnp.int32)
   # before[k, i, j]: busy item j of window k goes before item i of that window.
   before = b & ((w > w.transpose(0, 2, 1))
                 | ((w == w.transpose(0, 2, 1)) & (index[None, :] < index[:, None])))
-  in_window = jnp.sum(before, axis=2, dtype=jnp.int32)
-  per_window = jnp.sum(b, axis=(1, 2), dtype=jnp.int32)
-  earlier = (jnp.cumsum(per_window) - per_window)[:, None]  # busy items of earlier windows
-  busy_rank = (earlier + in_window).reshape(-1)[:n]
-  empty_rank = jnp.sum(busy, dtype=jnp.int32) + jnp.cumsum(~busy, dtype=jnp.int32) - 1
-  return jnp.where(busy, busy_rank, empty_rank).astype(jnp.int32)
+  in_window = jnp.sum(before, axis=2, dtype=jnp.int32).reshape(-1)[:n]
+  return in_window, jnp.sum(b, axis=(1, 2), dtype=jnp.int32)
 
 
 ITEM_COST, FULL_TILE_COST, MASKED_TILE_COST = 6, 20, 23
@@ -221,9 +258,11 @@ def _deal_snake(rank, num_ctas: int):
   return rnd * num_ctas + jnp.where(rnd % 2 == 0, lane, round_size - 1 - lane)
 
 
-DEALINGS = ("snake", "load")
+DEALINGS = ("snake", "load", "dynamic")
 """How reading_positions deals each round's items to the CTAs: "snake" (parallel,
-a few microseconds) or "load" (_deal_by_load: balanced, a sequential scan)."""
+a few microseconds), "load" (_deal_by_load: balanced, a sequential scan), or
+"dynamic": not ahead at all, the items stay in rank order and the CTAs claim
+them one by one while they run (mosaic_claims; the forward kernel only)."""
 
 
 def reading_positions(ranges, heads: int, num_ctas: int,
@@ -250,6 +289,8 @@ def reading_positions(ranges, heads: int, num_ctas: int,
   persistent forward 7-20% faster, where the snake leaves CTAs 5-20% apart
   in modelled load, but costs ~0.2 ms to make (perf_notes entry 26): worth it
   where the items are made once and reused (jpack's make_attention_plan).
+  "dynamic": position = rank, the order in which the CTAs claim the items,
+  with the last CLAIMED_TAIL of the windows merged into one.
   """
   if dealing not in DEALINGS:
     raise ValueError(f"dealing must be one of {DEALINGS}, got {dealing!r}")
@@ -259,6 +300,9 @@ def reading_positions(ranges, heads: int, num_ctas: int,
                           (batch, heads, n_rows)).reshape(-1)
   window_items = (n_items if window_rounds is None else  # whole (batch, head) pairs
                   max(1, -(-window_rounds * num_ctas // n_rows)) * n_rows)
+  if dealing == "dynamic":  # one window at the end: the heavy items of the tail first
+    return _ranks(work, min(window_items, n_items),
+                  tail_windows=round(CLAIMED_TAIL * -(-n_items // window_items)))
   rank = _ranks(work, min(window_items, n_items))
   if dealing == "snake":
     return _deal_snake(rank, num_ctas)
@@ -306,11 +350,20 @@ class WorkItems:
   """A persistent kernel's work items, in reading order: what `work_items` returns.
 
   table: int32 [num_items, 9] (item_table); num_ctas: the CTAs that deal them
-  (reading_positions' order depends on it). A pytree: it can be made once
-  per batch (jpack's AttentionPlan) and passed through jit.
+  (reading_positions' order depends on it); busy: for items dealt "dynamic"
+  (claimed at run time, mosaic_claims), int32 [1], how many items have work
+  (the table's first rows; the CTAs claim those and deal the empty ones
+  after them in rounds), else None. A pytree: it can be made once per batch
+  (jpack's AttentionPlan) and passed through jit.
   """
   table: jax.Array
   num_ctas: int = dataclasses.field(metadata=dict(static=True))
+  busy: jax.Array | None = None
+
+  @property
+  def dynamic(self) -> bool:
+    """Claimed at run time (dealing "dynamic") rather than dealt ahead."""
+    return self.busy is not None
 
 
 def work_items(ranges, heads: int, compares=None, num_ctas: int | None = None,
@@ -322,25 +375,33 @@ def work_items(ranges, heads: int, compares=None, num_ctas: int | None = None,
   compares: the plan's int32 [B, n] (q_compares or kv_compares) or None;
   num_ctas: default min(num_sms(), number of items); spans: the plan's
   q_spans (the forward's) or None; dealing: reading_positions' (DEALINGS:
-  "load" balances the CTAs better and costs more to make).
+  "load" balances the CTAs better and costs more to make; "dynamic" items
+  are claimed at run time, by the forward kernel only).
   """
   num_items = ranges.shape[0] * ranges.shape[1] * heads
   if num_ctas is None:
     num_ctas = min(num_sms(), num_items)
   positions = reading_positions(ranges, heads, num_ctas, dealing=dealing)
-  return WorkItems(item_table(ranges, positions, heads, compares, spans), num_ctas)
+  table = item_table(ranges, positions, heads, compares, spans)
+  if dealing != "dynamic":
+    return WorkItems(table, num_ctas)
+  busy = jnp.sum(ranges[..., 3] > ranges[..., 0], dtype=jnp.int32) * heads
+  return WorkItems(table, num_ctas, busy.reshape(1))
 
 
 def resolve_work_items(items: WorkItems | None, ranges, heads: int, compares,
-                       num_ctas: int | None, spans=None) -> WorkItems:
-  """`items` checked against a launch, or work_items(ranges, ...) when None.
+                       num_ctas: int | None, spans=None, *, dealing: str = "snake",
+                       can_claim: bool = False) -> WorkItems:
+  """`items` checked against a launch, or work_items(ranges, ..., dealing) when None.
 
+  can_claim: the kernel runs items dealt "dynamic" (the forward; the backward
+  kernels read their share of the table).
   ValueError when given items do not fit: a table of another shape, with
-  compares or spans (the table holds them), or num_ctas other than the
-  table's.
+  compares or spans (the table holds them), num_ctas other than the
+  table's, or items dealt "dynamic" to a kernel that cannot claim them.
   """
   if items is None:
-    return work_items(ranges, heads, compares, num_ctas, spans)
+    return work_items(ranges, heads, compares, num_ctas, spans, dealing=dealing)
   if not isinstance(items, WorkItems):
     raise TypeError(f"items must be a WorkItems (work_items), got {type(items).__name__}")
   expected = (ranges.shape[0] * ranges.shape[1] * heads, 9)
@@ -353,34 +414,90 @@ def resolve_work_items(items: WorkItems | None, ranges, heads: int, compares,
   if num_ctas is not None and num_ctas != items.num_ctas:
     raise ValueError(f"num_ctas: the items were dealt to {items.num_ctas} CTAs, "
                      f"got num_ctas={num_ctas}")
+  if items.dynamic and not can_claim:
+    raise ValueError("items: dealt 'dynamic' (claimed at run time), which only the "
+                     "forward kernel can run; deal the backward's items 'snake' or 'load'")
   return items
 
 
-def cta_items(items_ref, num_ctas: int, columns: int = 8):
+def table_row(items_ref, pos, columns: int = 9):
+  """The first `columns` columns (b, tile, h, lo, full_lo, full_hi, hi, compares[,
+  spans]) of item table row `pos`, clamped into the table: independent loads that
+  nothing waits for until they are used (so a loop may prefetch past its end)."""
+  pos = jnp.minimum(pos, jnp.int32(items_ref.shape[0] - 1))
+  return tuple(items_ref[pos, i] for i in range(columns))
+
+
+def cta_items(items_ref, num_ctas: int, columns: int = 8, first=0):
   """(count, describe): the work items of this CTA (grid axis "ctas") in an item table.
 
-  items_ref: int32 [num_items, 9] (item_table); CTA c owns rows c, c + num_ctas,
-  ... count: int32, how many (0 if c >= num_items). describe(n): the first
-  `columns` columns (b, tile, h, lo, full_lo, full_hi, hi, compares[, spans])
-  of the CTA's item n, independent loads that nothing waits for until they are
-  used; n is clamped into the table, so a loop may prefetch describe(n + 1) at
-  its last item.
+  items_ref: int32 [num_items, 9] (item_table); dealt in rounds from row
+  `first` on (int32; default 0), CTA c owns rows first + c, first + c +
+  num_ctas, ... count: int32, how many (0 if there are none). describe(n):
+  table_row of the CTA's item n.
   """
   cta = lax.axis_index("ctas")
   num_items = items_ref.shape[0]
-  count = lax.div(jnp.int32(num_items + num_ctas - 1) - cta, jnp.int32(num_ctas))
+  start = first + cta
+  count = jnp.maximum(lax.div(jnp.int32(num_items + num_ctas - 1) - start,
+                              jnp.int32(num_ctas)), 0)
 
   def describe(n):
-    pos = jnp.minimum(cta + n * num_ctas, jnp.int32(num_items - 1))
-    return tuple(items_ref[pos, i] for i in range(columns))
+    return table_row(items_ref, start + n * num_ctas, columns)
 
   return count, describe
 
 
+def _walk_items(work, carry, items_ref, num_ctas: int, claims, *, producer: bool):
+  """carry = work(n, row, carry) over this CTA's items n = 0, 1, ..., in order; returns
+  the last carry. row: the item's table_row, loaded one item ahead.
+
+  claims: None, the CTA's share of the table (cta_items). Else (busy_ref,
+  counter_ref, claimed_smem, ready) of items dealt "dynamic": the busy items
+  as claimed at run time (mosaic_claims; the module docstring says why it is
+  safe), then the empty ones (rows busy .. num_items - 1) dealt in rounds,
+  which the producer skips (it loads nothing for them). The producer claims
+  items 0 and 1 here; `work` claims item n + 2 during item n. Every
+  warpgroup waits for item n + 1's index at the start of item n and loads
+  its row then.
+  """
+  def share(first, n0, carry):
+    count, describe = cta_items(items_ref, num_ctas, columns=9, first=first)
+
+    def item(n, state):
+      carry, row = state
+      next_row = describe(n + 1)  # loaded now, used by the next iteration
+      return work(n0 + n, row, carry), next_row
+
+    carry, _ = lax.fori_loop(jnp.int32(0), count, item, (carry, describe(jnp.int32(0))))
+    return n0 + count, carry
+
+  if claims is None:
+    return share(jnp.int32(0), jnp.int32(0), carry)[1]
+  busy_ref, counter_ref, claimed_smem, ready = claims
+  busy = busy_ref[0]
+  if producer:
+    for n in range(2):
+      claim(counter_ref, claimed_smem, ready, jnp.int32(n))
+
+  def item(state):
+    n, carry, _, row = state
+    next_index = claimed(claimed_smem, ready, n + 1)
+    next_row = table_row(items_ref, next_index)
+    return n + 1, work(n, row, carry), next_index, next_row
+
+  first = claimed(claimed_smem, ready, jnp.int32(0))
+  n, carry, _, _ = lax.while_loop(lambda state: state[2] < busy, item,
+                                  (jnp.int32(0), carry, first, table_row(items_ref, first)))
+  if producer:
+    return carry
+  return share(busy, n, carry)[1]
+
+
 def _persistent_forward_kernel(items_ref, q_ref, k_ref, v_ref, q_seg_ref,
-                               q_pos_ref, kv_seg_ref, kv_pos_ref, o_ref, lse_ref, scratch, *,
-                               scale, causal, sliding_window, block_k, num_stages,
-                               num_consumers, group, num_ctas, pingpong):
+                               q_pos_ref, kv_seg_ref, kv_pos_ref, *refs, scale, causal,
+                               sliding_window, block_k, num_stages, num_consumers, group,
+                               num_ctas, pingpong, dynamic):
   """The persistent kernel (module docstring): serial or pingpong consumers.
 
   pingpong (two consumers only): the consumers take turns on the tensor cores
@@ -398,19 +515,27 @@ def _persistent_forward_kernel(items_ref, q_ref, k_ref, v_ref, q_seg_ref,
   that QK^T.
 
   items_ref: int32 [num_items, 9] (item_table); CTA c runs the items of rows
-  c, c + num_ctas, ... Scratch: Q buffers [2 * num_consumers, 64, D] (item n,
-  consumer wg: buffer (n % 2) * num_consumers + wg), which also stage that
-  item's output; q ids [2 * num_consumers, 2, 64]; lse [2 * num_consumers,
-  64]; the K/V ring as in mosaic_attention._forward_kernel.
+  c, c + num_ctas, ..., or, if dynamic, the busy rows it claims and then its
+  round of the empty ones (_walk_items): refs then start with busy_ref (int32
+  [1]) and counter_ref (int32 [1], zero at the launch). refs: (busy_ref,
+  counter_ref,) o_ref, lse_ref, scratch. Scratch: Q buffers [2 *
+  num_consumers, 64, D] (item n, consumer wg: buffer (n % 2) * num_consumers
+  + wg), which also stage that item's output; q ids [2 * num_consumers, 2,
+  64]; lse [2 * num_consumers, 64]; the K/V ring as in
+  mosaic_attention._forward_kernel; if dynamic, the claimed indices
+  [CLAIM_SLOTS] (and their barriers, after the others).
   """
-  (q_bufs, q_ids_smem, lse_smem, k_smem, v_smem, kv_ids_smem), barriers = scratch
-  q_ready, q_free, kv_ready, kv_consumed, *sched = barriers
+  *claim_refs, o_ref, lse_ref, scratch = refs
+  (q_bufs, q_ids_smem, lse_smem, k_smem, v_smem, kv_ids_smem, *claimed_smem), barriers = scratch
+  q_ready, q_free, kv_ready, kv_consumed, *rest = barriers
+  claims = (*claim_refs, *claimed_smem, rest.pop()) if dynamic else None
+  sched = rest  # the pingpong rendezvous, if any
   wg = lax.axis_index("wg")
   head_dim = q_ref.shape[3]
   block_q = num_consumers * WG_ROWS
   dtype = q_ref.dtype
   stages = jnp.int32(num_stages)
-  count, describe = cta_items(items_ref, num_ctas, columns=9)
+  walk = functools.partial(_walk_items, items_ref=items_ref, num_ctas=num_ctas, claims=claims)
   # A tile of which a consumer needs one half runs on that half's keys only
   # with 128-key tiles (module docstring: spans); other tilings run it whole.
   half_k = block_k // 2 if block_k == 128 else None
@@ -421,9 +546,8 @@ def _persistent_forward_kernel(items_ref, q_ref, k_ref, v_ref, q_seg_ref,
   @producer_warpgroup(wg, num_consumers)
   def _producer():
 
-    def item(n, carry):
-      t, (b, qt, h, lo, _, _, hi, _, _) = carry
-      next_item = describe(n + 1)  # loaded now, used by the next iteration
+    def item(n, row, t):
+      b, qt, h, lo, _, _, hi, _, _ = row
       qs = lax.rem(n, jnp.int32(2))
 
       @pl.when(hi > lo)  # an empty item loads nothing (its output needs no Q)
@@ -442,6 +566,10 @@ def _persistent_forward_kernel(items_ref, q_ref, k_ref, v_ref, q_seg_ref,
             copy_q_tile((q_ref, q_seg_ref, q_pos_ref), q_bufs.at[buf], q_ids_smem, buf,
                         q_ready.at[qs], b=b, rows=rows, h=h)
 
+      if claims:  # after the wait for q_free: see the module docstring
+        with jax.named_scope("p_claim"):
+          claim(*claims[1:], n + 2)
+
       kv_head = lax.div(h, jnp.int32(group))
 
       def load(j, t):
@@ -454,9 +582,9 @@ def _persistent_forward_kernel(items_ref, q_ref, k_ref, v_ref, q_seg_ref,
                        kv_ready.at[slot], slot, b=b, j=j, kv_head=kv_head, block_k=block_k)
         return t + 1
 
-      return lax.fori_loop(lo, hi, load, t), next_item
+      return lax.fori_loop(lo, hi, load, t)
 
-    lax.fori_loop(jnp.int32(0), count, item, (jnp.int32(0), describe(jnp.int32(0))))
+    walk(item, jnp.int32(0), producer=True)
 
   @consumer_warpgroups(wg, num_consumers)
   def _consumer():
@@ -468,9 +596,8 @@ def _persistent_forward_kernel(items_ref, q_ref, k_ref, v_ref, q_seg_ref,
     if sched:
       pl.when(wg == 1)(meet)  # consumer 1 runs one rendezvous behind (docstring)
 
-    def item(n, carry):
-      t0, (b, qt, h, lo, full_lo, full_hi, hi, compares, spans) = carry
-      next_item = describe(n + 1)  # loads issued now, used by the next iteration
+    def item(n, row, t0):
+      b, qt, h, lo, full_lo, full_hi, hi, compares, spans = row
       qs = lax.rem(n, jnp.int32(2))
       buf = q_buffer(n, wg)
       q_smem = q_bufs.at[buf]
@@ -571,9 +698,9 @@ def _persistent_forward_kernel(items_ref, q_ref, k_ref, v_ref, q_seg_ref,
         store_output(zeros_acc(o_shape), *empty_row_stats(), *out_refs)
 
       # Not awaited here: item n + 1 waits for the read, the kernel's end for the write.
-      return t0 + jnp.maximum(hi - lo, 0), next_item
+      return t0 + jnp.maximum(hi - lo, 0)
 
-    lax.fori_loop(jnp.int32(0), count, item, (jnp.int32(0), describe(jnp.int32(0))))
+    walk(item, jnp.int32(0), producer=False)
     if sched:
       pl.when(wg == 0)(meet)  # pairs with consumer 1's last one
     plgpu.wait_smem_to_gmem(0)
@@ -582,7 +709,7 @@ def _persistent_forward_kernel(items_ref, q_ref, k_ref, v_ref, q_seg_ref,
 def persistent_forward(q, k, v, q_seg, kv_seg, q_pos, kv_pos, q_ranges, *, tile: TileConfig,
                        scale, causal, sliding_window, num_ctas: int | None = None,
                        pingpong: bool = False, q_compares=None, q_spans=None,
-                       items: WorkItems | None = None):
+                       items: WorkItems | None = None, dealing: str = "dynamic"):
   """forward(..., schedule="persistent[-pingpong]"): the item table, then the kernel.
 
   Arguments and outputs as mosaic_attention.forward, which checks them.
@@ -595,7 +722,7 @@ def persistent_forward(q, k, v, q_seg, kv_seg, q_pos, kv_pos, q_ranges, *, tile:
   (jpack.masks.group_spans: the kv tiles, or halves of them with block_k =
   128, that each consumer's rows cannot attend), or None. items: the work
   items made beforehand (work_items(q_ranges, H, q_compares, spans=q_spans)), or None
-  to make them here.
+  to make them here, dealt by `dealing` (DEALINGS).
   """
   batch, tq, heads, head_dim = q.shape
   num_consumers = tile.block_major // WG_ROWS
@@ -603,14 +730,15 @@ def persistent_forward(q, k, v, q_seg, kv_seg, q_pos, kv_pos, q_ranges, *, tile:
   transforms = mma_transforms(q.dtype)
   opts = dict(scale=scale, causal=causal, sliding_window=sliding_window, block_k=bk,
               num_stages=stages, num_consumers=num_consumers, group=heads // k.shape[2])
-  items = resolve_work_items(items, q_ranges, heads, q_compares, num_ctas, q_spans)
+  items = resolve_work_items(items, q_ranges, heads, q_compares, num_ctas, q_spans,
+                             dealing=dealing, can_claim=True)
   num_ctas = items.num_ctas
   pingpong = pingpong and num_consumers == 2
   if pingpong and stages < 2:
     raise ValueError(f"schedule='persistent-pingpong' needs tile.num_stages >= 2 (one "
                      f"stage would deadlock its two consumers), got {stages}")
   kernel = functools.partial(_persistent_forward_kernel, num_ctas=num_ctas,
-                             pingpong=pingpong, **opts)
+                             pingpong=pingpong, dynamic=items.dynamic, **opts)
   barriers = (
       # q_ready[qs]: Q, q ids, q positions per consumer (3 * num_consumers copies
       # per item); q_free[qs]: one arrival per consumer per item n >= 1.
@@ -631,9 +759,18 @@ def persistent_forward(q, k, v, q_seg, kv_seg, q_pos, kv_pos, q_ranges, *, tile:
       plgpu.SMEM((stages, bk, head_dim), v.dtype, transforms=transforms),
       plgpu.SMEM((stages, 2, bk), jnp.int32),
   )
-  return launch(
-      kernel, (items.table, q, k, v, q_seg, q_pos, kv_seg, kv_pos), scratch,
-      barriers,
+  args = (items.table, q, k, v, q_seg, q_pos, kv_seg, kv_pos)
+  launch_options = dict(
       out_type=(jax.ShapeDtypeStruct(q.shape, q.dtype),
                 jax.ShapeDtypeStruct((batch, heads, tq), jnp.float32)),
       grid=(num_ctas,), grid_names=("ctas",), num_consumers=num_consumers)
+  if not items.dynamic:
+    return launch(kernel, args, scratch, barriers, **launch_options)
+  # The claimed indices, their barriers (one producer arrival each) and a counter
+  # that starts at zero in every call (an aliased input, launch_accumulating).
+  scratch += (plgpu.SMEM((CLAIM_SLOTS,), jnp.int32),)
+  barriers += (plgpu.Barrier(num_arrivals=1, num_barriers=CLAIM_SLOTS),)
+  outs, _ = launch_accumulating(kernel, (*args, items.busy), (jnp.zeros((1,), jnp.int32),),
+                                scratch, barriers, name="persistent_forward_claimed",
+                                **launch_options)
+  return outs

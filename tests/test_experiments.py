@@ -108,6 +108,9 @@ def test_fwd_probe_variants_parse_into_schedules_tiles_and_options():
   assert fwd_probe.parse_variant("persistent+spans+compares")[2] == {"compares", "spans"}
   with pytest.raises(ValueError, match="exclude"):
     fwd_probe.parse_variant("persistent+spans+lasthalf")
+  assert fwd_probe.parse_variant("persistent+spans+dynamic")[2] == {"spans", "dynamic"}
+  with pytest.raises(ValueError, match="exclude"):
+    fwd_probe.parse_variant("persistent+load+dynamic")
   with pytest.raises(ValueError, match="schedule"):
     fwd_probe.parse_variant("eager")
   with pytest.raises(ValueError, match="compares"):
@@ -156,9 +159,9 @@ def test_fwd_probe_runs_variants_and_times_them(monkeypatch):
   monkeypatch.setattr(fwd_probe, "SEQ_LEN", 1024)
   monkeypatch.setattr(fwd_probe, "HEADS", 2)
   monkeypatch.setattr(fwd_probe, "kernel", lambda tile, schedule, scale, causal: jax.jit(
-      lambda q, k, v, seg, pos, ranges, compares, spans: reference_attention(
+      lambda q, k, v, seg, pos, ranges, compares, spans, items: reference_attention(
           q, k, v, segment_ids=seg, causal=causal, scale=scale).astype(q.dtype)))
-  args = type("Args", (), dict(dump=None, profile=None, reps=2))()
+  args = type("Args", (), dict(dump=None, profile=None, reps=2, seed=0))()
   shape = (1, 1024, 2, fwd_probe.HEAD_DIM)
   q, k, v = (jax.random.normal(key, shape, jnp.bfloat16)
              for key in jax.random.split(jax.random.key(1), 3))
@@ -170,13 +173,14 @@ def test_fwd_probe_runs_variants_and_times_them(monkeypatch):
   assert first["rel_err_vs_reference_row0"] < 1e-2 and first["rel_err_vs_first"] == 0.0
   assert first["nonfinite"] == 0 and first["tiles"] == 8 * 9 // 2 * 2
   again, _, again_call = fwd_probe.run_variant(
-      "serial+compares+spans", "serial", mosaic_attention.DEFAULT_TILE,
-      frozenset({"compares", "spans"}), "blocksc", (q, k, v, seg, pos), args, out)
+      "persistent+compares+spans+dynamic", "persistent", mosaic_attention.DEFAULT_TILE,
+      frozenset({"compares", "spans", "dynamic"}), "blocksc", (q, k, v, seg, pos), args, out)
   assert again["rel_err_vs_first"] == 0.0 and "rel_err_vs_reference_row0" not in again
-  first["variant"], again["variant"] = "pingpong", "serial+compares+spans"  # as main names them
+  first["variant"], again["variant"] = "pingpong", "persistent+compares+spans+dynamic"
   failed = dict(layout="blocksc", variant="broken", error="ValueError: refused")
   fwd_probe.time_variants([first, again, failed],
-                          {"pingpong": first_call, "serial+compares+spans": again_call}, reps=3)
+                          {"pingpong": first_call,
+                           "persistent+compares+spans+dynamic": again_call}, reps=3)
   for result in (first, again):
     p10, p90 = result["ms_p10_p90"]
     assert 0 < p10 <= result["ms"] <= p90 and "useful_flops" not in result

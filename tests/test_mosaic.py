@@ -51,19 +51,24 @@ schedules = pytest.mark.parametrize("schedule", SCHEDULES)
 
 
 @functools.partial(jax.jit, static_argnames=("causal", "window", "scale", "tile",
-                                             "schedule", "num_ctas"))
+                                             "schedule", "num_ctas", "dealing"))
 def mosaic_forward(q, k, v, q_seg, kv_seg, q_pos, kv_pos, *, causal, window, scale,
-                   tile, schedule=None, num_ctas=None):
+                   tile, schedule=None, num_ctas=None, dealing=None):
   """(out, lse) of the Mosaic kernel, with its tile plan (ranges, q_compares, q_spans);
-  lengths multiples of the tile."""
+  lengths multiples of the tile. dealing: make the persistent kernel's work items
+  beforehand, dealt so (mosaic_persistent.DEALINGS); None: the kernel makes them."""
   plan = masks.make_tile_plan(q_seg, kv_seg, q_pos, kv_pos, block_q=tile.block_major,
                               block_k=tile.block_minor, causal=causal,
                               sliding_window=window)
+  words = dict(q_compares=plan.q_compares, q_spans=plan.q_spans)
+  if dealing is not None:
+    words = dict(items=mosaic_persistent.work_items(
+        plan.q_ranges, q.shape[2], plan.q_compares, num_ctas=num_ctas, spans=plan.q_spans,
+        dealing=dealing))
   return mosaic_attention.forward(q, k, v, q_seg, kv_seg, q_pos, kv_pos, plan.q_ranges,
                                   tile=tile, scale=scale, causal=causal,
                                   sliding_window=window, schedule=schedule,
-                                  num_ctas=num_ctas, q_compares=plan.q_compares,
-                                  q_spans=plan.q_spans)
+                                  num_ctas=num_ctas, **words)
 
 
 # ----------------------------------------------------------------------------
@@ -145,16 +150,23 @@ PERSISTENT = [s for s in SCHEDULES if s.startswith("persistent")]
                                   LowerCase("one-stage-gqa", kv_heads=1,
                                             tile=TileConfig(128, 64, num_stages=1))],
                          ids=lambda c: c.name)
-def test_persistent_lowers_for_cuda_with_any_number_of_ctas(case, num_ctas, schedule):
+@pytest.mark.parametrize("dealing", [None, "dynamic"])
+def test_persistent_lowers_for_cuda_with_any_number_of_ctas(case, num_ctas, schedule,
+                                                            dealing):
   b, t = 2, 512
   q = jax.ShapeDtypeStruct((b, case.q_len, case.heads, case.head_dim),
                            jnp.dtype(case.dtype))
   kv = jax.ShapeDtypeStruct((b, t, case.kv_heads, case.head_dim), jnp.dtype(case.dtype))
   ids = jax.ShapeDtypeStruct((b, t), jnp.int32)
-  _assert_lowers(lambda: mosaic_forward.trace(
+  lower = lambda: mosaic_forward.trace(  # noqa: E731
       q, kv, kv, ids, ids, ids, ids, causal=case.causal, window=case.window, scale=0.1,
-      tile=case.tile, schedule=schedule, num_ctas=num_ctas).lower(
-          lowering_platforms=("cuda",)), schedule, case.tile)
+      tile=case.tile, schedule=schedule, num_ctas=num_ctas, dealing=dealing).lower(
+          lowering_platforms=("cuda",))
+  _assert_lowers(lower, schedule, case.tile)
+  if dealing == "dynamic" and not _one_stage_pingpong(schedule, case.tile):
+    # The claims: an atomic fetch-and-add in the kernel, a counter aliased to an output.
+    text = lower().as_text()
+    assert "atom.add.u32" in text and "output_operand_aliases" in text
 
 
 def _random_ranges(seed, batch, n_q, n_k):
@@ -191,14 +203,18 @@ def test_persistent_schedule_global_sort_runs_every_item_once_heaviest_first(see
     assert np.all(np.diff(work[c::num_ctas]) <= 0)
 
 
-@pytest.mark.parametrize("n, window_items", [(1, 1), (100, 15), (4096, 192), (9000, 9000),
-                                              (300, 1000)])
-def test_ranks_order_by_emptiness_window_and_descending_work(n, window_items):
-  # Both paths: pairs counted inside windows, and a sort (9000^2 pairs > RANK_MAX_PAIRS).
-  rng = np.random.default_rng(n)
+@pytest.mark.parametrize("n, window_items, tail_windows", [
+    (1, 1, 0), (100, 15, 0), (100, 15, 3), (100, 15, 7), (100, 15, 9), (4096, 192, 0),
+    (4096, 192, 6), (9000, 9000, 0), (9000, 900, 9), (300, 1000, 0), (300, 1000, 1)])
+def test_ranks_order_by_emptiness_window_and_descending_work(n, window_items, tail_windows):
+  # Both paths: pairs counted inside windows, and a sort (9000^2 pairs > RANK_MAX_PAIRS);
+  # the last tail_windows windows (all of them, or more) form one.
+  rng = np.random.default_rng(n + tail_windows)
   work = rng.integers(-2, 70000 if n == 100 else 12, n).astype(np.int32)  # ties, clipping
-  got = np.asarray(mosaic_persistent._ranks(jnp.asarray(work), window_items))
-  order = np.lexsort((-np.clip(work, 0, 2**16 - 1), np.arange(n) // window_items, work <= 0))
+  got = np.asarray(mosaic_persistent._ranks(jnp.asarray(work), window_items, tail_windows))
+  windows = -(-n // window_items)
+  window = np.minimum(np.arange(n) // window_items, max(windows - tail_windows, 0))
+  order = np.lexsort((-np.clip(work, 0, 2**16 - 1), window, work <= 0))
   np.testing.assert_array_equal(got[order], np.arange(n))
 
 
@@ -281,6 +297,36 @@ def test_deal_by_load_balances_the_main_layout_better_than_snake_dealing():
   assert dealt < 1.09 and dealt < snake - 0.02
   with pytest.raises(ValueError, match="dealing must be one of"):
     mosaic_persistent.reading_positions(plan.q_ranges, heads, ctas, dealing="lpt")
+
+
+@pytest.mark.parametrize("seed, num_ctas", [(0, 1), (1, 7), (2, 132)])
+def test_dynamic_dealing_keeps_the_rank_order_and_counts_the_busy_items(seed, num_ctas):
+  """Items to be claimed at run time sit in rank order (busy ones first, the order
+  the CTAs claim them in; the tail's windows merged) and come with the number of busy
+  ones."""
+  batch, n_q, n_k, heads = 3, 16, 16, 5
+  ranges = _random_ranges(seed, batch, n_q, n_k)
+  work = np.asarray(jnp.broadcast_to((ranges[..., 3] - ranges[..., 0])[:, None, :],
+                                     (batch, heads, n_q))).reshape(-1)
+  # Windows of whole (batch, head) pairs, the last CLAIMED_TAIL of them merged.
+  window = min(-(-num_ctas // n_q) * n_q, len(work))
+  windows = -(-len(work) // window)
+  tail = round(mosaic_persistent.CLAIMED_TAIL * windows)
+  window_of = np.minimum(np.arange(len(work)) // window, windows - tail)
+  order = np.lexsort((np.arange(len(work)), -work, window_of, work <= 0))
+  want = np.empty(len(work), np.int64)
+  want[order] = np.arange(len(work))
+  np.testing.assert_array_equal(
+      mosaic_persistent.reading_positions(ranges, heads, num_ctas, dealing="dynamic"), want)
+  items = mosaic_persistent.work_items(ranges, heads, num_ctas=num_ctas, dealing="dynamic")
+  busy = int((work > 0).sum())
+  assert items.dynamic and items.busy.shape == (1,) and int(items.busy[0]) == busy
+  table = np.asarray(items.table)
+  assert np.all(table[:busy, 6] > table[:busy, 3]) and np.all(table[busy:, 6] <= table[busy:, 3])
+  dealt = mosaic_persistent.work_items(ranges, heads, num_ctas=num_ctas, dealing="snake")
+  assert not dealt.dynamic and dealt.busy is None
+  # The same items (rows), only in another order.
+  np.testing.assert_array_equal(np.unique(table, axis=0), np.unique(dealt.table, axis=0))
 
 
 @pytest.mark.parametrize("num_ctas", [1, 3, 7, 64, 1000])
@@ -473,8 +519,9 @@ gpu_cases = pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: c.name)
 
 
 @functools.lru_cache(maxsize=None)
-def run_case(name, schedule, num_ctas=None):
-  """(kernel, reference, layout): dicts of float32 numpy out [B, Tq, H, D], lse [B, H, Tq]."""
+def run_case(name, schedule, num_ctas=None, dealing=None):
+  """(kernel, reference, layout): dicts of float32 numpy out [B, Tq, H, D], lse [B, H, Tq];
+  dealing as in mosaic_forward."""
   case = BY_NAME[name]
   layout = case.make_layout()
   seed = zlib.crc32(name.encode()) & 0x7FFFFFFF
@@ -484,7 +531,7 @@ def run_case(name, schedule, num_ctas=None):
   scale = case.scale or 1.0 / np.sqrt(case.head_dim)
   out, lse = mosaic_forward(q, k, v, *layout.arrays(), causal=case.causal,
                             window=case.window, scale=scale, tile=case.tile,
-                            schedule=schedule, num_ctas=num_ctas)
+                            schedule=schedule, num_ctas=num_ctas, dealing=dealing)
   f32 = lambda x: x.astype(jnp.float32)
   want_out, want_lse = reference_attention(
       f32(q), f32(k), f32(v), **layout.kwargs(), causal=case.causal,
@@ -554,6 +601,53 @@ def test_persistent_with_any_number_of_ctas_matches_reference(name, num_ctas, sc
   assert np.all(got["out"][~allowed.any(axis=2)] == 0.0)
   for key, x in got.items():
     assert_finite(key, x)
+
+
+# Work items claimed at run time (dealing "dynamic"): every item still runs once, on
+# one CTA, through the same code, so the outputs are bitwise those of dealt items.
+@pytest.mark.gpu
+@pytest.mark.parametrize("schedule", PERSISTENT)
+@pytest.mark.parametrize("num_ctas", [None, 3])
+@pytest.mark.parametrize("name", ["packed-d128", "empty-row-d128", "gqa-4:1",
+                                  "tile-64x64-1-stage"])
+def test_claimed_items_give_bitwise_the_outputs_of_dealt_items(name, num_ctas, schedule):
+  dealt, want, _ = run_case(name, schedule, num_ctas, dealing="load")
+  claimed, _, _ = run_case(name, schedule, num_ctas, dealing="dynamic")
+  for key in ("out", "lse"):
+    np.testing.assert_array_equal(claimed[key], dealt[key], err_msg=key)
+  assert_close("out", claimed["out"], want["out"], TOL)
+
+
+@pytest.mark.gpu
+def test_claimed_items_restart_in_every_call():
+  """Each call's counter starts at zero: two kernels in one jitted function (their
+  items made once) and the same function called again give the outputs of items
+  dealt ahead."""
+  case = BY_NAME["packed-d128"]
+  layout = case.make_layout()
+  q, k, v, _, _ = random_inputs(11, batch=case.batch, q_len=case.q_len, kv_len=case.kv_len,
+                                heads=case.heads, kv_heads=case.kv_heads,
+                                head_dim=case.head_dim, dtype=jnp.bfloat16)
+  seg, _, pos, _ = layout.arrays()
+  tile = case.tile
+  plan = masks.make_tile_plan(seg, seg, pos, pos, block_q=tile.block_major,
+                              block_k=tile.block_minor, causal=True, sliding_window=None)
+
+  def two_calls(q, k, v, dealing):
+    items = mosaic_persistent.work_items(plan.q_ranges, case.heads, plan.q_compares,
+                                         spans=plan.q_spans, dealing=dealing)
+    attend = lambda q: mosaic_attention.forward(  # noqa: E731
+        q, k, v, seg, seg, pos, pos, plan.q_ranges, tile=tile, scale=0.125, causal=True,
+        sliding_window=None, schedule="persistent-pingpong", items=items)[0]
+    first = attend(q)
+    return first, attend(first)
+
+  claimed = jax.jit(functools.partial(two_calls, dealing="dynamic"))
+  want = jax.jit(functools.partial(two_calls, dealing="snake"))(q, k, v)
+  for _ in range(3):
+    for got, expected in zip(claimed(q, k, v), want):
+      np.testing.assert_array_equal(np.asarray(got.astype(jnp.float32)),
+                                    np.asarray(expected.astype(jnp.float32)))
 
 
 # Hypothesis layouts at one small shape: the kernel compiles once per option set.
@@ -740,8 +834,9 @@ def test_a_mosaic_plan_tiles_the_forward_with_the_mosaic_tile():
                                                    (40000, False, True)])
 def test_a_mosaic_plan_holds_the_work_items_of_its_persistent_kernels(t, persistent, balance):
   """The forward and dQ kernels run persistent at T = 1000 (their items come
-  with the plan, made once, dealt by load unless balance_by_load=False), the
-  grid at T = 40000 (>16 MB of K/V per head); dK/dV runs the grid by default."""
+  with the plan, made once, dealt by load unless balance_by_load=False: then
+  the forward's are claimed at run time, dQ's dealt in snake order), the grid
+  at T = 40000 (>16 MB of K/V per head); dK/dV runs the grid by default."""
   q, kv, _ = _api_inputs(t=t, kv_heads=1)
   rng = np.random.default_rng(t)
   ids = jnp.asarray(np.cumsum(rng.random((2, t)) < 0.004, axis=1) + 1, jnp.int32)
@@ -753,12 +848,16 @@ def test_a_mosaic_plan_holds_the_work_items_of_its_persistent_kernels(t, persist
   if not persistent:
     assert tiles.forward_items is None and tiles.dq_items is None
     return
-  for items, rows, spans in ((tiles.forward_items, tiles.forward, tiles.forward.q_spans),
-                              (tiles.dq_items, tiles.dq, None)):
+  for items, rows, spans, dealing in (
+      (tiles.forward_items, tiles.forward, tiles.forward.q_spans,
+       "load" if balance else "dynamic"),
+      (tiles.dq_items, tiles.dq, None, "load" if balance else "snake")):
     want = mosaic_persistent.work_items(rows.q_ranges, heads, rows.q_compares,
-                                        spans=spans, dealing="load" if balance else "snake")
-    assert items.num_ctas == want.num_ctas
+                                        spans=spans, dealing=dealing)
+    assert items.num_ctas == want.num_ctas and items.dynamic == want.dynamic
     np.testing.assert_array_equal(items.table, want.table)
+    if want.dynamic:
+      np.testing.assert_array_equal(items.busy, want.busy)
 
 
 def _mosaic_bad_calls():

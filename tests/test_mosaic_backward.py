@@ -254,8 +254,8 @@ def test_compares_of_the_wrong_shape_are_rejected(kernel, name):
         **{name: jnp.zeros((1, 3), jnp.int32)})
 
 
-def _work_items(n_items, num_ctas=4):
-  return mosaic_persistent.WorkItems(jnp.zeros((n_items, 9), jnp.int32), num_ctas)
+def _work_items(n_items, num_ctas=4, busy=None):
+  return mosaic_persistent.WorkItems(jnp.zeros((n_items, 9), jnp.int32), num_ctas, busy)
 
 
 @pytest.mark.parametrize("kernel", ["backward_dq", "backward_dkdv"])
@@ -264,7 +264,9 @@ def _work_items(n_items, num_ctas=4):
     (dict(items=_work_items(5), schedule="persistent"),
      r"items: the table must be int32 \(4, 9\)"),
     (dict(items=_work_items(4), schedule="persistent", num_ctas=3), "num_ctas"),
-], ids=["grid", "wrong-table", "other-num-ctas"])
+    (dict(items=_work_items(4, busy=jnp.ones((1,), jnp.int32)), schedule="persistent"),
+     "items: dealt 'dynamic'.*only the forward"),
+], ids=["grid", "wrong-table", "other-num-ctas", "claimed"])
 def test_work_items_that_do_not_fit_the_call_are_rejected(kernel, options, match):
   x = jnp.zeros((1, 256, 2, 128), jnp.bfloat16)
   stat = jnp.zeros((1, 2, 256), jnp.float32)
