@@ -441,7 +441,7 @@ def forward(q, k, v, q_seg, kv_seg, q_pos, kv_pos, q_ranges, *, tile: TileConfig
   items: the persistent schedules' work items made beforehand
   (mosaic_persistent.work_items(q_ranges, H, q_compares, spans=q_spans),
   e.g. once per batch for many layers), in place of q_compares and q_spans;
-  None: made in the call.
+  None: made in the call, to be claimed at run time (dealing "dynamic").
   """
   if interpret:
     raise NotImplementedError("the Mosaic GPU attention kernel has no interpret mode")

@@ -38,7 +38,8 @@ consumers may still read the index of item n - 1 (mosaic_persistent)."""
 
 CLAIM_WARP = 1
 """The producer's warp that claims: not warp 0, which issues the TMA copies, so
-that those need not wait for the atomic's round trip to L2."""
+that those need not wait for the atomic's round trip to L2 (measured within noise
+of warp 0: perf_notes entry 27)."""
 
 _SHARED = 3  # the NVPTX address space of shared memory
 

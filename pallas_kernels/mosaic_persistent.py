@@ -101,8 +101,8 @@ from pallas_kernels.config import GROUP_SPAN_BITS, SPAN_HALF_BITS, TileConfig
 from pallas_kernels.mosaic_claims import CLAIM_SLOTS, claim, claimed
 from pallas_kernels.mosaic_common import (
     WG_ROWS, broadcast_rows, consumer_warpgroups, copy_kv_tile, copy_q_tile, empty_row_stats,
-    launch, launch_accumulating, mask_tile, mma_accumulate, mma_transforms, online_softmax, producer_warpgroup,
-    rendezvous, row_vector, store_output, three_runs, wait_for_free_slot, zeros_acc)
+    launch, launch_accumulating, mask_tile, mma_accumulate, mma_transforms, online_softmax,
+    producer_warpgroup, rendezvous, row_vector, store_output, three_runs, wait_for_free_slot, zeros_acc)
 from pallas_kernels.segment_attention import LOG2E
 
 __all__ = ["DEALINGS", "DEFAULT_NUM_SMS", "WorkItems", "cta_items", "item_table", "num_sms",
@@ -135,8 +135,8 @@ CLAIMED_TAIL = 0.3
 """Items to be claimed at run time (dealing "dynamic"): the share of the windows at
 the end that form one window, so the CTAs meet the heavy items of the last 30% of
 the work before its light ones (a CPU model of the claims, perf_notes entry 27: the
-busiest CTA 0.6-1.6% above the mean on the benchmark's layouts, against 4-11% in
-windows alone; larger windows cost L2 locality, entry 13)."""
+busiest CTA 0.6-1.6% above the mean on the benchmark's layouts, against 9-18% with
+windows alone and 2.5-8% dealt by load; larger windows cost L2 locality, entry 13)."""
 
 
 RANK_MAX_PAIRS = 2**26
