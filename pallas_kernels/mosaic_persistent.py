@@ -102,7 +102,8 @@ from pallas_kernels.mosaic_claims import CLAIM_SLOTS, claim, claimed
 from pallas_kernels.mosaic_common import (
     WG_ROWS, broadcast_rows, consumer_warpgroups, copy_kv_tile, copy_q_tile, empty_row_stats,
     launch, launch_accumulating, mask_tile, mma_accumulate, mma_transforms, online_softmax,
-    producer_warpgroup, rendezvous, row_vector, store_output, three_runs, wait_for_free_slot, zeros_acc)
+    producer_warpgroup, rendezvous, row_vector, store_output, three_runs, wait_for_free_slot,
+    zeros_acc)
 from pallas_kernels.segment_attention import LOG2E
 
 __all__ = ["DEALINGS", "DEFAULT_NUM_SMS", "WorkItems", "cta_items", "item_table", "num_sms",
