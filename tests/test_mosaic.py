@@ -143,7 +143,7 @@ PERSISTENT = [s for s in SCHEDULES if s.startswith("persistent")]
 
 
 @pytest.mark.parametrize("schedule", PERSISTENT)
-@pytest.mark.parametrize("num_ctas, dealing", [(1, None), (2, None), (5, None), (100, None),
+@pytest.mark.parametrize("num_ctas, dealing", [(1, None), (5, None), (100, None),
                                                (1, "dynamic"), (100, "dynamic")])
 @pytest.mark.parametrize("case", [LowerCase("default"),
                                   LowerCase("one-consumer-64x64",
