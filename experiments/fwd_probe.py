@@ -41,8 +41,14 @@ is left in /tmp/mosaic-gpu-*/kernel.bin either way, for `nvdisasm -c` elsewhere.
 (plgpu.CompilerParams profile_space / profile_dir: a timestamp at the entry
 and exit of every jax.named_scope region of the kernel, per warpgroup), writes
 the Perfetto trace to DIR and prints, per warpgroup role and region, the
-share of the time and the median cycles spent in it (summarize_trace; no
-timing then: the profiler's shared-memory stores perturb it).
+share of the time and the median cycles spent in it (summarize_trace), and
+what a consumer spends between kv steps within items and across them
+(item_boundaries); no timing then: the profiler's shared-memory stores
+perturb it. The regions live in shared memory next to the kernel's buffers
+(48 bytes per region: three warpgroups; with the default tile --profile-space
+590 fits with items dealt ahead, 570 with claimed ones), and a CTA that
+records more regions than that writes past them (an illegal address at
+--batch 4): profile with --batch 1.
 """
 
 from __future__ import annotations
@@ -170,6 +176,52 @@ def summarize_trace(path, warpgroups=3):
           for role in spans if total[role]}
 
 
+def item_boundaries(path, warpgroups=3):
+  """Median cycles a consumer spends between kv steps, within items and across them.
+
+  Per consumer warpgroup of a profiler trace (summarize_trace), the time from
+  the end of each "c_pv" region to the start of the next "c_softmax*" region:
+  "within" when no "c_store" lies between (the next kv tile of the same item),
+  "across" when one does (the item's epilogue, the next item's Q wait, its
+  first K/V wait and QK^T). Also the median cycles of the regions met across
+  item boundaries. Returns {"within": cycles, "across": cycles, "items": n,
+  "regions_across": {region: median cycles}}.
+  """
+  with open(path) as f:
+    events = json.load(f)["traceEvents"]
+  by_tid = collections.defaultdict(list)
+  for e in events:
+    if (e["tid"] - 1) % warpgroups != warpgroups - 1:  # consumers only
+      by_tid[e["tid"]].append(e)
+  within, across = [], []
+  regions = collections.defaultdict(list)
+  for evs in by_tid.values():
+    pv_end, crossed, seen, stack = None, False, [], []
+    for e in evs:
+      if e["ph"] == "B":
+        stack.append(e)
+        if e["name"].startswith("c_softmax") and pv_end is not None:
+          (across if crossed else within).append(1000 * (e["ts"] - pv_end))
+          if crossed:
+            for name, d in seen:
+              regions[name].append(d)
+          pv_end, crossed, seen = None, False, []
+        continue
+      if not stack:
+        continue
+      begin = stack.pop()
+      if stack:
+        continue
+      if begin["name"] == "c_pv":
+        pv_end, crossed, seen = e["ts"], False, []
+      elif pv_end is not None:
+        crossed |= begin["name"] == "c_store"
+        seen.append((begin["name"], 1000 * (e["ts"] - begin["ts"])))
+  med = lambda xs: round(float(np.median(xs))) if xs else None  # noqa: E731
+  return dict(within=med(within), across=med(across), items=len(across),
+              regions_across={k: med(v) for k, v in sorted(regions.items())})
+
+
 def rel_err(a, b):
   a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
   return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
@@ -244,7 +296,9 @@ def run_variant(name, schedule, tile, options, layout_name, inputs, args, first_
   if trace_dir:
     jax.effects_barrier()
     trace = max(glob.glob(os.path.join(trace_dir, "*.json")), key=os.path.getmtime)
-    result.update(trace=trace, regions=summarize_trace(trace, 1 + tile.block_major // 64))
+    warpgroups = 1 + tile.block_major // 64
+    result.update(trace=trace, regions=summarize_trace(trace, warpgroups),
+                  item_boundaries=item_boundaries(trace, warpgroups))
     return result, out, None
   result.update(tiles=tiles, useful_flops=causal_doc_flops(seg_np, HEADS, HEAD_DIM, causal=causal),
                 executed_flops=4.0 * tiles * tile.block_major * tile.block_minor * HEAD_DIM)

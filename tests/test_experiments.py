@@ -153,6 +153,24 @@ def test_fwd_probe_summarizes_a_profile_per_role(tmp_path):
   assert shares["producer"] == {"p_wait_slot": (0.9, 9000), "p_load_kv": (0.1, 1000)}
 
 
+def test_fwd_probe_measures_steps_within_and_across_items(tmp_path):
+  # Consumer 0 (tid 1): item A's steps at 0 and 10, then its store, item B's first
+  # step; the producer (tid 3) is ignored. Times in units of 1000 cycles.
+  regions = [(1, "c_softmax", 0, 2), (1, "c_pv", 2, 4), (1, "c_wait_kv", 5, 6),
+             (1, "c_qk", 6, 7), (1, "c_softmax_masked", 10, 12), (1, "c_pv", 12, 14),
+             (1, "c_store", 14, 17), (1, "c_wait_q", 17, 18), (1, "c_qk", 18, 20),
+             (1, "c_softmax", 22, 23), (3, "p_load_kv", 0, 30)]
+  events = []
+  for tid, name, start, end in regions:
+    events += [dict(name=name, ph="B", ts=start, pid=1, tid=tid),
+               dict(name=name, ph="E", ts=end, pid=1, tid=tid)]
+  path = tmp_path / "trace.json"
+  path.write_text(json.dumps(dict(traceEvents=events)))
+  assert fwd_probe.item_boundaries(str(path)) == dict(
+      within=6000, across=8000, items=1,
+      regions_across={"c_qk": 2000, "c_store": 3000, "c_wait_q": 1000})
+
+
 def test_fwd_probe_runs_variants_and_times_them(monkeypatch):
   # The kernel swapped for the jnp reference (no GPU here) on a small shape.
   from jpack.attention import reference_attention
