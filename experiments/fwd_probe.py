@@ -9,9 +9,15 @@ mosaic_attention.DEFAULT_TILE), "+compares": pass the plan's q_compares
 (masked tiles that need one compare), "+spans": its q_spans (the kv tiles
 and half tiles each consumer skips; both persistent schedules only),
 "+lasthalf": q_spans cut to the last tile's first half (session 8's
-halves, for comparison), and "+snake", "+load" or "+dynamic": the persistent
+halves, for comparison), "+snake", "+load" or "+dynamic": the persistent
 kernel's work items made beforehand, dealt so (mosaic_persistent.DEALINGS;
-without one they are made in the timed call, dealt "snake"). Layouts, all
+without one they are made in the timed call, dealt "snake"), and "+baseline":
+the persistent schedules run the `persistent_forward` of the module file given
+by --baseline instead of this checkout's (another version of
+pallas_kernels/mosaic_persistent.py, e.g. `git show
+HEAD:pallas_kernels/mosaic_persistent.py`, against this checkout's
+mosaic_common), so that two versions of the kernel are timed in the same rounds
+and their outputs compared. Layouts, all
 B=4 (--batch), T=8192, H=16, D=128 bfloat16 (the main shape of
 bench_attention.py):
   packed  lognormal documents of mean length 1024, causal (the main case);
@@ -57,6 +63,7 @@ import argparse
 import collections
 import contextlib
 import glob
+import importlib.util
 import json
 import os
 import re
@@ -80,9 +87,10 @@ from pallas_kernels.config import GROUP_SPAN_BITS, SPAN_HALF_BITS, TileConfig  #
 
 BATCH, SEQ_LEN, HEADS, HEAD_DIM = 4, 8192, 16, 128
 LAYOUTS = ("packed", "padded", "dense", "full", "blocks", "blocksc")
-OPTIONS = ("compares", "spans", "lasthalf", *mosaic_persistent.DEALINGS)
+OPTIONS = ("compares", "spans", "lasthalf", *mosaic_persistent.DEALINGS, "baseline")
 """Variant options: pass the plan's q_compares, its q_spans (persistent schedules),
-or its q_spans cut by last_half_only; make the work items beforehand, dealt so."""
+or its q_spans cut by last_half_only; make the work items beforehand, dealt so;
+run the --baseline module's persistent kernel."""
 
 
 def layout(name, seed=0, batch=None):
@@ -222,6 +230,31 @@ def item_boundaries(path, warpgroups=3):
               regions_across={k: med(v) for k, v in sorted(regions.items())})
 
 
+def load_baseline(path):
+  """The module at `path` (a version of pallas_kernels/mosaic_persistent.py), loaded
+  beside this checkout's. Its work items are this checkout's WorkItems (the probe
+  makes them with mosaic_persistent.work_items; the table layout must match)."""
+  spec = importlib.util.spec_from_file_location("baseline_mosaic_persistent", path)
+  module = importlib.util.module_from_spec(spec)
+  sys.modules[spec.name] = module  # dataclasses look their module up there
+  spec.loader.exec_module(module)
+  module.WorkItems = mosaic_persistent.WorkItems
+  return module
+
+
+@contextlib.contextmanager
+def persistent_kernel_of(module):
+  """mosaic_attention's persistent schedules run module.persistent_forward inside
+  (None: this checkout's)."""
+  saved = mosaic_attention.persistent_forward
+  if module is not None:
+    mosaic_attention.persistent_forward = module.persistent_forward
+  try:
+    yield
+  finally:
+    mosaic_attention.persistent_forward = saved
+
+
 def rel_err(a, b):
   a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
   return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
@@ -281,8 +314,11 @@ def run_variant(name, schedule, tile, options, layout_name, inputs, args, first_
   if trace_dir:
     os.makedirs(trace_dir, exist_ok=True)
     mosaic_common.PROFILE = dict(profile_space=args.profile_space, profile_dir=trace_dir)
+  baseline = args.baseline if "baseline" in options else None
+  if "baseline" in options and baseline is None:
+    raise ValueError("variant option baseline needs --baseline")
   try:
-    with compiler_dump(dump or None):
+    with compiler_dump(dump or None), persistent_kernel_of(baseline):
       out = np.asarray(fn(*fn_args).astype(jnp.float32))  # compiles (and profiles) here
   finally:
     mosaic_common.PROFILE = {}
@@ -337,7 +373,10 @@ def main():
                  help="profiled regions per warpgroup (shared memory: 16 bytes each)")
   p.add_argument("--batch", type=int, default=BATCH)
   p.add_argument("--seed", type=int, default=0, help="the packed layouts' documents")
+  p.add_argument("--baseline", default=None,
+                 help="a mosaic_persistent.py for the variants with option +baseline")
   args = p.parse_args()
+  args.baseline = args.baseline and load_baseline(args.baseline)
   variants = [(v, *parse_variant(v)) for v in args.variants.split(",")]
   if len({v[0] for v in variants}) < len(variants):
     p.error(f"--variants names a variant twice: {args.variants} (rounds interleave them anyway)")

@@ -9,21 +9,20 @@ profile summary must say what its docstring says.
 from __future__ import annotations
 
 import functools
+import json
 import os
+import pathlib
 import subprocess
 import sys
 import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
-import json
-
-import numpy as np
-
 from experiments import bwd_probe, fwd_probe, mosaic_check
-from pallas_kernels import mosaic_attention
+from pallas_kernels import mosaic_attention, mosaic_persistent
 
 
 def _forward_shapes(name):
@@ -204,6 +203,35 @@ def test_fwd_probe_runs_variants_and_times_them(monkeypatch):
     assert 0 < p10 <= result["ms"] <= p90 and "useful_flops" not in result
     assert result["executed_tflops"] >= result["useful_tflops"] >= 0
   assert first["vs_first"] == 1.0 and again["vs_first"] > 0 and "ms" not in failed
+
+
+def test_fwd_probe_baseline_runs_the_persistent_kernel_of_another_module(tmp_path,
+                                                                       monkeypatch):
+  # A "version" of mosaic_persistent whose kernel only says that it was called.
+  monkeypatch.setattr(fwd_probe, "SEQ_LEN", 1024)
+  monkeypatch.setattr(fwd_probe, "HEADS", 2)
+  source = pathlib.Path(mosaic_persistent.__file__).read_text()
+  path = tmp_path / "baseline.py"
+  path.write_text(source + "\n\ndef persistent_forward(*args, **kwargs):\n"
+                  "  raise RuntimeError('the baseline ran')\n")
+  baseline = fwd_probe.load_baseline(str(path))
+  assert baseline.WorkItems is mosaic_persistent.WorkItems
+  args = type("Args", (), dict(dump=None, profile=None, reps=2, seed=0, baseline=baseline))()
+  shape = (1, 1024, 2, fwd_probe.HEAD_DIM)
+  q = k = v = jnp.ones(shape, jnp.bfloat16)
+  pos = jnp.arange(1024, dtype=jnp.int32)[None]
+  seg = jnp.asarray(fwd_probe.layout("blocksc", batch=1)[0])
+  own = mosaic_attention.persistent_forward
+  with pytest.raises(RuntimeError, match="the baseline ran"):
+    fwd_probe.run_variant("persistent+baseline", "persistent", mosaic_attention.DEFAULT_TILE,
+                          frozenset({"baseline"}), "blocksc", (q, k, v, seg, pos), args, None)
+  assert mosaic_attention.persistent_forward is own  # restored after the variant
+  assert fwd_probe.parse_variant("persistent-pingpong+load+baseline")[2] == {"load",
+                                                                             "baseline"}
+  args.baseline = None
+  with pytest.raises(ValueError, match="--baseline"):
+    fwd_probe.run_variant("persistent+baseline", "persistent", mosaic_attention.DEFAULT_TILE,
+                          frozenset({"baseline"}), "blocksc", (q, k, v, seg, pos), args, None)
 
 
 def test_bwd_probe_variants_parse_into_schedules_and_cta_counts():
