@@ -153,33 +153,45 @@ def compiler_dump(path):
         os.environ.pop(n, None)
 
 
-def summarize_trace(path, warpgroups=3):
-  """{role: {region: (share of the warpgroups' time, median cycles)}} of a profiler trace.
+def trace_regions(path, warpgroups=3):
+  """{warpgroup trace: (role, [(region, begin, end), ...])} of a profiler trace: each
+  warpgroup's outermost regions in order, times in cycles.
 
-  Roles: "consumer" (warpgroups 0 .. warpgroups - 2) and "producer" (the
-  last); a warpgroup's time runs from its first event to its last; outermost
-  regions only. Mosaic GPU's profiler stamps events with the SM clock, written
-  as ts = (start + cycles) / 1000, so a duration * 1000 is in cycles.
+  Roles: "consumer" (warpgroups 0 .. warpgroups - 2 of a CTA) and "producer"
+  (the last). Mosaic GPU's profiler stamps events with the SM clock, written as
+  ts = (start + cycles) / 1000, so ts * 1000 counts cycles.
   """
   with open(path) as f:
     events = json.load(f)["traceEvents"]
   by_tid = collections.defaultdict(list)
   for e in events:
     by_tid[e["tid"]].append(e)
-  spans = {"consumer": collections.defaultdict(list), "producer": collections.defaultdict(list)}
-  total = collections.Counter()
+  traces = {}
   for tid, evs in by_tid.items():
     role = "producer" if (tid - 1) % warpgroups == warpgroups - 1 else "consumer"
-    total[role] += evs[-1]["ts"] - evs[0]["ts"]
-    stack = []
+    regions, stack = [], []
     for e in evs:
       if e["ph"] == "B":
         stack.append(e)
       elif stack:
         begin = stack.pop()
         if not stack:
-          spans[role][begin["name"]].append(e["ts"] - begin["ts"])
-  return {role: {name: (round(sum(d) / total[role], 4), round(1000 * float(np.median(d))))
+          regions.append((begin["name"], 1000 * begin["ts"], 1000 * e["ts"]))
+    traces[tid] = (role, regions)
+  return traces
+
+
+def summarize_trace(path, warpgroups=3):
+  """{role: {region: (share of the warpgroups' time, median cycles)}} of a profiler
+  trace (trace_regions); a warpgroup's time runs from its first region to its last."""
+  spans = {"consumer": collections.defaultdict(list), "producer": collections.defaultdict(list)}
+  total = collections.Counter()
+  for role, regions in trace_regions(path, warpgroups).values():
+    if regions:
+      total[role] += regions[-1][2] - regions[0][1]
+    for name, begin, end in regions:
+      spans[role][name].append(end - begin)
+  return {role: {name: (round(sum(d) / total[role], 4), round(float(np.median(d))))
                  for name, d in sorted(spans[role].items(), key=lambda kv: -sum(kv[1]))}
           for role in spans if total[role]}
 
@@ -187,7 +199,7 @@ def summarize_trace(path, warpgroups=3):
 def item_boundaries(path, warpgroups=3):
   """Median cycles a consumer spends between kv steps, within items and across them.
 
-  Per consumer warpgroup of a profiler trace (summarize_trace), the time from
+  Per consumer warpgroup of a profiler trace (trace_regions), the time from
   the end of each "c_pv" region to the start of the next "c_softmax*" region:
   "within" when no "c_store" lies between (the next kv tile of the same item),
   "across" when one does (the item's epilogue, the next item's Q wait, its
@@ -195,39 +207,26 @@ def item_boundaries(path, warpgroups=3):
   item boundaries. Returns {"within": cycles, "across": cycles, "items": n,
   "regions_across": {region: median cycles}}.
   """
-  with open(path) as f:
-    events = json.load(f)["traceEvents"]
-  by_tid = collections.defaultdict(list)
-  for e in events:
-    if (e["tid"] - 1) % warpgroups != warpgroups - 1:  # consumers only
-      by_tid[e["tid"]].append(e)
   within, across = [], []
-  regions = collections.defaultdict(list)
-  for evs in by_tid.values():
-    pv_end, crossed, seen, stack = None, False, [], []
-    for e in evs:
-      if e["ph"] == "B":
-        stack.append(e)
-        if e["name"].startswith("c_softmax") and pv_end is not None:
-          (across if crossed else within).append(1000 * (e["ts"] - pv_end))
-          if crossed:
-            for name, d in seen:
-              regions[name].append(d)
-          pv_end, crossed, seen = None, False, []
-        continue
-      if not stack:
-        continue
-      begin = stack.pop()
-      if stack:
-        continue
-      if begin["name"] == "c_pv":
-        pv_end, crossed, seen = e["ts"], False, []
+  met = collections.defaultdict(list)
+  for role, regions in trace_regions(path, warpgroups).values():
+    if role != "consumer":
+      continue
+    pv_end, seen = None, []
+    for name, begin, end in regions:
+      if name.startswith("c_softmax") and pv_end is not None:
+        crossed = any(n == "c_store" for n, _ in seen)
+        (across if crossed else within).append(begin - pv_end)
+        for n, d in seen if crossed else ():
+          met[n].append(d)
+        pv_end = None
+      if name == "c_pv":
+        pv_end, seen = end, []
       elif pv_end is not None:
-        crossed |= begin["name"] == "c_store"
-        seen.append((begin["name"], 1000 * (e["ts"] - begin["ts"])))
+        seen.append((name, end - begin))
   med = lambda xs: round(float(np.median(xs))) if xs else None  # noqa: E731
   return dict(within=med(within), across=med(across), items=len(across),
-              regions_across={k: med(v) for k, v in sorted(regions.items())})
+              regions_across={k: med(v) for k, v in sorted(met.items())})
 
 
 def load_baseline(path):
