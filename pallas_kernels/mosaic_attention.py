@@ -247,6 +247,11 @@ def _split_forward_kernel(ranges_ref, q_ref, k_ref, v_ref, q_seg_ref, q_pos_ref,
   next copy, issued after its wait), which keeps the parity tracking of
   barrier_wait exact. An empty plan row (lo == hi) issues no copies and no
   waits: consumers write zeros and EMPTY_LSE straight away.
+
+  The consumers' steps carry the persistent kernel's named scopes (c_wait_kv,
+  c_qk, c_softmax[_masked], c_meet, c_pv, c_store): regions of Mosaic GPU's
+  on-device profiler when it is on (experiments/fwd_probe.py --profile), no
+  code otherwise.
   """
   (qo_smem, q_ids_smem, lse_smem, k_smem, v_smem, kv_ids_smem), barriers = scratch
   q_ready, k_ready, v_ready, k_consumed, v_consumed, *sched = barriers
@@ -289,9 +294,10 @@ def _split_forward_kernel(ranges_ref, q_ref, k_ref, v_ref, q_seg_ref, q_pos_ref,
 
     def finish(acc, m, l):
       # Q is no longer read: its buffer stages the output.
-      store_output(acc, m, l, q_smem, lse_smem.at[wg], o_ref.at[b, rows, h],
-                   lse_ref.at[b, h, rows])
-      plgpu.wait_smem_to_gmem(0)
+      with jax.named_scope("c_store"):
+        store_output(acc, m, l, q_smem, lse_smem.at[wg], o_ref.at[b, rows, h],
+                     lse_ref.at[b, h, rows])
+        plgpu.wait_smem_to_gmem(0)
 
     def three_loops(first, body, carry):
       """body(j, carry, masked=...) over j in [first, hi), masked outside [full_lo, full_hi)."""
@@ -331,19 +337,23 @@ def _split_forward_kernel(ranges_ref, q_ref, k_ref, v_ref, q_seg_ref, q_pos_ref,
           slot, prev = slot_of(j), slot_of(j - 1)
           s_ref[...] = plgpu.layout_cast(jnp.zeros(s_shape, jnp.float32),
                                          plgpu.Layout.WGMMA)
-          plgpu.barrier_wait(k_ready.at[slot])
-          plgpu.barrier_wait(v_ready.at[prev])
+          with jax.named_scope("c_wait_kv"):
+            plgpu.barrier_wait(k_ready.at[slot])
+            plgpu.barrier_wait(v_ready.at[prev])
 
           def issue():
             plgpu.wgmma(s_ref, q_smem, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
             plgpu.wgmma(acc_ref, p_prev, v_smem.at[prev])
 
-          take_turn(issue)
-          # wgmma groups retire in order: at most 1 pending means QK^T_j is done.
-          s = plgpu.wgmma_accumulator_load(s_ref, wait_n=1)
-          p, m, l, alpha = softmax(s, m, l, slot, masked, cast=False)
+          with jax.named_scope("c_qk"):
+            take_turn(issue)
+            # wgmma groups retire in order: at most 1 pending means QK^T_j is done.
+            s = plgpu.wgmma_accumulator_load(s_ref, wait_n=1)
+          with jax.named_scope("c_softmax" if masked is False else "c_softmax_masked"):
+            p, m, l, alpha = softmax(s, m, l, slot, masked, cast=False)
           plgpu.barrier_arrive(k_consumed.at[slot])
-          acc = acc_ref[...]  # waits for PV_{j-1}
+          with jax.named_scope("c_pv"):
+            acc = acc_ref[...]  # waits for PV_{j-1}
           # P_j's registers (an input of PV_j) are written only now: ptxas
           # serialises every wgmma (C7513) if a non-wgmma instruction defines
           # a wgmma's input registers while another wgmma is in flight.
@@ -388,26 +398,31 @@ def _split_forward_kernel(ranges_ref, q_ref, k_ref, v_ref, q_seg_ref, q_pos_ref,
     def visit(j, carry, *, masked):
       acc, m, l = carry
       slot = slot_of(j)
-      plgpu.barrier_wait(k_ready.at[slot])
+      with jax.named_scope("c_wait_kv"):
+        plgpu.barrier_wait(k_ready.at[slot])
 
       def qk(s_ref):
         plgpu.wgmma(s_ref, q_smem, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
         meet()  # QK^T issued: the other consumer may finish its softmax
         return s_ref[...]
 
-      s = pl.run_scoped(qk, plgpu.ACC(s_shape, jnp.float32))
-      p, m, l, alpha = softmax(s, m, l, slot, masked)
-      plgpu.barrier_arrive(k_consumed.at[slot])
-      acc = acc * broadcast_rows(alpha, o_shape)
-      if sched_barrier is not None:
-        acc, l, m, p = lax.optimization_barrier((acc, l, m, p))
-        plgpu.barrier_arrive(sched_barrier)  # softmax done
-        plgpu.barrier_wait(v_ready.at[slot])
-        plgpu.barrier_wait(sched_barrier)  # the other consumer issued its QK^T
-      else:
-        plgpu.barrier_wait(v_ready.at[slot])
+      with jax.named_scope("c_qk"):
+        s = pl.run_scoped(qk, plgpu.ACC(s_shape, jnp.float32))
+      with jax.named_scope("c_softmax" if not masked else "c_softmax_masked"):
+        p, m, l, alpha = softmax(s, m, l, slot, masked)
+        plgpu.barrier_arrive(k_consumed.at[slot])
+        acc = acc * broadcast_rows(alpha, o_shape)
+      with jax.named_scope("c_meet"):
+        if sched_barrier is not None:
+          acc, l, m, p = lax.optimization_barrier((acc, l, m, p))
+          plgpu.barrier_arrive(sched_barrier)  # softmax done
+          plgpu.barrier_wait(v_ready.at[slot])
+          plgpu.barrier_wait(sched_barrier)  # the other consumer issued its QK^T
+        else:
+          plgpu.barrier_wait(v_ready.at[slot])
 
-      acc = mma_accumulate(acc, p, v_smem.at[slot], dtype)
+      with jax.named_scope("c_pv"):
+        acc = mma_accumulate(acc, p, v_smem.at[slot], dtype)
       plgpu.barrier_arrive(v_consumed.at[slot])
       return acc, m, l
 
