@@ -412,7 +412,8 @@ def _split_forward_kernel(ranges_ref, q_ref, k_ref, v_ref, q_seg_ref, q_pos_ref,
         p, m, l, alpha = softmax(s, m, l, slot, masked)
         plgpu.barrier_arrive(k_consumed.at[slot])
         acc = acc * broadcast_rows(alpha, o_shape)
-      with jax.named_scope("c_meet"):
+      # The wait for V is part of the meeting with two consumers, alone with one.
+      with jax.named_scope("c_meet" if sched_barrier is not None else "c_wait_kv"):
         if sched_barrier is not None:
           acc, l, m, p = lax.optimization_barrier((acc, l, m, p))
           plgpu.barrier_arrive(sched_barrier)  # softmax done
