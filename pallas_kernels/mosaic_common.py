@@ -402,7 +402,8 @@ COMPARES = ("both", "ids", "positions")
 """The doc_mask compares a masked tile may need, by the index three_runs passes."""
 
 
-def three_runs(lo, full_lo, full_hi, hi, visit, carry, compares=None, *, kv_major=False):
+def three_runs(lo, full_lo, full_hi, hi, visit, carry, compares=None, *, kv_major=False,
+               start=None):
   """visit(j, carry, masked=...) over [lo, hi); the mask only outside [full_lo, full_hi).
 
   Separate loops keep `masked` static where it can be, so the unmasked run has
@@ -413,30 +414,42 @@ def three_runs(lo, full_lo, full_hi, hi, visit, carry, compares=None, *, kv_majo
   first ones, its last ones if kv_major), 2 ("positions") among its
   positions_len tiles (its last ones, its first ones if kv_major), 0 ("both")
   elsewhere, for mask_tile to switch on (one loop body per run, not three).
+  start: visit only [start, hi) (start >= lo), the tiles still told apart as in
+  the whole row [lo, hi).
   """
-  def run(start, stop, masked, carry):
-    return lax.fori_loop(start, stop, functools.partial(visit, masked=masked), carry)
+  if start is not None:
+    full_lo, full_hi = jnp.maximum(full_lo, start), jnp.maximum(full_hi, start)
 
+  def run(first, stop, masked, carry):
+    return lax.fori_loop(first, stop, functools.partial(visit, masked=masked), carry)
+
+  first = lo if start is None else start
   if compares is None:
-    carry = run(lo, full_lo, True, carry)
+    carry = run(first, full_lo, True, carry)
     carry = run(full_lo, full_hi, False, carry)
     return run(full_hi, hi, True, carry)
+
+  def masked_visit(j, carry):
+    return visit(j, carry, masked=tile_compares(j, lo, hi, compares, kv_major=kv_major))
+
+  carry = lax.fori_loop(first, full_lo, masked_visit, carry)
+  carry = run(full_lo, full_hi, False, carry)
+  return lax.fori_loop(full_hi, hi, masked_visit, carry)
+
+
+def tile_compares(j, lo, hi, compares, *, kv_major=False):
+  """int32 index into COMPARES of masked tile j of a plan row [lo, hi) (three_runs)."""
   ids_len = compares & (2**COMPARE_SPLIT_BITS - 1)
   positions_len = lax.shift_right_logical(compares, COMPARE_SPLIT_BITS)
   if kv_major:  # positions-only tiles first, ids-only last
-    ids_only = lambda j: j >= hi - ids_len  # noqa: E731
-    positions_only = lambda j: j < lo + positions_len  # noqa: E731
+    ids_only, positions_only = j >= hi - ids_len, j < lo + positions_len
   else:
-    ids_only = lambda j: j < lo + ids_len  # noqa: E731
-    positions_only = lambda j: j >= hi - positions_len  # noqa: E731
+    ids_only, positions_only = j < lo + ids_len, j >= hi - positions_len
+  return jnp.where(ids_only, 1, jnp.where(positions_only, 2, 0)).astype(jnp.int32)
 
-  def masked_visit(j, carry):
-    which = jnp.where(ids_only(j), 1, jnp.where(positions_only(j), 2, 0)).astype(jnp.int32)
-    return visit(j, carry, masked=which)
 
-  carry = lax.fori_loop(lo, full_lo, masked_visit, carry)
-  carry = run(full_lo, full_hi, False, carry)
-  return lax.fori_loop(full_hi, hi, masked_visit, carry)
+NO_COMPARE = len(COMPARES)
+"""mask_tile's index for a tile that the plan says is full: s as it is."""
 
 
 def mask_tile(s, major_ids, ids_smem, slot, *, kv_major, causal, sliding_window, masked,
@@ -444,8 +457,9 @@ def mask_tile(s, major_ids, ids_smem, slot, *, kv_major, causal, sliding_window,
   """s [64, n] with the pairs the document mask disallows set to MASKED_LOGIT.
 
   masked: True (both compares), or an int32 index into COMPARES chosen per
-  tile at run time (three_runs), switched on here: only the compare code
-  branches, the rest of the step is shared. Other arguments as tile_doc_mask.
+  tile at run time (three_runs), or NO_COMPARE (a full tile), switched on here:
+  only the compare code branches, the rest of the step is shared. Other
+  arguments as tile_doc_mask.
   """
   def masking(compare):
     def apply(s):
@@ -457,7 +471,7 @@ def mask_tile(s, major_ids, ids_smem, slot, *, kv_major, causal, sliding_window,
 
   if masked is True:
     return masking("both")(s)
-  return lax.switch(masked, [masking(c) for c in COMPARES], s)
+  return lax.switch(masked, [*(masking(c) for c in COMPARES), lambda s: s], s)
 
 
 def mma_accumulate(acc, a, b_smem, dtype):

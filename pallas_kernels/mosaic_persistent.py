@@ -12,7 +12,13 @@ reads rows c, c + num_ctas, ...). The producer
 streams Q (with the q ids and positions) and the K/V tiles of every item
 without draining between items, so the next item's loads land while the
 consumers finish the current one; the consumers stage each item's output in
-the item's own Q buffer and store it with TMA, without waiting for the store.
+the item's own Q buffer and store it with TMA in the next item's first step,
+right after that step's QK^T issue (under it, and under the wait for the other
+consumer's softmax: item boundaries cost ~12% of a packed item otherwise,
+experiments/perf_notes.md entry 28), without waiting for the store. An item's
+first step runs the masked step's code (one loop body less to carry the
+previous item's output through), with no compare where the plan says the tile
+is full (mosaic_common.NO_COMPARE).
 Same contract, inputs and outputs as the other schedules (mosaic_attention).
 The loops carry named scopes (c_qk, c_softmax, p_load_kv, ...): regions of
 Mosaic GPU's on-device profiler when it is on (experiments/fwd_probe.py
@@ -45,9 +51,10 @@ Synchronisation, per barrier (who arrives, how often):
                 one copy of each per consumer: 3 * num_consumers arrivals per
                 busy item. Every consumer waits it once per busy item.
   q_free[qs]:   every consumer, once per busy item n >= 1, releases item n -
-                1's buffer pair (1 - qs) after its output store has read
-                shared memory (wait_smem_to_gmem read-only), right after item
-                n's first QK^T. num_consumers arrivals per release. The
+                1's buffer pair (1 - qs) after its output store (issued in
+                item n's first step) has read shared memory (wait_smem_to_gmem
+                read-only), right after item n's first softmax. num_consumers
+                arrivals per release. The
                 producer waits it before loading Q of item n >= 2 (the
                 release of item n - 2, made during item n - 1).
   kv_ready[s]:  the producer's 4 copies of step t (K, V, kv ids, kv
@@ -100,10 +107,10 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from pallas_kernels.config import GROUP_SPAN_BITS, SPAN_HALF_BITS, TileConfig
 from pallas_kernels.mosaic_claims import CLAIM_SLOTS, claim, claimed
 from pallas_kernels.mosaic_common import (
-    WG_ROWS, broadcast_rows, consumer_warpgroups, copy_kv_tile, copy_q_tile, empty_row_stats,
-    launch, launch_accumulating, mask_tile, mma_accumulate, mma_transforms, online_softmax,
-    producer_warpgroup, rendezvous, row_vector, store_output, three_runs, wait_for_free_slot,
-    zeros_acc)
+    NO_COMPARE, WG_ROWS, broadcast_rows, consumer_warpgroups, copy_kv_tile, copy_q_tile,
+    empty_row_stats, launch, launch_accumulating, mask_tile, mma_accumulate, mma_transforms,
+    online_softmax, producer_warpgroup, rendezvous, row_vector, store_output, three_runs,
+    tile_compares, wait_for_free_slot, zeros_acc)
 from pallas_kernels.segment_attention import LOG2E
 
 __all__ = ["DEALINGS", "DEFAULT_NUM_SMS", "WorkItems", "cta_items", "item_table", "num_sms",
@@ -509,8 +516,9 @@ def _persistent_forward_kernel(items_ref, q_ref, k_ref, v_ref, q_seg_ref,
   the tensor cores stay busy at item boundaries. This is deadlock-free because
   a consumer's waits outside the rendezvous never need the other consumer to
   be further ahead than one rendezvous: the release that the next Q load
-  needs is made right after an item's first QK^T, and empty items (which
-  have no rendezvous and wait for nothing) come after all busy ones. The
+  needs is made in an item's first step, after its first meeting, and empty
+  items (which have no rendezvous and wait for nothing) come after all busy
+  ones. The
   ring needs 2 stages: with one, consumer 0's QK^T of step t waits for
   consumer 1's PV of step t - 1, which follows the rendezvous that needs
   that QK^T.
@@ -597,13 +605,26 @@ def _persistent_forward_kernel(items_ref, q_ref, k_ref, v_ref, q_seg_ref,
     if sched:
       pl.when(wg == 1)(meet)  # consumer 1 runs one rendezvous behind (docstring)
 
-    def item(n, row, t0):
+    def out_refs(buf, b, qt, h):
+      """This consumer's output destinations of item (b, qt, h), staged in Q buffer buf."""
+      rows = pl.ds(qt * block_q + wg * WG_ROWS, WG_ROWS)
+      return q_bufs.at[buf], lse_smem.at[buf], o_ref.at[b, rows, h], lse_ref.at[b, h, rows]
+
+    def flush(pending):
+      """Store the output of the item that `pending` holds, if any (not awaited)."""
+      acc, m, l, buf, b, qt, h, has = pending
+
+      @pl.when(has == 1)
+      def _store():
+        with jax.named_scope("c_store"):
+          store_output(acc, m, l, *out_refs(buf, b, qt, h))
+
+    def item(n, row, state):
+      t0, pending = state
       b, qt, h, lo, full_lo, full_hi, hi, compares, spans = row
       qs = lax.rem(n, jnp.int32(2))
       buf = q_buffer(n, wg)
       q_smem = q_bufs.at[buf]
-      rows = pl.ds(qt * block_q + wg * WG_ROWS, WG_ROWS)
-      out_refs = (q_smem, lse_smem.at[buf], o_ref.at[b, rows, h], lse_ref.at[b, h, rows])
       # This consumer's kv tiles: [first, last], the first on its second half
       # only (front odd), the last on its first half only (back odd).
       span = lax.shift_right_logical(spans, GROUP_SPAN_BITS * wg) & (2**GROUP_SPAN_BITS - 1)
@@ -612,34 +633,35 @@ def _persistent_forward_kernel(items_ref, q_ref, k_ref, v_ref, q_seg_ref,
       first = lo + lax.shift_right_logical(front, 1)
       last = hi - 1 - lax.shift_right_logical(back, 1)
 
-      def release_previous_item(j):
-        # q_free[1 - qs]: the release of item n - 1, once per item, after the
-        # first QK^T (so the store had time to read its Q buffer).
-        @pl.when((j == lo) & (n >= 1))
+      def release_previous_item():
+        # q_free[1 - qs]: the release of item n - 1, in item n's first step, after
+        # its softmax (so the store of item n - 1 had time to read its Q buffer).
+        @pl.when(n >= 1)
         def _release():
           plgpu.wait_smem_to_gmem(0, wait_read_only=True)
           plgpu.barrier_arrive(q_free.at[1 - qs])
 
-      @pl.when(hi > lo)
-      def _attend():
+      def attend(pending):
         with jax.named_scope("c_wait_q"):
           plgpu.barrier_wait(q_ready.at[qs])  # once per item, every consumer
         q_ids = tuple(row_vector(q_ids_smem.at[buf, i][...]) for i in range(2))
 
-        def visit(j, carry, *, masked):
+        def visit(j, carry, *, masked, first_step=False):
           slot = lax.rem(t0 + (j - lo), stages)
           with jax.named_scope("c_wait_kv"):
             plgpu.barrier_wait(kv_ready.at[slot])  # once per step, every consumer
           if masked is False:  # a full tile: every row attends all of it
-            carry = step(j, carry, slot, masked, keys=(0, block_k))
+            carry = step(j, carry, slot, masked, keys=(0, block_k), first_step=first_step)
           else:  # skipped, on its second half, on its first half, or whole (the span)
             outside = (j < first) | (j > last)
-            whole = functools.partial(step, keys=(0, block_k))
+            kind_step = functools.partial(step, first_step=first_step)
+            whole = functools.partial(kind_step, keys=(0, block_k))
+            skipped = functools.partial(skip, first_step=first_step)
             if half_k is None:
-              kinds, kind = [skip, whole], jnp.where(outside, 0, 1)
+              kinds, kind = [skipped, whole], jnp.where(outside, 0, 1)
             else:
-              kinds = [skip, functools.partial(step, keys=(half_k, half_k)),
-                       functools.partial(step, keys=(0, half_k)), whole]
+              kinds = [skipped, functools.partial(kind_step, keys=(half_k, half_k)),
+                       functools.partial(kind_step, keys=(0, half_k)), whole]
               kind = jnp.where(outside, 0, jnp.where(
                   (j == first) & ((front & 1) == 1), 1,
                   jnp.where((j == last) & ((back & 1) == 1), 2, 3)))
@@ -647,16 +669,25 @@ def _persistent_forward_kernel(items_ref, q_ref, k_ref, v_ref, q_seg_ref,
           plgpu.barrier_arrive(kv_consumed.at[slot])  # once per step, every consumer
           return carry
 
-        def skip(j, carry, slot, masked):
+        def skip(j, carry, slot, masked, *, first_step):
           """A tile none of this consumer's rows attend: the step's meetings only."""
-          del slot, masked
+          del j, slot, masked
+          if first_step:
+            flush(pending)
           meet()
-          release_previous_item(j)
+          if first_step:
+            release_previous_item()
           meet()
           return carry
 
-        def step(j, carry, slot, masked, keys):
-          """One kv tile on keys [start, start + width) (the rest masked for these rows)."""
+        def step(j, carry, slot, masked, keys, *, first_step):
+          """One kv tile on keys [start, start + width) (the rest masked for these rows).
+
+          first_step: the item's first kv tile, which also stores the previous
+          item's output (right after this QK^T's issue: under it, and while the
+          other consumer finishes its softmax) and releases its Q buffer.
+          """
+          del j
           acc, m, l = carry
           start, width = keys
           part = lambda ref: ref if width == block_k else ref.at[pl.ds(start, width)]  # noqa: E731
@@ -664,12 +695,13 @@ def _persistent_forward_kernel(items_ref, q_ref, k_ref, v_ref, q_seg_ref,
           def qk(acc_ref):
             plgpu.wgmma(acc_ref, q_smem,
                         plgpu.transpose_ref(part(k_smem.at[slot]), (1, 0)))
+            if first_step:
+              flush(pending)
             meet()  # QK^T issued: the other consumer may finish its softmax
             return acc_ref[...]
 
           with jax.named_scope("c_qk"):
             s = pl.run_scoped(qk, plgpu.ACC((WG_ROWS, width), jnp.float32))
-          release_previous_item(j)
 
           with jax.named_scope("c_softmax" if masked is False else "c_softmax_masked"):
             if masked is not False:
@@ -677,6 +709,8 @@ def _persistent_forward_kernel(items_ref, q_ref, k_ref, v_ref, q_seg_ref,
                             sliding_window=sliding_window, masked=masked, first_column=start)
             p, m_new, l, alpha = online_softmax(s, m, l, logit_scale=logit_scale)
             acc = acc * broadcast_rows(alpha, acc.shape)
+          if first_step:
+            release_previous_item()
           if sched:
             acc, l, m_new, p = lax.optimization_barrier((acc, l, m_new, p))
             with jax.named_scope("c_meet"):
@@ -686,22 +720,34 @@ def _persistent_forward_kernel(items_ref, q_ref, k_ref, v_ref, q_seg_ref,
             acc = mma_accumulate(acc, p, part(v_smem.at[slot]), dtype)
           return acc, m_new, l
 
-        acc, m, l = three_runs(lo, full_lo, full_hi, hi, visit,
-                               (zeros_acc(o_shape), *empty_row_stats()), compares=compares)
-        with jax.named_scope("c_store"):
-          store_output(acc, m, l, *out_refs)
+        # The first tile runs the masked step's code, its compare chosen at run
+        # time: none if the plan says the tile is full.
+        compare = (jnp.int32(0) if compares is None
+                   else tile_compares(lo, lo, hi, compares))
+        first_masked = jnp.where((lo >= full_lo) & (lo < full_hi), NO_COMPARE, compare)
+        carry = visit(lo, (zeros_acc(o_shape), *empty_row_stats()), masked=first_masked,
+                      first_step=True)
+        acc, m, l = three_runs(lo, full_lo, full_hi, hi, visit, carry, compares=compares,
+                               start=lo + 1)
+        return acc, m, l, buf, b, qt, h, jnp.int32(1)
 
-      @pl.when(hi <= lo)
-      def _write_empty():
+      def write_empty(pending):
         # Empty items come last (reading_positions) and have no Q: the
         # buffer's last reader was this consumer's own store of item n - 2.
+        flush(pending)
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-        store_output(zeros_acc(o_shape), *empty_row_stats(), *out_refs)
+        store_output(zeros_acc(o_shape), *empty_row_stats(), *out_refs(buf, b, qt, h))
+        return (zeros_acc(o_shape), *empty_row_stats(), buf, b, qt, h, jnp.int32(0))
 
-      # Not awaited here: item n + 1 waits for the read, the kernel's end for the write.
-      return t0 + jnp.maximum(hi - lo, 0)
+      # The item's output is stored in the next item's first step (or after the
+      # walk): not awaited there, item n + 1 waits for the read, the kernel's
+      # end for the write.
+      pending = lax.cond(hi > lo, attend, write_empty, pending)
+      return t0 + jnp.maximum(hi - lo, 0), pending
 
-    walk(item, jnp.int32(0), producer=False)
+    nothing = (zeros_acc(o_shape), *empty_row_stats(), *(jnp.int32(0),) * 5)
+    _, pending = walk(item, (jnp.int32(0), nothing), producer=False)
+    flush(pending)
     if sched:
       pl.when(wg == 0)(meet)  # pairs with consumer 1's last one
     plgpu.wait_smem_to_gmem(0)

@@ -40,8 +40,8 @@ from test_gpu import GpuCase
 from jpack import attention, mask_rules, masks
 from jpack.attention import (EMPTY_LSE, KernelConfig, flash_attention, flash_attention_bwd,
                              make_attention_plan, reference_attention)
-from pallas_kernels import mosaic_attention, mosaic_backward, mosaic_persistent
-from pallas_kernels.config import TileConfig
+from pallas_kernels import mosaic_attention, mosaic_backward, mosaic_common, mosaic_persistent
+from pallas_kernels.config import COMPARE_SPLIT_BITS, TileConfig
 
 TOL = 2e-2  # bfloat16 / float16 against the float32 reference
 
@@ -196,6 +196,40 @@ def _work_of_items(ranges, heads, items):
   """Work (hi - lo) of encoded items (b * n_q + qt) * heads + h."""
   r = np.asarray(ranges)
   return (r[..., 3] - r[..., 0]).reshape(-1)[np.asarray(items) // heads]
+
+
+# Plan rows (lo, full_lo, full_hi, hi) and compares (ids_len + positions_len << bits).
+THREE_RUNS_ROWS = [(0, 0, 6, 6, None), (2, 3, 7, 9, None), (1, 1, 1, 5, 0), (0, 2, 5, 8, None),
+                   (3, 5, 8, 11, 2 + (3 << COMPARE_SPLIT_BITS)), (4, 4, 4, 4, None),
+                   (0, 8, 8, 8, 1 + (2 << COMPARE_SPLIT_BITS))]
+
+
+@pytest.mark.parametrize("kv_major", [False, True])
+@pytest.mark.parametrize("row", THREE_RUNS_ROWS)
+def test_three_runs_from_a_later_start_visits_the_rest_as_the_whole_row(row, kv_major):
+  """The persistent forward peels an item's first tile off (three_runs(start=lo + 1)):
+  the tiles after it must be visited once each, in order, each told masked or full
+  (and its compare) as in the whole row."""
+  lo, full_lo, full_hi, hi, compares = row
+  compares = None if compares is None else jnp.int32(compares)
+
+  def kinds(start):
+    def visit(j, carry, *, masked):
+      order, kind = carry
+      code = 5 if masked is False else 4 if masked is True else masked
+      return order.at[j].set(jnp.max(order) + 1), kind.at[j].set(code)
+    empty = jnp.full((16,), -1, jnp.int32)
+    return mosaic_common.three_runs(jnp.int32(lo), jnp.int32(full_lo), jnp.int32(full_hi),
+                                    jnp.int32(hi), visit, (empty, empty), compares,
+                                    kv_major=kv_major, start=start)
+
+  whole_order, whole = (np.asarray(x) for x in kinds(None))
+  np.testing.assert_array_equal(whole_order[lo:hi], np.arange(hi - lo))  # each once, in order
+  for start in range(lo, hi + 1):
+    order, kind = (np.asarray(x) for x in kinds(jnp.int32(start)))
+    np.testing.assert_array_equal(order[start:hi], np.arange(hi - start))
+    np.testing.assert_array_equal(kind[start:hi], whole[start:hi])
+    assert (kind[:start] == -1).all() and (kind[hi:] == -1).all()
 
 
 @pytest.mark.parametrize("num_ctas", [1, 3, 7, 64, 132, 1000])
