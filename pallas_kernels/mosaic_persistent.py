@@ -685,7 +685,8 @@ def _persistent_forward_kernel(items_ref, q_ref, k_ref, v_ref, q_seg_ref,
 
           first_step: the item's first kv tile, which also stores the previous
           item's output (right after this QK^T's issue: under it, and while the
-          other consumer finishes its softmax) and releases its Q buffer.
+          other consumer finishes its softmax) and, after the softmax, releases
+          the previous item's Q buffer.
           """
           del j
           acc, m, l = carry
@@ -733,7 +734,8 @@ def _persistent_forward_kernel(items_ref, q_ref, k_ref, v_ref, q_seg_ref,
 
       def write_empty(pending):
         # Empty items come last (reading_positions) and have no Q: the
-        # buffer's last reader was this consumer's own store of item n - 2.
+        # buffer's last reader was this consumer's own store of item n - 2,
+        # issued during item n - 1.
         flush(pending)
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
         store_output(zeros_acc(o_shape), *empty_row_stats(), *out_refs(buf, b, qt, h))
@@ -745,6 +747,8 @@ def _persistent_forward_kernel(items_ref, q_ref, k_ref, v_ref, q_seg_ref,
       pending = lax.cond(hi > lo, attend, write_empty, pending)
       return t0 + jnp.maximum(hi - lo, 0), pending
 
+    # pending: (acc, m, l, buf, b, qt, h, has) of the item whose output is not
+    # stored yet; has = 0: none.
     nothing = (zeros_acc(o_shape), *empty_row_stats(), *(jnp.int32(0),) * 5)
     _, pending = walk(item, (jnp.int32(0), nothing), producer=False)
     flush(pending)
