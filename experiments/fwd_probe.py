@@ -11,13 +11,14 @@ and half tiles each consumer skips; both persistent schedules only),
 "+lasthalf": q_spans cut to the last tile's first half (session 8's
 halves, for comparison), "+snake", "+load" or "+dynamic": the persistent
 kernel's work items made beforehand, dealt so (mosaic_persistent.DEALINGS;
-without one they are made in the timed call, dealt "snake"), and "+baseline":
-the persistent schedules run the `persistent_forward` of the module file given
-by --baseline instead of this checkout's (another version of
+without one they are made in the timed call, dealt "snake"), and "+baseline"
+(or "+baselineK"): the persistent schedules run the `persistent_forward` of the
+module file given by --baseline (its K-th, from 1; --baseline takes a
+comma-separated list) instead of this checkout's (another version of
 pallas_kernels/mosaic_persistent.py, e.g. `git show
 HEAD:pallas_kernels/mosaic_persistent.py`, against this checkout's
-mosaic_common), so that two versions of the kernel are timed in the same rounds
-and their outputs compared. Layouts, all
+mosaic_common), so that several versions of the kernel are timed in the same
+rounds and their outputs compared. Layouts, all
 B=4 (--batch), T=8192, H=16, D=128 bfloat16 (the main shape of
 bench_attention.py):
   packed  lognormal documents of mean length 1024, causal (the main case);
@@ -90,7 +91,20 @@ LAYOUTS = ("packed", "padded", "dense", "full", "blocks", "blocksc")
 OPTIONS = ("compares", "spans", "lasthalf", *mosaic_persistent.DEALINGS, "baseline")
 """Variant options: pass the plan's q_compares, its q_spans (persistent schedules),
 or its q_spans cut by last_half_only; make the work items beforehand, dealt so;
-run the --baseline module's persistent kernel."""
+run the --baseline module's persistent kernel ("baselineK": the K-th module given)."""
+
+
+def baseline_index(options):
+  """Index into --baseline's modules of a variant's "baseline[K]" option, or None."""
+  found = [o for o in options if re.fullmatch(r"baseline\d*", o)]
+  if len(found) > 1:
+    raise ValueError(f"a variant runs one baseline, got {sorted(found)}")
+  if not found:
+    return None
+  index = int(found[0][len("baseline"):] or 1) - 1
+  if index < 0:
+    raise ValueError(f"baseline options count from 1, got {found[0]!r}")
+  return index
 
 
 def layout(name, seed=0, batch=None):
@@ -114,8 +128,9 @@ def parse_variant(text):
   """(schedule, TileConfig, options: frozenset) of "schedule[@BQxBKsS][+option...]",
   options among OPTIONS."""
   text, *options = text.split("+")
-  if unknown := set(options) - set(OPTIONS):
-    raise ValueError(f"variant options are {OPTIONS}, got {sorted(unknown)}")
+  if unknown := {o for o in options if o not in OPTIONS and not re.fullmatch(r"baseline\d+", o)}:
+    raise ValueError(f"variant options are {OPTIONS} (or baselineK), got {sorted(unknown)}")
+  baseline_index(options)
   if {"spans", "lasthalf"} <= set(options):
     raise ValueError("variant options spans and lasthalf exclude each other")
   if len(set(options) & set(mosaic_persistent.DEALINGS)) > 1:
@@ -229,11 +244,11 @@ def item_boundaries(path, warpgroups=3):
               regions_across={k: med(v) for k, v in sorted(met.items())})
 
 
-def load_baseline(path):
+def load_baseline(path, name="baseline_mosaic_persistent"):
   """The module at `path` (a version of pallas_kernels/mosaic_persistent.py), loaded
-  beside this checkout's. Its work items are this checkout's WorkItems (the probe
-  makes them with mosaic_persistent.work_items; the table layout must match)."""
-  spec = importlib.util.spec_from_file_location("baseline_mosaic_persistent", path)
+  beside this checkout's as `name`. Its work items are this checkout's WorkItems (the
+  probe makes them with mosaic_persistent.work_items; the table layout must match)."""
+  spec = importlib.util.spec_from_file_location(name, path)
   module = importlib.util.module_from_spec(spec)
   sys.modules[spec.name] = module  # dataclasses look their module up there
   spec.loader.exec_module(module)
@@ -313,9 +328,12 @@ def run_variant(name, schedule, tile, options, layout_name, inputs, args, first_
   if trace_dir:
     os.makedirs(trace_dir, exist_ok=True)
     mosaic_common.PROFILE = dict(profile_space=args.profile_space, profile_dir=trace_dir)
-  baseline = args.baseline if "baseline" in options else None
-  if "baseline" in options and baseline is None:
-    raise ValueError("variant option baseline needs --baseline")
+  baseline = None
+  if (index := baseline_index(options)) is not None:
+    if index >= len(args.baseline or ()):
+      raise ValueError(f"variant option baseline{index + 1} needs at least {index + 1} "
+                       f"files in --baseline")
+    baseline = args.baseline[index]
   try:
     with compiler_dump(dump or None), persistent_kernel_of(baseline):
       out = np.asarray(fn(*fn_args).astype(jnp.float32))  # compiles (and profiles) here
@@ -373,9 +391,12 @@ def main():
   p.add_argument("--batch", type=int, default=BATCH)
   p.add_argument("--seed", type=int, default=0, help="the packed layouts' documents")
   p.add_argument("--baseline", default=None,
-                 help="a mosaic_persistent.py for the variants with option +baseline")
+                 help="versions of mosaic_persistent.py, comma-separated, for the variants "
+                      "with option +baseline (the first) or +baselineK (the K-th)")
   args = p.parse_args()
-  args.baseline = args.baseline and load_baseline(args.baseline)
+  args.baseline = args.baseline and [
+      load_baseline(path, f"baseline_mosaic_persistent_{i + 1}")
+      for i, path in enumerate(args.baseline.split(","))]
   variants = [(v, *parse_variant(v)) for v in args.variants.split(",")]
   if len({v[0] for v in variants}) < len(variants):
     p.error(f"--variants names a variant twice: {args.variants} (rounds interleave them anyway)")

@@ -216,7 +216,7 @@ def test_fwd_probe_baseline_runs_the_persistent_kernel_of_another_module(tmp_pat
                   "  raise RuntimeError('the baseline ran')\n")
   baseline = fwd_probe.load_baseline(str(path))
   assert baseline.WorkItems is mosaic_persistent.WorkItems
-  args = type("Args", (), dict(dump=None, profile=None, reps=2, seed=0, baseline=baseline))()
+  args = type("Args", (), dict(dump=None, profile=None, reps=2, seed=0, baseline=[baseline]))()
   shape = (1, 1024, 2, fwd_probe.HEAD_DIM)
   q = k = v = jnp.ones(shape, jnp.bfloat16)
   pos = jnp.arange(1024, dtype=jnp.int32)[None]
@@ -228,10 +228,23 @@ def test_fwd_probe_baseline_runs_the_persistent_kernel_of_another_module(tmp_pat
   assert mosaic_attention.persistent_forward is own  # restored after the variant
   assert fwd_probe.parse_variant("persistent-pingpong+load+baseline")[2] == {"load",
                                                                              "baseline"}
-  args.baseline = None
-  with pytest.raises(ValueError, match="--baseline"):
-    fwd_probe.run_variant("persistent+baseline", "persistent", mosaic_attention.DEFAULT_TILE,
-                          frozenset({"baseline"}), "blocksc", (q, k, v, seg, pos), args, None)
+  # The second of two modules: +baseline2; one module given: baseline2 is refused.
+  path2 = tmp_path / "second.py"
+  path2.write_text(source + "\n\ndef persistent_forward(*args, **kwargs):\n"
+                   "  raise RuntimeError('the second baseline ran')\n")
+  args.baseline = [baseline, fwd_probe.load_baseline(str(path2), "second_baseline")]
+  with pytest.raises(RuntimeError, match="the second baseline ran"):
+    fwd_probe.run_variant("persistent+baseline2", "persistent", mosaic_attention.DEFAULT_TILE,
+                          fwd_probe.parse_variant("persistent+baseline2")[2], "blocksc",
+                          (q, k, v, seg, pos), args, None)
+  with pytest.raises(ValueError, match="one baseline"):
+    fwd_probe.parse_variant("persistent+baseline+baseline2")
+  for missing in ([baseline], None):
+    args.baseline = missing
+    with pytest.raises(ValueError, match="--baseline"):
+      fwd_probe.run_variant("persistent+baseline2", "persistent",
+                            mosaic_attention.DEFAULT_TILE, frozenset({"baseline2"}), "blocksc",
+                            (q, k, v, seg, pos), args, None)
 
 
 def test_bwd_probe_variants_parse_into_schedules_and_cta_counts():

@@ -18,8 +18,9 @@ program order, the signal the sender waits for before signalling again).
 Run from the repository root: writes .whl/v_named_split.py, a copy of
 pallas_kernels/mosaic_persistent.py with that meeting. Measure with
 `fwd_probe.py --baseline .whl/v_named_split.py --variants V,V+baseline --layouts
-packed,full` (V = persistent-pingpong+compares+spans+load), carrying .whl; look
-for C7517 in the --dump ptxas report.
+packed,full` (V = persistent-pingpong+compares+spans+load), carrying .whl, or with
+more versions in the same rounds (`--baseline a.py,b.py`, variants V+baseline and
+V+baseline2); look for C7517 in the --dump ptxas report.
 """
 
 src = open("pallas_kernels/mosaic_persistent.py").read()
