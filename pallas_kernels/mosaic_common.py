@@ -420,8 +420,8 @@ def three_runs(lo, full_lo, full_hi, hi, visit, carry, compares=None, *, kv_majo
   if start is not None:
     full_lo, full_hi = jnp.maximum(full_lo, start), jnp.maximum(full_hi, start)
 
-  def run(first, stop, masked, carry):
-    return lax.fori_loop(first, stop, functools.partial(visit, masked=masked), carry)
+  def run(begin, stop, masked, carry):
+    return lax.fori_loop(begin, stop, functools.partial(visit, masked=masked), carry)
 
   first = lo if start is None else start
   if compares is None:
