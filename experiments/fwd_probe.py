@@ -11,7 +11,9 @@ and half tiles each consumer skips; both persistent schedules only),
 "+lasthalf": q_spans cut to the last tile's first half (session 8's
 halves, for comparison), "+snake", "+load" or "+dynamic": the persistent
 kernel's work items made beforehand, dealt so (mosaic_persistent.DEALINGS;
-without one they are made in the timed call, dealt "snake"), and "+baseline"
+without one they are made in the timed call, dealt "snake"), "+unbalanced":
+with "+load", the deal without its rebalancing swaps
+(mosaic_persistent.REBALANCE_SWEEPS = 0, for comparison), and "+baseline"
 (or "+baselineK"): the persistent schedules run the `persistent_forward` of the
 module file given by --baseline (its K-th, from 1; --baseline takes a
 comma-separated list) instead of this checkout's (another version of
@@ -88,10 +90,12 @@ from pallas_kernels.config import GROUP_SPAN_BITS, SPAN_HALF_BITS, TileConfig  #
 
 BATCH, SEQ_LEN, HEADS, HEAD_DIM = 4, 8192, 16, 128
 LAYOUTS = ("packed", "padded", "dense", "full", "blocks", "blocksc")
-OPTIONS = ("compares", "spans", "lasthalf", *mosaic_persistent.DEALINGS, "baseline")
+OPTIONS = ("compares", "spans", "lasthalf", *mosaic_persistent.DEALINGS, "unbalanced",
+           "baseline")
 """Variant options: pass the plan's q_compares, its q_spans (persistent schedules),
-or its q_spans cut by last_half_only; make the work items beforehand, dealt so;
-run the --baseline module's persistent kernel ("baselineK": the K-th module given)."""
+or its q_spans cut by last_half_only; make the work items beforehand, dealt so
+(dealt by load without rebalancing: "unbalanced"); run the --baseline module's
+persistent kernel ("baselineK": the K-th module given)."""
 
 
 def baseline_index(options):
@@ -133,6 +137,8 @@ def parse_variant(text):
   baseline_index(options)
   if {"spans", "lasthalf"} <= set(options):
     raise ValueError("variant options spans and lasthalf exclude each other")
+  if "unbalanced" in options and "load" not in options:
+    raise ValueError("variant option unbalanced needs load")
   if len(set(options) & set(mosaic_persistent.DEALINGS)) > 1:
     raise ValueError(f"variant options {mosaic_persistent.DEALINGS} exclude each other")
   schedule, _, tiling = text.partition("@")
@@ -269,6 +275,19 @@ def persistent_kernel_of(module):
     mosaic_attention.persistent_forward = saved
 
 
+@contextlib.contextmanager
+def _patched(module, **values):
+  """module's attributes set to `values` inside, restored after."""
+  saved = {name: getattr(module, name) for name in values}
+  for name, value in values.items():
+    setattr(module, name, value)
+  try:
+    yield
+  finally:
+    for name, value in saved.items():
+      setattr(module, name, value)
+
+
 def rel_err(a, b):
   a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
   return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
@@ -314,8 +333,10 @@ def run_variant(name, schedule, tile, options, layout_name, inputs, args, first_
            else last_half_only(plan.q_spans) if "lasthalf" in options else None)
   items = None
   if dealing := next(iter(options & set(mosaic_persistent.DEALINGS)), None):
-    items = mosaic_persistent.work_items(plan.q_ranges, HEADS, compares, spans=spans,
-                                         dealing=dealing)
+    sweeps = 0 if "unbalanced" in options else mosaic_persistent.REBALANCE_SWEEPS
+    with _patched(mosaic_persistent, REBALANCE_SWEEPS=sweeps):
+      items = mosaic_persistent.work_items(plan.q_ranges, HEADS, compares, spans=spans,
+                                           dealing=dealing)
     compares = spans = None  # the items hold them
   fn, fn_args = kernel(tile, schedule, scale, causal), (
       *inputs, plan.q_ranges, compares, spans, items)

@@ -144,7 +144,8 @@ CLAIMED_TAIL = 0.3
 the end that form one window, so the CTAs meet the heavy items of the last 30% of
 the work before its light ones (a CPU model of the claims, perf_notes entry 27: the
 busiest CTA 0.6-1.6% above the mean on the benchmark's layouts, against 9-18% with
-windows alone and 2.5-8% dealt by load; larger windows cost L2 locality, entry 13)."""
+windows alone and 2.5-8% dealt by load before _rebalance; larger windows cost L2
+locality, entry 13)."""
 
 
 RANK_MAX_PAIRS = 2**26
@@ -257,6 +258,55 @@ def _deal_by_load(rank, cost, num_ctas: int):
   return (rank // ctas) * ctas + cta_of.reshape(-1)[rank]
 
 
+REBALANCE_SWEEPS = 6
+"""Sweeps of _rebalance after dealing by load (0: none). On the benchmark's packed
+layouts (seeds 0-2) the busiest CTA's modelled load goes from 3-8% above the mean
+to 0.2-0.5% in 4-5 sweeps (perf_notes entry 30)."""
+
+
+def _rebalance(positions, cost, num_ctas: int, sweeps: int):
+  """int32 [n]: reading positions like `positions`, with items swapped between CTAs
+  inside their rounds until the CTAs' modelled loads are close.
+
+  A sweep pairs the k-th most loaded CTA with the k-th least loaded one (k <
+  num_ctas // 2) and, per pair, swaps the two items of one round whose cost
+  difference d is nearest half the pair's load gap (0 < d < gap, so the pair's
+  larger load shrinks). Only busy items (cost > 0) move, and only within their
+  round, so a round still runs the same items at once (the windows' L2 locality)
+  and every CTA still meets its empty items last.
+  """
+  n, ctas = positions.shape[0], num_ctas
+  rounds, half = -(-n // ctas), ctas // 2
+  # item[r, c]: the item read at position r * ctas + c (-1: none), costs its cost.
+  item = jnp.full((rounds * ctas,), -1, jnp.int32).at[positions].set(
+      jnp.arange(n, dtype=jnp.int32), unique_indices=True).reshape(rounds, ctas)
+  costs = jnp.where(item >= 0, cost[jnp.maximum(item, 0)], 0)
+
+  def sweep(_, state):
+    item, costs = state
+    load = jnp.sum(costs, axis=0)
+    order = jnp.argsort(load, stable=True)
+    heavy, light = order[::-1][:half], order[:half]
+    gap = load[heavy] - load[light]  # [half] >= 0
+    ch, cl = costs[:, heavy], costs[:, light]  # [rounds, half]
+    d = ch - cl
+    ok = (d > 0) & (d < gap) & (ch > 0) & (cl > 0)
+    r = jnp.argmin(jnp.where(ok, jnp.abs(gap - 2 * d), jnp.iinfo(jnp.int32).max), axis=0)
+    swap = jnp.take_along_axis(ok, r[None], axis=0)[0]
+
+    def swapped(x):
+      xh, xl = x[r, heavy], x[r, light]
+      return x.at[r, heavy].set(jnp.where(swap, xl, xh)).at[r, light].set(
+          jnp.where(swap, xh, xl))
+
+    return swapped(item), swapped(costs)
+
+  item, _ = lax.fori_loop(0, sweeps, sweep, (item, costs))
+  flat = item.reshape(-1)
+  return jnp.zeros(n, jnp.int32).at[jnp.where(flat >= 0, flat, n)].set(
+      jnp.arange(rounds * ctas, dtype=jnp.int32), mode="drop")
+
+
 def _deal_snake(rank, num_ctas: int):
   """int32 [n]: reading positions of items ranked `rank`, dealt in rounds of num_ctas
   in rank order, odd rounds reversed (heavy firsts evened out when ranks follow work)."""
@@ -293,10 +343,13 @@ def reading_positions(ranges, heads: int, num_ctas: int,
   (CTA c reads positions c, c + num_ctas, c + 2 * num_ctas, ...). dealing (one
   of DEALINGS): "snake", round r in order if r is even, reversed if odd; or
   "load", each round's items to the CTAs by their modelled load so far
-  (_deal_by_load, _item_costs). On the benchmark's layouts "load" runs the
+  (_deal_by_load, _item_costs), then items swapped between CTAs inside their
+  rounds (_rebalance). On the benchmark's layouts "load" runs the
   persistent forward 7-20% faster, where the snake leaves CTAs 5-20% apart
   in modelled load, but costs ~0.2 ms to make (perf_notes entry 26): worth it
-  where the items are made once and reused (jpack's make_attention_plan).
+  where the items are made once and reused (jpack's make_attention_plan). The
+  swaps take the busiest CTA from 3-8% above the mean to under 0.5% and the
+  forward 1-4% faster (perf_notes entry 30).
   "dynamic": position = rank, the order in which the CTAs claim the items,
   with the last CLAIMED_TAIL of the windows merged into one.
   """
@@ -314,7 +367,8 @@ def reading_positions(ranges, heads: int, num_ctas: int,
   rank = _ranks(work, min(window_items, n_items))
   if dealing == "snake":
     return _deal_snake(rank, num_ctas)
-  return _deal_by_load(rank, _item_costs(ranges, heads), num_ctas)
+  cost = _item_costs(ranges, heads)
+  return _rebalance(_deal_by_load(rank, cost, num_ctas), cost, num_ctas, REBALANCE_SWEEPS)
 
 
 def persistent_schedule(q_ranges, heads: int, num_ctas: int,

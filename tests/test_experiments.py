@@ -110,6 +110,9 @@ def test_fwd_probe_variants_parse_into_schedules_tiles_and_options():
   assert fwd_probe.parse_variant("persistent+spans+dynamic")[2] == {"spans", "dynamic"}
   with pytest.raises(ValueError, match="exclude"):
     fwd_probe.parse_variant("persistent+load+dynamic")
+  assert fwd_probe.parse_variant("persistent+load+unbalanced")[2] == {"load", "unbalanced"}
+  with pytest.raises(ValueError, match="unbalanced needs load"):
+    fwd_probe.parse_variant("persistent+snake+unbalanced")
   with pytest.raises(ValueError, match="schedule"):
     fwd_probe.parse_variant("eager")
   with pytest.raises(ValueError, match="compares"):
@@ -126,6 +129,15 @@ def test_fwd_probe_layouts_are_packed_rows_of_the_main_shape(name):
     assert (seg == 1).all()
   if name in ("blocks", "blocksc"):
     assert len(np.unique(seg[0])) == fwd_probe.SEQ_LEN // 1024
+
+
+def test_fwd_probe_patched_sets_module_attributes_inside_only():
+  before = mosaic_persistent.REBALANCE_SWEEPS
+  with pytest.raises(RuntimeError):
+    with fwd_probe._patched(mosaic_persistent, REBALANCE_SWEEPS=0):
+      assert mosaic_persistent.REBALANCE_SWEEPS == 0
+      raise RuntimeError("left early")
+  assert mosaic_persistent.REBALANCE_SWEEPS == before
 
 
 def test_fwd_probe_last_half_only_keeps_a_groups_back_at_most_one():
