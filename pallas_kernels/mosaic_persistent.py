@@ -301,7 +301,9 @@ def _rebalance(positions, cost, num_ctas: int, sweeps: int):
 
     return swapped(item), swapped(costs)
 
-  item, _ = lax.fori_loop(0, sweeps, sweep, (item, costs))
+  # Unrolled: a few small sweeps, where a device loop would cost a launch each (as
+  # in _deal_by_load's scan).
+  item, _ = lax.fori_loop(0, sweeps, sweep, (item, costs), unroll=True)
   flat = item.reshape(-1)
   return jnp.zeros(n, jnp.int32).at[jnp.where(flat >= 0, flat, n)].set(
       jnp.arange(rounds * ctas, dtype=jnp.int32), mode="drop")
