@@ -36,10 +36,12 @@ Peers (``--peers``, comma list):
   torch_varlen   torch.nn.attention.varlen.varlen_attn (subprocess)
 
 Timing: jitted forward, and jitted jax.grad of sum(out * cotangent) w.r.t. q, k, v;
-``--warmup`` runs each, then ``--reps`` rounds; a round takes one sample of every JAX
-peer's forward and forward+backward, in an order rotated round by round, and a sample
-is the mean of 10 calls dispatched back to back (``experiments/timing.py``), in ms. So
-the GPU's clock drifts fall on all JAX peers alike. Reported: the median and the 10th
+``--warmup`` runs each, then ``--reps`` rounds of the forwards and then ``--reps``
+rounds of the forward+backward calls; a round takes one sample of every JAX peer's
+call, in an order rotated round by round, and a sample is the mean of 10 calls
+dispatched back to back (``experiments/timing.py``), in ms. So the GPU's clock drifts
+fall on all JAX peers alike, and the forwards do not run under the backward passes'
+power draw (time_jax_peers). Reported: the median and the 10th
 and 90th percentiles of the samples; ratios to jpack are the median (and percentiles)
 of the per-round ratios. Torch peers run in their own process, before the JAX peers,
 timed with CUDA events around 10 back-to-back calls (median of ``--reps``); their
@@ -519,12 +521,24 @@ def prepare_jax_peer(name: str, check: Problem, check_inputs: Inputs, oracle: Or
     return result, timed
 
 
+TIMED_PARTS = ("fwd", "fwd_bwd")
+
+
 def time_jax_peers(prepared: dict[str, tuple[PeerResult, dict]], reps: int) -> None:
-    """Times every prepared call in interleaved rounds (timing.interleaved_samples);
-    fills each result's medians, percentiles and samples."""
-    timed = {(name, part): call for name, (_, calls) in prepared.items()
-             for part, call in calls.items()}
-    samples = timing.interleaved_samples(timed, reps)
+    """Times the prepared calls part by part: every peer's forward in interleaved rounds
+    (timing.interleaved_samples), then every peer's forward+backward in rounds of their
+    own; fills each result's medians, percentiles and samples.
+
+    Why not one round of both parts: a forward sampled between backward passes runs
+    under their power draw (the H100 at its ~700 W cap, the SM clock pulled from 1980
+    to as low as 1485 MHz: results/session10/smi_during_bench.csv), so its time would
+    depend on which parts are benchmarked next to it.
+    """
+    samples = {}
+    for part in TIMED_PARTS:
+        timed = {(name, part): calls[part] for name, (_, calls) in prepared.items()
+                 if part in calls}
+        samples.update(timing.interleaved_samples(timed, reps))
     for (name, part), values in samples.items():
         result = prepared[name][0]
         p10, median, p90 = timing.quantiles(values)
@@ -882,7 +896,8 @@ def run_benchmark(args) -> dict:
         prepared[name] = prepare_jax_peer(name, check, check_inputs, oracle, main, main_inputs,
                                           args)
         results[name] = prepared[name][0]
-    print(f"[jax] timing {len(prepared)} peers in {args.reps} interleaved rounds ...", flush=True)
+    print(f"[jax] timing {len(prepared)} peers in {args.reps} interleaved rounds per part ...",
+          flush=True)
     time_jax_peers(prepared, args.reps)
     for name in prepared:
         r = results[name]
@@ -904,7 +919,8 @@ def run_benchmark(args) -> dict:
                    "mean_doc_len": args.mean_doc_len, "sigma": 1.0, "min_len": 16},
         "timing": {"warmup": args.warmup, "reps": args.reps, "statistic": "median",
                    "calls_per_sample": timing.CALLS_PER_SAMPLE,
-                   "jax_peers": "interleaved rounds (timing.interleaved_samples)"},
+                   "jax_peers": "interleaved rounds (timing.interleaved_samples), "
+                                "the forwards' rounds, then the forward+backward ones"},
         "tolerance": args.tol,
         "useful_fwd_flops": fwd_flops, "useful_fwd_bwd_flops": FWD_BWD_FLOPS_FACTOR * fwd_flops,
         "peers": [dataclasses.asdict(r) for r in ordered],

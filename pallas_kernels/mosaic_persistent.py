@@ -202,19 +202,37 @@ def _window_ranks(work, busy, window_items: int):
   return in_window, jnp.sum(b, axis=(1, 2), dtype=jnp.int32)
 
 
-ITEM_COST, FULL_TILE_COST, MASKED_TILE_COST = 6, 20, 23
-"""The load model of _deal_by_load, in twentieths of a full kv tile: an item's own
-cost (its Q load and output store, about a third of a tile) plus its tiles, a masked
-one 15% dearer than a full one (the mask's compares and selects; perf_notes entry 24)."""
+ITEM_COST, FULL_TILE_COST, MASKED_TILE_COST, SKIPPED_HALF_COST = 69, 100, 126, 12
+"""The load model of _deal_by_load, in hundredths of a full kv tile, fitted to the
+persistent forward's per-item times in a profile on the benchmark's packed layout
+(perf_notes entry 31): an item's own cost (its Q load, its output store, the step
+across the item boundary: about two thirds of a tile), its full tiles, its masked
+ones (their compares and selects: 26% dearer), less SKIPPED_HALF_COST for each half
+kv tile that one of its consumers skips (the plan's q_spans)."""
 
 
-def _item_costs(ranges, heads: int):
-  """int32 [B * n * heads]: the modelled cost of each item (b, h, row), 0 if empty."""
+def _skipped_halves(spans):
+  """int32, like spans: the half kv tiles that the consumers skip, summed over groups
+  (q_spans' fronts and backs, jpack.masks.group_spans)."""
+  field = (1 << SPAN_HALF_BITS) - 1
+  total = jnp.zeros_like(spans)
+  for group in range(32 // GROUP_SPAN_BITS):
+    bits = lax.shift_right_logical(spans, GROUP_SPAN_BITS * group)
+    total += (bits & field) + (lax.shift_right_logical(bits, SPAN_HALF_BITS) & field)
+  return total
+
+
+def _item_costs(ranges, heads: int, spans=None):
+  """int32 [B * n * heads]: the modelled cost of each item (b, h, row), 0 if empty;
+  spans: the rows' q_spans (the forward's) or None."""
   batch, n_rows, _ = ranges.shape
   lo, full_lo, full_hi, hi = (ranges[..., i] for i in range(4))
   full = jnp.maximum(full_hi - full_lo, 0)
   masked = jnp.maximum(hi - lo, 0) - full
-  cost = jnp.where(hi > lo, ITEM_COST + FULL_TILE_COST * full + MASKED_TILE_COST * masked, 0)
+  skipped = 0 if spans is None else _skipped_halves(spans.astype(jnp.int32))
+  # > 0 for a busy item: a consumer skips at most the 4 halves of a masked tile.
+  cost = jnp.where(hi > lo, ITEM_COST + FULL_TILE_COST * full + MASKED_TILE_COST * masked
+                   - SKIPPED_HALF_COST * skipped, 0)
   return jnp.broadcast_to(cost[:, None, :], (batch, heads, n_rows)).reshape(-1).astype(jnp.int32)
 
 
@@ -326,12 +344,14 @@ them one by one while they run (mosaic_claims; the forward kernel only)."""
 
 
 def reading_positions(ranges, heads: int, num_ctas: int,
-                      window_rounds: int | None = WINDOW_ROUNDS, dealing: str = "snake"):
+                      window_rounds: int | None = WINDOW_ROUNDS, dealing: str = "snake",
+                      spans=None):
   """int32 [B * n * heads]: where item (b, h, row) sits in a persistent kernel's reading
   order, items enumerated (batch, head)-major, rows fastest.
 
   ranges: int32 [B, n, 4], the plan rows (q tiles, or kv tiles for dK/dV); an
-  item's work is hi - lo of its row.
+  item's work is hi - lo of its row. spans: the rows' q_spans (the forward's)
+  or None, for the load model of dealing "load" (_item_costs).
 
   Locality first: items are taken (batch, head)-major, rows fastest, so the
   CTAs running at one time share the K/V of a few heads in L2 (sorting all
@@ -351,7 +371,8 @@ def reading_positions(ranges, heads: int, num_ctas: int,
   in modelled load, but costs ~0.2 ms to make (perf_notes entry 26): worth it
   where the items are made once and reused (jpack's make_attention_plan). The
   swaps take the busiest CTA from 3-8% above the mean to under 0.5% and the
-  forward 1-4% faster (perf_notes entry 30).
+  forward 1-4% faster (perf_notes entry 30); the model counts the consumers'
+  skipped half tiles since entry 31.
   "dynamic": position = rank, the order in which the CTAs claim the items,
   with the last CLAIMED_TAIL of the windows merged into one.
   """
@@ -369,7 +390,7 @@ def reading_positions(ranges, heads: int, num_ctas: int,
   rank = _ranks(work, min(window_items, n_items))
   if dealing == "snake":
     return _deal_snake(rank, num_ctas)
-  cost = _item_costs(ranges, heads)
+  cost = _item_costs(ranges, heads, spans)
   return _rebalance(_deal_by_load(rank, cost, num_ctas), cost, num_ctas, REBALANCE_SWEEPS)
 
 
@@ -445,7 +466,7 @@ def work_items(ranges, heads: int, compares=None, num_ctas: int | None = None,
   num_items = ranges.shape[0] * ranges.shape[1] * heads
   if num_ctas is None:
     num_ctas = min(num_sms(), num_items)
-  positions = reading_positions(ranges, heads, num_ctas, dealing=dealing)
+  positions = reading_positions(ranges, heads, num_ctas, dealing=dealing, spans=spans)
   table = item_table(ranges, positions, heads, compares, spans)
   if dealing != "dynamic":
     return WorkItems(table, num_ctas)

@@ -370,3 +370,25 @@ def test_bench_times_peers_in_rounds_and_takes_ratios_per_round():
   assert torch_peer.fwd_vs_jpack == 1.5 and torch_peer.fwd_vs_jpack_p10_p90 is None
   assert jpack.fwd_tflops == pytest.approx(1e9 / 2e-3 / 1e12)
   assert "1.200 (1.120-1.440)" in bench.markdown_table([jpack, peer, torch_peer])
+
+
+def test_bench_times_every_forward_before_any_forward_backward(monkeypatch):
+  """The forwards' rounds run first, then the forward+backward rounds (a forward
+  sampled between backward passes would run under their power draw)."""
+  from experiments import bench_attention as bench
+  from experiments import timing
+
+  order = []
+  monkeypatch.setattr(timing, "sample_ms", lambda fn, args, calls: fn(*args))
+  record = lambda name, part: (lambda: order.append((name, part)) or 1.0)  # noqa: E731
+  prepared = {name: (bench.PeerResult(name), {part: (record(name, part), ())
+                                              for part in ("fwd", "fwd_bwd")})
+              for name in ("jpack", "jpack_planned", "cudnn_packed")}
+  del prepared["cudnn_packed"][1]["fwd_bwd"]  # a part that failed to compile is left out
+  bench.time_jax_peers(prepared, reps=3)
+  parts = [part for _, part in order]
+  assert parts == ["fwd"] * 9 + ["fwd_bwd"] * 6
+  assert order[:3] == [("jpack", "fwd"), ("jpack_planned", "fwd"), ("cudnn_packed", "fwd")]
+  assert order[3] == ("jpack_planned", "fwd")  # the next round starts one peer later
+  assert prepared["cudnn_packed"][0].fwd_bwd_samples is None
+  assert len(prepared["jpack"][0].fwd_bwd_samples) == 3

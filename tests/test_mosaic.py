@@ -41,7 +41,7 @@ from jpack import attention, mask_rules, masks
 from jpack.attention import (EMPTY_LSE, KernelConfig, flash_attention, flash_attention_bwd,
                              make_attention_plan, reference_attention)
 from pallas_kernels import mosaic_attention, mosaic_backward, mosaic_common, mosaic_persistent
-from pallas_kernels.config import COMPARE_SPLIT_BITS, TileConfig
+from pallas_kernels.config import COMPARE_SPLIT_BITS, GROUP_SPAN_BITS, SPAN_HALF_BITS, TileConfig
 
 TOL = 2e-2  # bfloat16 / float16 against the float32 reference
 
@@ -349,6 +349,24 @@ def test_rebalance_swaps_busy_items_within_their_rounds_and_evens_the_loads(
     assert load.max() / load.mean() < 1.02 < max_load(dealt) / load.mean()
 
 
+def test_item_costs_count_the_tiles_and_the_half_tiles_the_consumers_skip():
+  """Model: ITEM_COST + FULL_TILE_COST per full tile + MASKED_TILE_COST per masked one
+  - SKIPPED_HALF_COST per half tile a consumer skips (both groups of q_spans); an
+  empty row costs nothing, and no spans means no skips."""
+  mp = mosaic_persistent
+  # Row 0: tiles [0, 4), full [1, 3): 2 full, 2 masked. Row 1: empty.
+  ranges = jnp.asarray([[[0, 1, 3, 4], [2, 2, 2, 2]]], jnp.int32)  # [B=1, n=2, 4]
+  field = lambda front, back: front + (back << SPAN_HALF_BITS)  # noqa: E731
+  spans = jnp.asarray([[field(1, 2) + (field(0, 1) << GROUP_SPAN_BITS), 0]], jnp.int32)
+  busy = mp.ITEM_COST + 2 * mp.FULL_TILE_COST + 2 * mp.MASKED_TILE_COST
+  np.testing.assert_array_equal(mp._item_costs(ranges, 3, spans),
+                                [busy - 4 * mp.SKIPPED_HALF_COST, 0] * 3)
+  np.testing.assert_array_equal(mp._item_costs(ranges, 1), [busy, 0])
+  # A group's fields of 255 (q_spans' cap) in both groups, the top bit set.
+  full_fields = jnp.asarray([[-1, 0]], jnp.int32)
+  np.testing.assert_array_equal(mp._skipped_halves(full_fields), [[4 * 255, 0]])
+
+
 def test_deal_by_load_balances_the_main_layout_better_than_snake_dealing(monkeypatch):
   """A layout of the benchmark's kind (B=4, T=8192, 16 heads, 132 CTAs, seed 1): dealt by
   load, the modelled CTA loads are within 1% of their mean (8% without the rebalancing
@@ -361,17 +379,16 @@ def test_deal_by_load_balances_the_main_layout_better_than_snake_dealing(monkeyp
   plan = masks.make_tile_plan(seg, seg, pos, pos, block_q=128, block_k=128, causal=True,
                               sliding_window=None)
   heads, ctas = 16, 132
-  cost = np.asarray(mosaic_persistent._item_costs(plan.q_ranges, heads))
+  cost = np.asarray(mosaic_persistent._item_costs(plan.q_ranges, heads, plan.q_spans))
   def spread(positions):
     load = np.bincount(np.asarray(positions) % ctas, weights=cost, minlength=ctas)
     return load.max() / load.mean()
-  dealt, snake = (spread(mosaic_persistent.reading_positions(plan.q_ranges, heads, ctas,
-                                                             dealing=d))
-                  for d in ("load", "snake"))
+  deal = functools.partial(mosaic_persistent.reading_positions, plan.q_ranges, heads, ctas,
+                           spans=plan.q_spans)
+  dealt, snake = spread(deal(dealing="load")), spread(deal(dealing="snake"))
   assert dealt < 1.01 and dealt < snake - 0.02
   monkeypatch.setattr(mosaic_persistent, "REBALANCE_SWEEPS", 0)
-  assert spread(mosaic_persistent.reading_positions(plan.q_ranges, heads, ctas,
-                                                    dealing="load")) > 1.05
+  assert spread(deal(dealing="load")) > 1.05
   with pytest.raises(ValueError, match="dealing must be one of"):
     mosaic_persistent.reading_positions(plan.q_ranges, heads, ctas, dealing="lpt")
 
