@@ -2,7 +2,9 @@
 --profile with session14/tail_variant.py as --baseline): per CTA, when its consumers
 reach c_done; idle = mean over CTAs of (last end - CTA end) / last end. Also the
 per-item costs fitted on the trace and the model's spread, for the items dealt with
-and without the rebalancing swaps. Usage: tail_end_idle.py PROFILE_DIR."""
+and without the rebalancing swaps. The item tables are made again with this checkout's
+mosaic_persistent: run it with the code that the profile ran. Usage:
+tail_end_idle.py PROFILE_DIR."""
 import collections
 import glob
 import json
