@@ -230,7 +230,8 @@ def _item_costs(ranges, heads: int, spans=None):
   full = jnp.maximum(full_hi - full_lo, 0)
   masked = jnp.maximum(hi - lo, 0) - full
   skipped = 0 if spans is None else _skipped_halves(spans.astype(jnp.int32))
-  # > 0 for a busy item: a consumer skips at most the 4 halves of a masked tile.
+  # > 0 for a busy item: its two consumers skip at most 4 halves of a masked tile, none
+  # of a full one.
   cost = jnp.where(hi > lo, ITEM_COST + FULL_TILE_COST * full + MASKED_TILE_COST * masked
                    - SKIPPED_HALF_COST * skipped, 0)
   return jnp.broadcast_to(cost[:, None, :], (batch, heads, n_rows)).reshape(-1).astype(jnp.int32)

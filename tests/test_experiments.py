@@ -392,3 +392,51 @@ def test_bench_times_every_forward_before_any_forward_backward(monkeypatch):
   assert order[3] == ("jpack_planned", "fwd")  # the next round starts one peer later
   assert prepared["cudnn_packed"][0].fwd_bwd_samples is None
   assert len(prepared["jpack"][0].fwd_bwd_samples) == 3
+
+
+def test_gpu_shards_group_a_cases_tests_and_deal_the_heaviest_groups_first():
+  from experiments import gpu_shards
+
+  ids = ["t/a.py::test_out[c1-s]", "t/a.py::test_lse[c1-s]", "t/a.py::test_out[c2-s]",
+         "t/a.py::test_plain", "t/b.py::test_out[c1-s]", "t/a.py::test_nan[c1-s]"]
+  groups = gpu_shards.group_node_ids(ids)
+  assert groups == [["t/a.py::test_out[c1-s]", "t/a.py::test_lse[c1-s]",
+                     "t/a.py::test_nan[c1-s]"],
+                    ["t/a.py::test_out[c2-s]"], ["t/a.py::test_plain"],
+                    ["t/b.py::test_out[c1-s]"]]
+  shards = gpu_shards.deal(groups, 2)
+  # The 3-test group (weight 1.3) first to shard 0, then the singles (1.1) to the
+  # least loaded: shard 1, shard 1, then shard 0 (1.3 < 2.2).
+  assert shards == [groups[0] + groups[3], groups[1] + groups[2]]
+  assert gpu_shards.deal(groups, 9) == [groups[0], groups[1], groups[2], groups[3]]
+  log = ("t/a.py::test_out[c1-s] PASSED                    [ 50%]\n"
+         "t/a.py::test_plain FAILED [100%]\nFAILED t/a.py::test_plain - assert 0\n"
+         "t/b.py::test_x SKIPPED (needs a CUDA GPU)        [100%]\n")
+  assert gpu_shards.outcomes(log) == {"t/a.py::test_out[c1-s]": "PASSED",
+                                      "t/a.py::test_plain": "FAILED",
+                                      "t/b.py::test_x": "SKIPPED"}
+
+
+def test_gpu_shards_runs_a_selection_in_processes_and_resumes_what_passed(tmp_path,
+                                                                           monkeypatch):
+  from experiments import gpu_shards
+
+  (tmp_path / "test_demo.py").write_text(
+      "import pytest\n"
+      "@pytest.mark.parametrize('case', ['a', 'b', 'c'])\n"
+      "def test_one(case):\n  assert case in 'abc'\n"
+      "@pytest.mark.parametrize('case', ['a', 'b', 'c'])\n"
+      "def test_two(case):\n  assert case != 'c'\n")
+  monkeypatch.chdir(tmp_path)
+  logs = tmp_path / "logs"
+  assert gpu_shards.main(["--processes", "2", "--logs", str(logs), "--", "test_demo.py"]) == 1
+  results = dict(line.split() for line in (logs / "results.txt").read_text().splitlines())
+  assert len(results) == 6 and results.pop("test_demo.py::test_two[c]") == "FAILED"
+  assert set(results.values()) == {"PASSED"}
+  assert sorted(p.name for p in logs.iterdir()) == ["results.txt", "shard_0.log",
+                                                    "shard_1.log"]
+  # Resuming: only the failed test runs again.
+  (tmp_path / "done.txt").write_text((logs / "results.txt").read_text())
+  assert gpu_shards.main(["--processes", "2", "--logs", str(tmp_path / "again"), "--done",
+                          str(tmp_path / "done.txt"), "--", "test_demo.py"]) == 1
+  assert (tmp_path / "again" / "results.txt").read_text() == "test_demo.py::test_two[c] FAILED\n"
