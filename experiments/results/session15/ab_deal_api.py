@@ -17,6 +17,7 @@ import numpy as np
 
 sys.path.insert(0, ".")
 from experiments import timing  # noqa: E402
+from experiments.fwd_probe import _patched  # noqa: E402
 from experiments.layouts import packed_segment_ids  # noqa: E402
 from jpack import attention  # noqa: E402
 from pallas_kernels import mosaic_persistent  # noqa: E402
@@ -40,14 +41,8 @@ cot = jax.random.normal(keys[3], (B, T, H, D), jnp.bfloat16)
 
 
 def plan_with(seg, settings):
-  saved = {name: getattr(mosaic_persistent, name) for name in settings}
-  for name, value in settings.items():
-    setattr(mosaic_persistent, name, value)
-  try:
+  with _patched(mosaic_persistent, **settings):
     return jax.jit(lambda seg: attention.make_attention_plan(q, k, segment_ids=seg))(seg)
-  finally:
-    for name, value in saved.items():
-      setattr(mosaic_persistent, name, value)
 
 
 attend = lambda q, k, v, plan: attention.flash_attention(q, k, v, plan=plan)  # noqa: E731

@@ -25,10 +25,9 @@ plan = masks.make_tile_plan(seg, seg, pos, pos, block_q=128, block_k=128, causal
                             sliding_window=None)
 for path in sorted(glob.glob(f"{sys.argv[1]}/packed-*load*/*.json")):
   sweeps = 0 if "unbalanced" in path else mp.REBALANCE_SWEEPS
-  mp.REBALANCE_SWEEPS, saved = sweeps, mp.REBALANCE_SWEEPS
-  table = np.asarray(mp.work_items(plan.q_ranges, 16, plan.q_compares, spans=plan.q_spans,
-                                   dealing="load", num_ctas=132).table)
-  mp.REBALANCE_SWEEPS = saved
+  with fp._patched(mp, REBALANCE_SWEEPS=sweeps):
+    table = np.asarray(mp.work_items(plan.q_ranges, 16, plan.q_compares, spans=plan.q_spans,
+                                     dealing="load", num_ctas=132).table)
   events = json.load(open(path))["traceEvents"]
   t0 = min(e["ts"] for e in events if "ts" in e)
   by = collections.defaultdict(list)
