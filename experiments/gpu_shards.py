@@ -7,7 +7,9 @@ Compiling dominates the Mosaic GPU tests (25-80 s per kernel, on the CPU), and
 the GPU test modules cache each case's results for the several tests that check
 them (run_case, case_results). So the selected node ids (`pytest --collect-only`
 of the arguments after --) are grouped by their parameter id, the bracketed part
-("packed-d128-persistent"), per file; the groups are dealt to the processes
+("packed-d128-persistent"), per file, less what --drop matches (the backward
+modules' gradient parameter: --drop '(?<=\\[)d[qkv]-' keeps a case's dq, dk and dv
+tests together); the groups are dealt to the processes
 largest first, each to the least loaded (a group weighs one compile plus a tenth
 per test); every process runs its node ids in order, with
 XLA_PYTHON_CLIENT_PREALLOCATE=false so that they share the GPU's memory, and is
@@ -32,13 +34,17 @@ import time
 OUTCOME = re.compile(r"^(\S+::\S+) (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\b")
 
 
-def group_node_ids(node_ids: list[str]) -> list[list[str]]:
+def group_node_ids(node_ids: list[str], drop: str | None = None) -> list[list[str]]:
   """Node ids grouped by (file, parameter id), groups and members in first-seen order;
-  a test without parameters is a group of its own."""
+  a test without parameters is a group of its own. drop: a regex whose matches are
+  removed from the parameter ids first, for parameters that do not change what a
+  test compiles (e.g. `d[qkv]-`: which gradient of a cached case a test checks)."""
   groups = collections.OrderedDict()
   for node_id in node_ids:
     path, _, name = node_id.partition("::")
     params = name[name.index("["):] if "[" in name else name
+    if drop and "[" in name:
+      params = re.sub(drop, "", params)
     groups.setdefault((path, params), []).append(node_id)
   return list(groups.values())
 
@@ -109,6 +115,9 @@ def main(argv=None) -> int:
   parser.add_argument("--logs", default="gpu_shard_logs", help="directory for the logs")
   parser.add_argument("--done", default=None,
                       help="an earlier results.txt: its PASSED node ids are not run again")
+  parser.add_argument("--drop", default=None,
+                      help="a regex removed from parameter ids before grouping "
+                           "(group_node_ids)")
   parser.add_argument("pytest_args", nargs="+", help="after --: what pytest selects")
   args = parser.parse_args(argv)
   node_ids = collect(args.pytest_args)
@@ -117,7 +126,7 @@ def main(argv=None) -> int:
       passed = {line.split()[0] for line in f if line.rstrip().endswith(" PASSED")}
     node_ids = [i for i in node_ids if i not in passed]
   os.makedirs(args.logs, exist_ok=True)
-  shards = deal(group_node_ids(node_ids), args.processes)
+  shards = deal(group_node_ids(node_ids, args.drop), args.processes)
   print(f"{len(node_ids)} tests in {len(shards)} processes", flush=True)
   found = run_shards(shards, args.logs, args.timeout) if node_ids else {}
   with open(os.path.join(args.logs, "results.txt"), "w") as f:

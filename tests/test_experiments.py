@@ -404,6 +404,11 @@ def test_gpu_shards_group_a_cases_tests_and_deal_the_heaviest_groups_first():
                      "t/a.py::test_nan[c1-s]"],
                     ["t/a.py::test_out[c2-s]"], ["t/a.py::test_plain"],
                     ["t/b.py::test_out[c1-s]"]]
+  # --drop: a parameter that does not change what compiles (the gradient checked).
+  grads = ["t/a.py::test_grad[dq-c1-s]", "t/a.py::test_grad[dk-c1-s]",
+           "t/a.py::test_nan[c1-s]", "t/a.py::test_grad[dq-c2-s]"]
+  assert gpu_shards.group_node_ids(grads, drop=r"(?<=\[)d[qkv]-") == [grads[:3], grads[3:]]
+  assert len(gpu_shards.group_node_ids(grads)) == 4
   shards = gpu_shards.deal(groups, 2)
   # The 3-test group (weight 1.3) first to shard 0, then the singles (1.1) to the
   # least loaded: shard 1, shard 1, then shard 0 (1.3 < 2.2).
