@@ -92,25 +92,17 @@ assert src.count(old) == 1
 src = src.replace(old, new)
 # Variant 2 (.whl/d_pipe2.py): both accumulators as run_scoped refs, the O accumulator
 # written from registers first (no run_state over two ACC.init values).
-src2 = src.replace("""            def pv_qk(refs):
-              acc_ref, s_ref = refs
-              plgpu.wgmma(acc_ref, p.astype(dtype), v_smem.at[slot])
-              issue_qk(j + 1, s_ref)
-              meet()  # matmuls issued
-
-            with jax.named_scope("c_pv_qk"):
-              acc, s = pl.run_state(pv_qk)((plgpu.ACC.init(acc), plgpu.ACC.init(zeros_s)))
-""", """            def pv_qk(acc_ref, s_ref):
-              acc_ref[...] = acc
-              plgpu.wgmma(acc_ref, p.astype(dtype), v_smem.at[slot])
-              issue_qk(j + 1, s_ref)
-              meet()  # matmuls issued
-              return acc_ref[...], s_ref[...]
-
-            with jax.named_scope("c_pv_qk"):
-              acc, s = pl.run_scoped(pv_qk, plgpu.ACC(acc.shape, jnp.float32),
-                                     plgpu.ACC(s_shape, jnp.float32))
-""")
+src2 = src
+for old2, new2 in (
+    ("def pv_qk(refs):\n              acc_ref, s_ref = refs\n",
+     "def pv_qk(acc_ref, s_ref):\n              acc_ref[...] = acc\n"),
+    ("meet()  # matmuls issued\n\n",
+     "meet()  # matmuls issued\n              return acc_ref[...], s_ref[...]\n\n"),
+    ("acc, s = pl.run_state(pv_qk)((plgpu.ACC.init(acc), plgpu.ACC.init(zeros_s)))\n",
+     "acc, s = pl.run_scoped(pv_qk, plgpu.ACC(acc.shape, jnp.float32),\n"
+     "                                     plgpu.ACC(s_shape, jnp.float32))\n")):
+  assert src2.count(old2) == 1, old2
+  src2 = src2.replace(old2, new2)
 assert src2 != src
 src2 = src2.replace("            zeros_s = zeros_acc(s_shape)\n", "")
 # slot_of helper added above is unused; drop it.
