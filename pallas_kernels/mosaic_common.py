@@ -331,7 +331,7 @@ def rendezvous(barrier):
 
 
 def doc_mask(q_seg, q_pos, kv_seg, kv_pos, shape, *, kv_major, causal, sliding_window,
-             compare="both"):
+             compare="both", padding_rows=True):
   """bool `shape` of allowed pairs of one tile ([64, n] accumulator rows x columns), or None.
 
   q_seg, q_pos: [64] row vectors and kv_seg, kv_pos: [n] column vectors (or,
@@ -340,14 +340,19 @@ def doc_mask(q_seg, q_pos, kv_seg, kv_pos, shape, *, kv_major, causal, sliding_w
   1] array (expand_dims) has no wgmma layout. compare: "both", or "ids" (only
   the segment ids) or "positions" (only causal and the window) for tiles
   where the plan says the other compare always passes (its q_compares,
-  three_runs); None when nothing is compared.
+  three_runs); None when nothing is compared. padding_rows=False leaves
+  queries of segment id 0 unmasked against keys of id 0 (a compare per pair
+  less), for a caller that writes those rows as empty at its store (the
+  persistent forward: their l set to 0 for store_output).
   """
   q_side, kv_side = ((broadcast_cols, broadcast_rows) if kv_major
                      else (broadcast_rows, broadcast_cols))
   mask = None
   if compare != "positions":
     qs, ks = q_side(q_seg, shape), kv_side(kv_seg, shape)
-    mask = (qs == ks) & (qs != 0)
+    mask = qs == ks
+    if padding_rows:
+      mask &= qs != 0
   if compare != "ids":
     qp, kp = q_side(q_pos, shape), kv_side(kv_pos, shape)
     for allowed in ((kp <= qp) if causal else None,
@@ -366,7 +371,7 @@ def check_row_words(name, x, ranges):
 
 
 def tile_doc_mask(major_ids, ids_smem, slot, shape, *, kv_major, causal, sliding_window,
-                  compare="both", first_column=0):
+                  compare="both", first_column=0, padding_rows=True):
   """doc_mask of one [64, n] tile: the consumer's rows against the slot's columns
   [first_column, first_column + n).
 
@@ -374,6 +379,7 @@ def tile_doc_mask(major_ids, ids_smem, slot, shape, *, kv_major, causal, sliding
   ids_smem: int32 [stages, 2, N >= n], the ring's minor ids, read at `slot`
   (only those `compare` needs). kv_major: the rows are keys (the minor ids are
   q ids). A tile may run on part of its columns (mosaic_persistent: spans).
+  padding_rows: as doc_mask's.
   """
   needed = (compare != "positions", compare != "ids")
   def ids(n):
@@ -384,7 +390,7 @@ def tile_doc_mask(major_ids, ids_smem, slot, shape, *, kv_major, causal, sliding
   minor_ids = tuple(ids(n) if needed[n] else None for n in range(2))
   q_ids, kv_ids = (minor_ids, major_ids) if kv_major else (major_ids, minor_ids)
   return doc_mask(*q_ids, *kv_ids, shape, kv_major=kv_major, causal=causal,
-                  sliding_window=sliding_window, compare=compare)
+                  sliding_window=sliding_window, compare=compare, padding_rows=padding_rows)
 
 
 def zeros_acc(shape):
@@ -453,7 +459,7 @@ NO_COMPARE = len(COMPARES)
 
 
 def mask_tile(s, major_ids, ids_smem, slot, *, kv_major, causal, sliding_window, masked,
-              first_column=0):
+              first_column=0, padding_rows=True):
   """s [64, n] with the pairs the document mask disallows set to MASKED_LOGIT.
 
   masked: True (both compares), or an int32 index into COMPARES chosen per
@@ -465,7 +471,7 @@ def mask_tile(s, major_ids, ids_smem, slot, *, kv_major, causal, sliding_window,
     def apply(s):
       mask = tile_doc_mask(major_ids, ids_smem, slot, s.shape, kv_major=kv_major,
                            causal=causal, sliding_window=sliding_window, compare=compare,
-                           first_column=first_column)
+                           first_column=first_column, padding_rows=padding_rows)
       return s if mask is None else jnp.where(mask, s, MASKED_LOGIT)
     return apply
 
@@ -544,14 +550,20 @@ def store_output(acc, m, l, o_smem, lse_smem, o_gmem, lse_gmem):
   """Forward epilogue: out = acc / l and lse (natural log) of 64 rows, TMA-stored.
 
   acc: float32 [64, D]; m, l: [64] (base 2). Rows with l == 0 saw nothing:
-  out 0 and EMPTY_LSE. o_smem: [64, D] (the out dtype), lse_smem: float32
+  out 0 (acc times 0: such a row's acc may hold any finite values) and
+  EMPTY_LSE. o_smem: [64, D] (the out dtype), lse_smem: float32
   [64]; o_gmem, lse_gmem: their global destinations. Issues the stores
   without waiting for them.
   """
   seen = l > 0.0
   l = jnp.where(seen, l, 1.0)
-  o_smem[...] = (acc * broadcast_rows(1.0 / l, acc.shape)).astype(o_smem.dtype)
-  lse_smem[...] = jnp.where(seen, m * LN2 + jnp.log(l), EMPTY_LSE)
+  inverse = jnp.where(seen, 1.0 / l, 0.0)
+  # + 0.0: a row of padding (finite acc times 0) comes out +0, not -0.
+  o_smem[...] = (acc * broadcast_rows(inverse, acc.shape) + 0.0).astype(o_smem.dtype)
+  # Base 2, then one product: m * LN2 + log(l), with log(l) = lg2(l) * LN2 under
+  # approx_math, may be fused into an FMA either way, and kernels that inline this
+  # store in several places then differ in the last bit of lse.
+  lse_smem[...] = jnp.where(seen, (m + jnp.log2(l)) * LN2, EMPTY_LSE)
   plgpu.commit_smem()
   plgpu.copy_smem_to_gmem(o_smem, o_gmem)
   plgpu.copy_smem_to_gmem(lse_smem, lse_gmem)

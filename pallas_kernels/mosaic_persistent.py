@@ -18,7 +18,11 @@ consumer's softmax: item boundaries cost ~12% of a packed item otherwise,
 experiments/perf_notes.md entry 28), without waiting for the store. An item's
 first step runs the masked step's code (one loop body less to carry the
 previous item's output through), with no compare where the plan says the tile
-is full (mosaic_common.NO_COMPARE).
+is full (mosaic_common.NO_COMPARE). The masked steps do not mask the rows of
+padding (segment id 0) against the keys of padding (mask_tile's
+padding_rows=False, a select per score less, ~1% on packed documents,
+experiments/perf_notes.md entry 34); such rows get l = 0 at the item's end, so
+the store writes them as rows that saw nothing.
 Same contract, inputs and outputs as the other schedules (mosaic_attention).
 The loops carry named scopes (c_qk, c_softmax, p_load_kv, ...): regions of
 Mosaic GPU's on-device profiler when it is on (experiments/fwd_probe.py
@@ -785,7 +789,8 @@ def _persistent_forward_kernel(items_ref, q_ref, k_ref, v_ref, q_seg_ref,
           with jax.named_scope("c_softmax" if masked is False else "c_softmax_masked"):
             if masked is not False:
               s = mask_tile(s, q_ids, kv_ids_smem, slot, kv_major=False, causal=causal,
-                            sliding_window=sliding_window, masked=masked, first_column=start)
+                            sliding_window=sliding_window, masked=masked, first_column=start,
+                            padding_rows=False)
             p, m_new, l, alpha = online_softmax(s, m, l, logit_scale=logit_scale)
             acc = acc * broadcast_rows(alpha, acc.shape)
           if first_step:
@@ -808,6 +813,9 @@ def _persistent_forward_kernel(items_ref, q_ref, k_ref, v_ref, q_seg_ref,
                       first_step=True)
         acc, m, l = three_runs(lo, full_lo, full_hi, hi, visit, carry, compares=compares,
                                start=lo + 1)
+        # Rows of padding (segment id 0) attended the keys of padding (mask_tile's
+        # padding_rows=False): l = 0 stores them as rows that saw nothing.
+        l = jnp.where(q_ids[0] != 0, l, 0.0)
         return acc, m, l, buf, b, qt, h, jnp.int32(1)
 
       def write_empty(pending):

@@ -232,6 +232,32 @@ def test_three_runs_from_a_later_start_visits_the_rest_as_the_whole_row(row, kv_
     assert (kind[:start] == -1).all() and (kind[hi:] == -1).all()
 
 
+@pytest.mark.parametrize("compare", ["both", "ids"])
+@pytest.mark.parametrize("kv_major", [False, True])
+def test_doc_mask_without_padding_rows_differs_only_on_padding_pairs(compare, kv_major):
+  """padding_rows=False (the persistent forward, which writes rows of id 0 as empty
+  at its store) lets exactly the pairs of a padding query and a padding key through;
+  every other pair is masked as the rule says."""
+  rng = np.random.default_rng(5)
+  q_seg, kv_seg = (jnp.asarray(rng.integers(0, 3, n), jnp.int32) for n in (64, 32))
+  q_pos, kv_pos = (jnp.asarray(rng.integers(0, 50, n), jnp.int32) for n in (64, 32))
+  shape = (32, 64) if kv_major else (64, 32)
+  masks_by = {padding_rows: np.asarray(mosaic_common.doc_mask(
+      q_seg, q_pos, kv_seg, kv_pos, shape, kv_major=kv_major, causal=True,
+      sliding_window=None, compare=compare, padding_rows=padding_rows))
+      for padding_rows in (True, False)}
+  want = allowed_np(Layout(*(np.asarray(x)[None] for x in (q_seg, kv_seg, q_pos, kv_pos))),
+                    causal=compare == "both")[0]
+  if kv_major:
+    want = want.T
+  np.testing.assert_array_equal(masks_by[True], want)
+  padding_pair = ((np.asarray(q_seg)[None, :] == 0) & (np.asarray(kv_seg)[:, None] == 0)
+                  if kv_major else
+                  (np.asarray(q_seg)[:, None] == 0) & (np.asarray(kv_seg)[None, :] == 0))
+  differ = masks_by[True] != masks_by[False]
+  assert differ.any() and not (differ & ~padding_pair).any()
+
+
 @pytest.mark.parametrize("num_ctas", [1, 3, 7, 64, 132, 1000])
 @pytest.mark.parametrize("seed", [0, 1])
 def test_persistent_schedule_global_sort_runs_every_item_once_heaviest_first(seed, num_ctas):
