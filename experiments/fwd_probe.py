@@ -334,9 +334,14 @@ def run_variant(name, schedule, tile, options, layout_name, inputs, args, first_
   items = None
   if dealing := next(iter(options & set(mosaic_persistent.DEALINGS)), None):
     sweeps = 0 if "unbalanced" in options else mosaic_persistent.REBALANCE_SWEEPS
+    # This checkout's kernel masks ids with codes (mosaic_codes); a baseline module
+    # older than that (no key_codes) reads plain compares.
+    index = baseline_index(options)
+    coded = ((seg, seg, tile.block_minor)
+             if index is None or hasattr(args.baseline[index], "key_codes") else None)
     with _patched(mosaic_persistent, REBALANCE_SWEEPS=sweeps):
       items = mosaic_persistent.work_items(plan.q_ranges, HEADS, compares, spans=spans,
-                                           dealing=dealing)
+                                           dealing=dealing, coded_ids=coded)
     compares = spans = None  # the items hold them
   fn, fn_args = kernel(tile, schedule, scale, causal), (
       *inputs, plan.q_ranges, compares, spans, items)

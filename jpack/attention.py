@@ -550,7 +550,9 @@ def _mosaic_work_items(plan: AttentionPlan, dtype, forward_dealing, backward_dea
       tiles,
       forward_items=(mosaic_persistent.work_items(
           tiles.forward.q_ranges, heads, tiles.forward.q_compares, spans=tiles.forward.q_spans,
-          dealing=forward_dealing) if forward else None),
+          dealing=forward_dealing,
+          coded_ids=(plan.ids.q_segment_ids, plan.ids.kv_segment_ids,
+                     config.forward.block_minor)) if forward else None),
       dq_items=work(tiles.dq.q_ranges, heads, tiles.dq.q_compares) if dq else None,
       dkdv_items=(work(tiles.dkdv.kv_ranges, k.shape[2], tiles.dkdv.kv_compares)
                   if dkdv else None))

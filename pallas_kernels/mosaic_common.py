@@ -459,13 +459,14 @@ NO_COMPARE = len(COMPARES)
 
 
 def mask_tile(s, major_ids, ids_smem, slot, *, kv_major, causal, sliding_window, masked,
-              first_column=0, padding_rows=True):
+              first_column=0, padding_rows=True, ids_coded=False):
   """s [64, n] with the pairs the document mask disallows set to MASKED_LOGIT.
 
   masked: True (both compares), or an int32 index into COMPARES chosen per
   tile at run time (three_runs), or NO_COMPARE (a full tile), switched on here:
-  only the compare code branches, the rest of the step is shared. Other
-  arguments as tile_doc_mask.
+  only the compare code branches, the rest of the step is shared. ids_coded:
+  the tile's ids were masked on the tensor cores (mosaic_codes), and "ids"
+  (index 1) needs no compare. Other arguments as tile_doc_mask.
   """
   def masking(compare):
     def apply(s):
@@ -477,7 +478,9 @@ def mask_tile(s, major_ids, ids_smem, slot, *, kv_major, causal, sliding_window,
 
   if masked is True:
     return masking("both")(s)
-  return lax.switch(masked, [*(masking(c) for c in COMPARES), lambda s: s], s)
+  unmasked = lambda s: s  # noqa: E731
+  kinds = [unmasked if ids_coded and c == "ids" else masking(c) for c in COMPARES]
+  return lax.switch(masked, [*kinds, unmasked], s)
 
 
 def mma_accumulate(acc, a, b_smem, dtype):
@@ -529,13 +532,14 @@ def online_softmax(s, m, l, mask=None, *, logit_scale=1.0):
   element (the row max is taken on the raw logits and scaled per row). m, l:
   [64] row max (scaled, base 2) and row sum so far; mask: bool [64, n] or None
   (no masking). p is float32 [64, n]; the caller rescales acc by alpha [64].
-  A masked logit's exponent is MASKED_LOGIT * logit_scale - m, whose exp2 is
+  A logit at or below MASKED_LOGIT is masked (also mosaic_codes' CODE_BIAS):
+  its exponent is at most MASKED_LOGIT * logit_scale - m, whose exp2 is
   exactly 0 for any logit_scale above 1e-20.
   """
   if mask is not None:
     s = jnp.where(mask, s, MASKED_LOGIT)
   raw_max = jnp.max(s, axis=1)
-  tile_max = jnp.where(raw_max == MASKED_LOGIT, MASKED_LOGIT, raw_max * logit_scale)
+  tile_max = jnp.where(raw_max <= MASKED_LOGIT, MASKED_LOGIT, raw_max * logit_scale)
   m_new = jnp.maximum(m, tile_max)
   # A row that has seen nothing keeps m_new == MASKED_LOGIT; shifting it
   # by 0 instead makes its masked p exactly 0 (see segment_attention).

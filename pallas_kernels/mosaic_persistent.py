@@ -61,8 +61,10 @@ Synchronisation, per barrier (who arrives, how often):
                 arrivals per release. The
                 producer waits it before loading Q of item n >= 2 (the
                 release of item n - 2, made during item n - 1).
-  kv_ready[s]:  the producer's 4 copies of step t (K, V, kv ids, kv
-                positions); every consumer waits it once per step.
+  kv_ready[s]:  the producer's 5 arrivals of step t (the copies of K, V, kv
+                ids, kv positions, and of the key codes for an ids-only tile,
+                mosaic_codes, else a plain arrival); every consumer waits it
+                once per step.
   kv_consumed[s]: every consumer, once per step, after its PV; the producer
                 waits it before loading step t >= num_stages (the completion
                 of step t - num_stages, possibly of an earlier item).
@@ -110,6 +112,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.config import GROUP_SPAN_BITS, SPAN_HALF_BITS, TileConfig
 from pallas_kernels.mosaic_claims import CLAIM_SLOTS, claim, claimed
+from pallas_kernels.mosaic_codes import CODE_DIMS, coded_compares, key_codes, row_operand
 from pallas_kernels.mosaic_common import (
     NO_COMPARE, WG_ROWS, broadcast_rows, consumer_warpgroups, copy_kv_tile, copy_q_tile,
     empty_row_stats, launch, launch_accumulating, mask_tile, mma_accumulate, mma_transforms,
@@ -443,12 +446,16 @@ class WorkItems:
   (reading_positions' order depends on it); busy: for items dealt "dynamic"
   (claimed at run time, mosaic_claims), int32 [1], how many items have work
   (the table's first rows; the CTAs claim those and deal the empty ones
-  after them in rounds), else None. A pytree: it can be made once per batch
-  (jpack's AttentionPlan) and passed through jit.
+  after them in rounds), else None; codes: the forward's, bf16 [B, Tk, 16],
+  the key codes with which it masks segment ids on the tensor cores
+  (mosaic_codes; its table's compares are coded_compares), else None. A
+  pytree: it can be made once per batch (jpack's AttentionPlan) and passed
+  through jit.
   """
   table: jax.Array
   num_ctas: int = dataclasses.field(metadata=dict(static=True))
   busy: jax.Array | None = None
+  codes: jax.Array | None = None
 
   @property
   def dynamic(self) -> bool:
@@ -457,7 +464,7 @@ class WorkItems:
 
 
 def work_items(ranges, heads: int, compares=None, num_ctas: int | None = None,
-               spans=None, dealing: str = "snake") -> WorkItems:
+               spans=None, dealing: str = "snake", coded_ids=None) -> WorkItems:
   """The work items of a persistent kernel over plan rows `ranges`: one per (row, head).
 
   ranges: int32 [B, n, 4] plan rows (q-major for the forward and dQ, kv-major
@@ -466,32 +473,43 @@ def work_items(ranges, heads: int, compares=None, num_ctas: int | None = None,
   num_ctas: default min(num_sms(), number of items); spans: the plan's
   q_spans (the forward's) or None; dealing: reading_positions' (DEALINGS:
   "load" balances the CTAs better and costs more to make; "dynamic" items
-  are claimed at run time, by the forward kernel only).
+  are claimed at run time, by the forward kernel only); coded_ids: the
+  forward's segment ids and kv tile (q_seg [B, Tq], kv_seg [B, Tk], block_k),
+  for items that carry the key codes and coded compares (mosaic_codes), as
+  the forward needs; None for the backward's.
   """
   num_items = ranges.shape[0] * ranges.shape[1] * heads
   if num_ctas is None:
     num_ctas = min(num_sms(), num_items)
+  codes = None
+  if coded_ids is not None:
+    q_seg, kv_seg, block_k = coded_ids
+    compares = coded_compares(q_seg, kv_seg, ranges, compares, block_k)
+    codes = key_codes(kv_seg)
   positions = reading_positions(ranges, heads, num_ctas, dealing=dealing, spans=spans)
   table = item_table(ranges, positions, heads, compares, spans)
-  if dealing != "dynamic":
-    return WorkItems(table, num_ctas)
-  busy = jnp.sum(ranges[..., 3] > ranges[..., 0], dtype=jnp.int32) * heads
-  return WorkItems(table, num_ctas, busy.reshape(1))
+  busy = (None if dealing != "dynamic" else
+          (jnp.sum(ranges[..., 3] > ranges[..., 0], dtype=jnp.int32) * heads).reshape(1))
+  return WorkItems(table, num_ctas, busy, codes)
 
 
 def resolve_work_items(items: WorkItems | None, ranges, heads: int, compares,
                        num_ctas: int | None, spans=None, *, dealing: str = "snake",
-                       can_claim: bool = False) -> WorkItems:
+                       can_claim: bool = False, coded_ids=None) -> WorkItems:
   """`items` checked against a launch, or work_items(ranges, ..., dealing) when None.
 
   can_claim: the kernel runs items dealt "dynamic" (the forward; the backward
-  kernels read their share of the table).
+  kernels read their share of the table). coded_ids: the forward's (q_seg,
+  kv_seg, block_k) (work_items): its items must carry key codes; None: they
+  must not.
   ValueError when given items do not fit: a table of another shape, with
   compares or spans (the table holds them), num_ctas other than the
-  table's, or items dealt "dynamic" to a kernel that cannot claim them.
+  table's, items dealt "dynamic" to a kernel that cannot claim them, or
+  codes missing, of another shape, or given to a kernel without them.
   """
   if items is None:
-    return work_items(ranges, heads, compares, num_ctas, spans, dealing=dealing)
+    return work_items(ranges, heads, compares, num_ctas, spans, dealing=dealing,
+                      coded_ids=coded_ids)
   if not isinstance(items, WorkItems):
     raise TypeError(f"items must be a WorkItems (work_items), got {type(items).__name__}")
   expected = (ranges.shape[0] * ranges.shape[1] * heads, 9)
@@ -507,6 +525,18 @@ def resolve_work_items(items: WorkItems | None, ranges, heads: int, compares,
   if items.dynamic and not can_claim:
     raise ValueError("items: dealt 'dynamic' (claimed at run time), which only the "
                      "forward kernel can run; deal the backward's items 'snake' or 'load'")
+  if coded_ids is None and items.codes is not None:
+    raise ValueError("items: they carry the forward's key codes (work_items(..., "
+                     "coded_ids=...)); make the backward's without coded_ids")
+  if coded_ids is not None:
+    kv_seg = coded_ids[1]
+    want = (*kv_seg.shape, CODE_DIMS)
+    if items.codes is None:
+      raise ValueError("items: the forward's items carry key codes: make them with "
+                       "work_items(..., coded_ids=(q_seg, kv_seg, block_k))")
+    if tuple(items.codes.shape) != want or items.codes.dtype != jnp.bfloat16:
+      raise ValueError(f"items: the key codes must be bfloat16 {want}, got "
+                       f"{items.codes.dtype} {tuple(items.codes.shape)}")
   return items
 
 
@@ -585,7 +615,7 @@ def _walk_items(work, carry, items_ref, num_ctas: int, claims, *, producer: bool
 
 
 def _persistent_forward_kernel(items_ref, q_ref, k_ref, v_ref, q_seg_ref,
-                               q_pos_ref, kv_seg_ref, kv_pos_ref, *refs, scale, causal,
+                               q_pos_ref, kv_seg_ref, kv_pos_ref, codes_ref, *refs, scale, causal,
                                sliding_window, block_k, num_stages, num_consumers, group,
                                num_ctas, pingpong, dynamic):
   """The persistent kernel (module docstring): serial or pingpong consumers.
@@ -617,7 +647,8 @@ def _persistent_forward_kernel(items_ref, q_ref, k_ref, v_ref, q_seg_ref,
   [CLAIM_SLOTS] (and their barriers, after the others).
   """
   *claim_refs, o_ref, lse_ref, scratch = refs
-  (q_bufs, q_ids_smem, lse_smem, k_smem, v_smem, kv_ids_smem, *claimed_smem), barriers = scratch
+  (q_bufs, q_ids_smem, lse_smem, k_smem, v_smem, kv_ids_smem, codes_smem,
+   *claimed_smem), barriers = scratch
   q_ready, q_free, kv_ready, kv_consumed, *rest = barriers
   claims = (*claim_refs, *claimed_smem, rest.pop()) if dynamic else None
   sched = rest  # the pingpong rendezvous, if any
@@ -638,7 +669,7 @@ def _persistent_forward_kernel(items_ref, q_ref, k_ref, v_ref, q_seg_ref,
   def _producer():
 
     def item(n, row, t):
-      b, qt, h, lo, _, _, hi, _, _ = row
+      b, qt, h, lo, full_lo, full_hi, hi, compares, _ = row
       qs = lax.rem(n, jnp.int32(2))
 
       @pl.when(hi > lo)  # an empty item loads nothing (its output needs no Q)
@@ -664,13 +695,22 @@ def _persistent_forward_kernel(items_ref, q_ref, k_ref, v_ref, q_seg_ref,
       kv_head = lax.div(h, jnp.int32(group))
 
       def load(j, t):
-        # kv_ready[slot]: 4 copies per step; kv_consumed[slot]: waited for step
+        # kv_ready[slot]: 5 arrivals per step; kv_consumed[slot]: waited for step
         # t - num_stages (the slot's previous use, possibly of an earlier item).
         with jax.named_scope("p_wait_slot"):
           slot = wait_for_free_slot(t, kv_consumed, num_stages)
         with jax.named_scope("p_load_kv"):
           copy_kv_tile((k_ref, v_ref, kv_seg_ref, kv_pos_ref), (k_smem, v_smem, kv_ids_smem),
                        kv_ready.at[slot], slot, b=b, j=j, kv_head=kv_head, block_k=block_k)
+          # The key codes only for the ids-only tiles (the consumers' mask_tile
+          # index 1; a full tile, the first included, has none); the others arrive
+          # without them.
+          full = (j >= full_lo) & (j < full_hi)
+          coded = ~full & (tile_compares(j, lo, hi, compares) == 1)
+          pl.when(coded)(lambda: plgpu.copy_gmem_to_smem(
+              codes_ref.at[b, pl.ds(j * block_k, block_k)], codes_smem.at[slot],
+              kv_ready.at[slot]))
+          pl.when(~coded)(lambda: plgpu.barrier_arrive(kv_ready.at[slot]))
         return t + 1
 
       return lax.fori_loop(lo, hi, load, t)
@@ -727,6 +767,7 @@ def _persistent_forward_kernel(items_ref, q_ref, k_ref, v_ref, q_seg_ref,
         with jax.named_scope("c_wait_q"):
           plgpu.barrier_wait(q_ready.at[qs])  # once per item, every consumer
         q_ids = tuple(row_vector(q_ids_smem.at[buf, i][...]) for i in range(2))
+        q_codes = row_operand(q_ids[0])  # the codes' operand A (mosaic_codes)
 
         def visit(j, carry, *, masked, first_step=False):
           slot = lax.rem(t0 + (j - lo), stages)
@@ -778,6 +819,13 @@ def _persistent_forward_kernel(items_ref, q_ref, k_ref, v_ref, q_seg_ref,
           def qk(acc_ref):
             plgpu.wgmma(acc_ref, q_smem,
                         plgpu.transpose_ref(part(k_smem.at[slot]), (1, 0)))
+            if masked is not False and masked is not True:
+              # An ids-only tile (COMPARES index 1): its segment ids on the tensor
+              # cores instead of a compare per score (the producer loaded its codes).
+              @pl.when(masked == 1)
+              def _mask_ids():
+                plgpu.wgmma(acc_ref, q_codes,
+                            plgpu.transpose_ref(part(codes_smem.at[slot]), (1, 0)))
             if first_step:
               flush(pending)
             meet()  # QK^T issued: the other consumer may finish its softmax
@@ -790,7 +838,7 @@ def _persistent_forward_kernel(items_ref, q_ref, k_ref, v_ref, q_seg_ref,
             if masked is not False:
               s = mask_tile(s, q_ids, kv_ids_smem, slot, kv_major=False, causal=causal,
                             sliding_window=sliding_window, masked=masked, first_column=start,
-                            padding_rows=False)
+                            padding_rows=False, ids_coded=True)
             p, m_new, l, alpha = online_softmax(s, m, l, logit_scale=logit_scale)
             acc = acc * broadcast_rows(alpha, acc.shape)
           if first_step:
@@ -868,7 +916,7 @@ def persistent_forward(q, k, v, q_seg, kv_seg, q_pos, kv_pos, q_ranges, *, tile:
   opts = dict(scale=scale, causal=causal, sliding_window=sliding_window, block_k=bk,
               num_stages=stages, num_consumers=num_consumers, group=heads // k.shape[2])
   items = resolve_work_items(items, q_ranges, heads, q_compares, num_ctas, q_spans,
-                             dealing=dealing, can_claim=True)
+                             dealing=dealing, can_claim=True, coded_ids=(q_seg, kv_seg, bk))
   num_ctas = items.num_ctas
   pingpong = pingpong and num_consumers == 2
   if pingpong and stages < 2:
@@ -881,9 +929,10 @@ def persistent_forward(q, k, v, q_seg, kv_seg, q_pos, kv_pos, q_ranges, *, tile:
       # per item); q_free[qs]: one arrival per consumer per item n >= 1.
       plgpu.Barrier(num_arrivals=3 * num_consumers, num_barriers=2),
       plgpu.Barrier(num_arrivals=num_consumers, num_barriers=2),
-      # kv_ready[s]: K, V, kv ids, kv positions (4 copies per step);
+      # kv_ready[s]: K, V, kv ids, kv positions and the key codes or a plain
+      # arrival (5 per step);
       # kv_consumed[s]: one arrival per consumer per step.
-      plgpu.Barrier(num_arrivals=4, num_barriers=stages),
+      plgpu.Barrier(num_arrivals=5, num_barriers=stages),
       plgpu.Barrier(num_arrivals=num_consumers, num_barriers=stages),
   )
   if pingpong:
@@ -895,8 +944,10 @@ def persistent_forward(q, k, v, q_seg, kv_seg, q_pos, kv_pos, q_ranges, *, tile:
       plgpu.SMEM((stages, bk, head_dim), k.dtype, transforms=transforms),
       plgpu.SMEM((stages, bk, head_dim), v.dtype, transforms=transforms),
       plgpu.SMEM((stages, 2, bk), jnp.int32),
+      plgpu.SMEM((stages, bk, CODE_DIMS), jnp.bfloat16,
+                 transforms=mma_transforms(jnp.bfloat16, swizzle=2 * CODE_DIMS)),
   )
-  args = (items.table, q, k, v, q_seg, q_pos, kv_seg, kv_pos)
+  args = (items.table, q, k, v, q_seg, q_pos, kv_seg, kv_pos, items.codes)
   launch_options = dict(
       out_type=(jax.ShapeDtypeStruct(q.shape, q.dtype),
                 jax.ShapeDtypeStruct((batch, heads, tq), jnp.float32)),

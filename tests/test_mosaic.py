@@ -64,7 +64,7 @@ def mosaic_forward(q, k, v, q_seg, kv_seg, q_pos, kv_pos, *, causal, window, sca
   if dealing is not None:
     words = dict(items=mosaic_persistent.work_items(
         plan.q_ranges, q.shape[2], plan.q_compares, num_ctas=num_ctas, spans=plan.q_spans,
-        dealing=dealing))
+        dealing=dealing, coded_ids=(q_seg, kv_seg, tile.block_minor)))
   return mosaic_attention.forward(q, k, v, q_seg, kv_seg, q_pos, kv_pos, plan.q_ranges,
                                   tile=tile, scale=scale, causal=causal,
                                   sliding_window=window, schedule=schedule,
@@ -755,7 +755,8 @@ def test_claimed_items_restart_in_every_call():
 
   def two_calls(q, k, v, dealing):
     items = mosaic_persistent.work_items(plan.q_ranges, case.heads, plan.q_compares,
-                                         spans=plan.q_spans, dealing=dealing)
+                                         spans=plan.q_spans, dealing=dealing,
+                                         coded_ids=(seg, seg, tile.block_minor))
     attend = lambda q: mosaic_attention.forward(  # noqa: E731
         q, k, v, seg, seg, pos, pos, plan.q_ranges, tile=tile, scale=0.125, causal=True,
         sliding_window=None, schedule="persistent-pingpong", items=items)[0]
@@ -962,22 +963,27 @@ def test_a_mosaic_plan_holds_the_work_items_of_its_persistent_kernels(t, persist
   ids = jnp.asarray(np.cumsum(rng.random((2, t)) < 0.004, axis=1) + 1, jnp.int32)
   make = lambda ids: make_attention_plan(q, kv, segment_ids=ids,  # noqa: E731
                                          implementation="mosaic", balance_by_load=balance)
-  tiles, heads = (jax.jit(make) if persistent else functools.partial(jax.eval_shape, make))(
-      ids).tiles, q.shape[2]
+  plan = (jax.jit(make) if persistent else functools.partial(jax.eval_shape, make))(ids)
+  tiles, heads = plan.tiles, q.shape[2]
   assert tiles.dkdv_items is None
   if not persistent:
     assert tiles.forward_items is None and tiles.dq_items is None
     return
-  for items, rows, spans, dealing in (
+  coded_ids = (plan.ids.q_segment_ids, plan.ids.kv_segment_ids,
+               plan.config.forward.block_minor)
+  for items, rows, spans, dealing, coded in (
       (tiles.forward_items, tiles.forward, tiles.forward.q_spans,
-       "load" if balance else "dynamic"),
-      (tiles.dq_items, tiles.dq, None, "load" if balance else "snake")):
+       "load" if balance else "dynamic", coded_ids),
+      (tiles.dq_items, tiles.dq, None, "load" if balance else "snake", None)):
     want = mosaic_persistent.work_items(rows.q_ranges, heads, rows.q_compares,
-                                        spans=spans, dealing=dealing)
+                                        spans=spans, dealing=dealing, coded_ids=coded)
     assert items.num_ctas == want.num_ctas and items.dynamic == want.dynamic
     np.testing.assert_array_equal(items.table, want.table)
     if want.dynamic:
       np.testing.assert_array_equal(items.busy, want.busy)
+    assert (items.codes is None) == (coded is None)
+    if coded is not None:
+      np.testing.assert_array_equal(items.codes, want.codes)
 
 
 def _mosaic_bad_calls():
