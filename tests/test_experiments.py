@@ -445,3 +445,17 @@ def test_gpu_shards_runs_a_selection_in_processes_and_resumes_what_passed(tmp_pa
   assert gpu_shards.main(["--processes", "2", "--logs", str(tmp_path / "again"), "--done",
                           str(tmp_path / "done.txt"), "--", "test_demo.py"]) == 1
   assert (tmp_path / "again" / "results.txt").read_text() == "test_demo.py::test_two[c] FAILED\n"
+
+
+def test_kernel_fingerprints_tell_kernels_apart_and_report_tiles_that_do_not_fit():
+  from experiments import kernel_fingerprints
+  import test_mosaic_backward
+
+  serial = kernel_fingerprints.forward_lowering("serial")
+  first = kernel_fingerprints.fingerprint(serial)
+  assert len(first) == 12 and int(first, 16) >= 0
+  assert kernel_fingerprints.fingerprint(serial) == first  # the same program, the same hash
+  assert kernel_fingerprints.fingerprint(kernel_fingerprints.forward_lowering("pingpong")) != first
+  too_big = next(c for c in test_mosaic_backward.LOWER_CASES if c.name == "three-stages")
+  assert kernel_fingerprints.fingerprint(
+      lambda: test_mosaic_backward._lower(too_big, "dkdv", "persistent")) == "error ValueError"
