@@ -49,7 +49,7 @@ meets inf - inf; exp(EMPTY_LSE - anything real) is exactly 0.
 
 Implementation = Literal["auto", "pallas", "mosaic", "xla"]
 _MOSAIC_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-_MOSAIC_HEAD_DIMS = (64, 128)
+_MOSAIC_HEAD_DIMS = (64, 128, 256)
 """What the Mosaic kernels cover; "auto" runs them there on a Hopper GPU."""
 _FLOAT_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
 _MAX_KERNEL_HEAD_DIM = 256
@@ -217,7 +217,7 @@ def _auto_on_gpu(q, mask, plan, config) -> str:
   """What "auto" runs on a GPU.
 
   The plan's kernels if a plan is given; else Mosaic GPU on a Hopper GPU for
-  what it covers (bf16/fp16, head_dim 64/128, document masks, default tiles:
+  what it covers (bf16/fp16, head_dim 64/128/256, document masks, default tiles:
   faster there, experiments/perf_notes.md), else the Triton kernels. A
   config holds one implementation's tiles, so with one "auto" means "pallas".
   """
@@ -247,7 +247,7 @@ def _check_mosaic(q, config, general_mask):
     raise ValueError("q, k, v: implementation='mosaic' needs bfloat16 or float16, got "
                      f"{q.dtype}; use implementation='pallas' for float32")
   if q.shape[3] not in _MOSAIC_HEAD_DIMS:
-    raise ValueError(f"q: implementation='mosaic' supports head_dim 64 or 128, got "
+    raise ValueError(f"q: implementation='mosaic' supports head_dim 64, 128 or 256, got "
                      f"{q.shape[3]}; use implementation='pallas'")
   if general_mask:
     raise ValueError("mask: implementation='mosaic' supports document masks only "
@@ -390,12 +390,20 @@ def _kernels(implementation) -> _Kernels:
                     kernels.backward_dkdv, KernelConfig.for_head_dim)
   # Imported on first use: Mosaic GPU's MLIR bindings add ~0.2 s to `import jpack.attention`.
   from pallas_kernels import mosaic_attention, mosaic_backward
-  return _Kernels(
-      mosaic_attention.forward, mosaic_backward.backward_dq_and_delta,
-      mosaic_backward.backward_dkdv,
-      lambda head_dim: KernelConfig(forward=mosaic_attention.DEFAULT_TILE,
-                                    dq=mosaic_backward.DEFAULT_DQ_TILE,
-                                    dkdv=mosaic_backward.DEFAULT_DKDV_TILE))
+  return _Kernels(mosaic_attention.forward, mosaic_backward.backward_dq_and_delta,
+                  mosaic_backward.backward_dkdv, _mosaic_config)
+
+
+def _mosaic_config(head_dim) -> KernelConfig:
+  """The Mosaic kernels' default tiles: mosaic_common.WIDE_HEAD_TILE everywhere at
+  head_dim 256, else their modules' DEFAULT_TILE, DEFAULT_DQ_TILE and DEFAULT_DKDV_TILE."""
+  from pallas_kernels import mosaic_attention, mosaic_backward, mosaic_common
+  if head_dim > 128:
+    tile = mosaic_common.WIDE_HEAD_TILE
+    return KernelConfig(forward=tile, dq=tile, dkdv=tile)
+  return KernelConfig(forward=mosaic_attention.DEFAULT_TILE,
+                      dq=mosaic_backward.DEFAULT_DQ_TILE,
+                      dkdv=mosaic_backward.DEFAULT_DKDV_TILE)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -673,14 +681,15 @@ def flash_attention(
       (the plain-jnp reference, float32 math, memory O(Tq*Tk)), or "auto":
       off GPU "xla"; on GPU the plan's kernels if a plan is given, else
       "mosaic" on a Hopper GPU for what it covers (bfloat16/float16, head_dim
-      64 or 128, no `mask`, no `config`), else "pallas". Naming "mosaic" for
+      64, 128 or 256, no `mask`, no `config`), else "pallas". Naming "mosaic" for
       anything it does not cover raises ValueError.
     return_residuals: also return lse, float32 [B, H, Tq], natural log,
       EMPTY_LSE for rows that attend to nothing.
     config: kernel tiling (default: KernelConfig.for_head_dim(D); for
       "mosaic", the Mosaic kernels' tiles mosaic_attention.DEFAULT_TILE,
-      mosaic_backward.DEFAULT_DQ_TILE and DEFAULT_DKDV_TILE: block_major 64
-      or 128, block_minor 64 or 128).
+      mosaic_backward.DEFAULT_DQ_TILE and DEFAULT_DKDV_TILE, or
+      mosaic_common.WIDE_HEAD_TILE at head_dim 256: block_major 64 or 128,
+      block_minor 64 or 128).
     interpret: run the Pallas kernel in the Pallas interpreter (CPU tests;
       "pallas" only).
 

@@ -18,7 +18,7 @@ warpgroup runs, for every kv tile j in the plan row's [lo, hi):
 
 Shapes (all already padded by the caller):
   q: [B, Tq, H, D]; k, v: [B, Tk, Hkv, D], H % Hkv == 0;
-  D in {64, 128}; dtype bfloat16 or float16;
+  D in {64, 128, 256}; dtype bfloat16 or float16;
   q_seg, q_pos: int32 [B, Tq]; kv_seg, kv_pos: int32 [B, Tk];
   q_ranges: int32 [B, Tq / block_major, 4], planned with
   (block_q, block_k) = (tile.block_major, tile.block_minor).
@@ -54,7 +54,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.config import TileConfig
 from pallas_kernels.mosaic_common import (
-    WG_ROWS, broadcast_rows, check_row_words, check_supported, consumer_warpgroups, copy_q_tile,
+    PERSISTENT_MAX_SMEM_BYTES, WG_ROWS, broadcast_rows, check_row_words, check_supported, consumer_warpgroups, copy_q_tile,
     empty_row_stats, launch, mma_accumulate, mma_transforms, online_softmax,
     producer_warpgroup, rendezvous, row_vector, store_output, stream_kv_tiles, three_runs,
     tile_doc_mask, wait_for_free_slot, zeros_acc)
@@ -90,13 +90,23 @@ def default_schedule(tile: TileConfig, k) -> str:
   (50 MB) the grid order, q tiles in sequence, is faster: 2.645 against 2.929
   ms at T = 131072 (64 MB of K/V per head), while at T = 8192 (4 MB) the
   persistent kernel is faster (0.528 against 0.551 ms). The 16 MB threshold
-  lies between the two measurements, not on one.
+  lies between the two measurements, not on one. GRID_SCHEDULE also where the
+  persistent kernel's operands would not fit shared memory (_persistent_fits).
   """
   _, tk, _, head_dim = k.shape
   kv_bytes = 2 * tk * head_dim * jnp.dtype(k.dtype).itemsize
-  if tile.num_stages < 2 or kv_bytes > PERSISTENT_MAX_KV_BYTES:
+  if (tile.num_stages < 2 or kv_bytes > PERSISTENT_MAX_KV_BYTES
+      or not _persistent_fits(tile, k)):
     return GRID_SCHEDULE
   return DEFAULT_SCHEDULE
+
+
+def _persistent_fits(tile: TileConfig, k) -> bool:
+  """Whether the persistent forward's operands fit in PERSISTENT_MAX_SMEM_BYTES:
+  two Q buffers (the next item's loads during this one's) of block_major rows
+  next to the K/V ring (k: [B, Tk, Hkv, D])."""
+  rows = 2 * tile.block_major + 2 * tile.num_stages * tile.block_minor
+  return rows * k.shape[3] * jnp.dtype(k.dtype).itemsize <= PERSISTENT_MAX_SMEM_BYTES
 
 
 def _load_consumer_q(gmem, qo_smem, q_ids_smem, q_ready, *, qt, b, h, wg, num_consumers):

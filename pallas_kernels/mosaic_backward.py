@@ -49,7 +49,7 @@ and writes dK * scale and dV, summed over the group (GQA).
 
 Shapes (all already padded by the caller):
   q, do: [B, Tq, H, D]; k, v: [B, Tk, Hkv, D], H % Hkv == 0;
-  D in {64, 128}; dtype bfloat16 or float16;
+  D in {64, 128, 256}; dtype bfloat16 or float16;
   lse, delta: float32 [B, H, Tq]; delta = rowsum(o * do) - dlse;
   q_seg, q_pos: int32 [B, Tq]; kv_seg, kv_pos: int32 [B, Tk];
   dQ: q_ranges int32 [B, Tq / block_major, 4], planned with
@@ -61,6 +61,10 @@ Registers: a consumer holds float32 accumulators of [64, D] (dQ; or dK and
 dV) plus two [64, block_minor] ones (S and dP): with D = 128 and two
 consumers (232 registers a thread), block_minor = 64 is the comfortable
 choice for dK/dV (64 + 64 + 32 + 32 accumulator registers); 128 fits for dQ.
+With D = 256, dK and dV alone take 256 registers a thread: the dK/dV kernel
+spills (4.3 KB of local memory a thread, ptxas) and is still faster than the
+Triton kernel there (perf notes entry 36); a dK/dV kernel that splits D
+between its warpgroups would not spill.
 """
 
 from __future__ import annotations
@@ -76,7 +80,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from pallas_kernels.config import TileConfig
 from pallas_kernels.mosaic_backward_steps import dkdv_step, dq_step, row_stats
 from pallas_kernels.mosaic_common import (
-    WG_ROWS, check_row_words, check_supported, consumer_warpgroups, launch, load_kv_rows,
+    PERSISTENT_MAX_SMEM_BYTES, WG_ROWS, check_row_words, check_supported, consumer_warpgroups, launch, load_kv_rows,
     mma_transforms, producer_warpgroup, row_vector, stream_kv_tiles, stream_q_tiles,
     three_runs, zeros_acc)
 from pallas_kernels.mosaic_persistent import WorkItems
@@ -108,8 +112,6 @@ DEFAULT_SCHEDULES = {"dq": "persistent", "dkdv": "grid"}
 """Each kernel's faster schedule on an H100 at T = 8192 (experiments/perf_notes.md,
 entry 17): the persistent dQ kernel is 5-7% faster than the grid one on packed
 documents, the persistent dK/dV kernel 3% slower (4% faster with every tile full)."""
-PERSISTENT_MAX_SMEM_BYTES = 220 * 1024
-"""Largest K/V/Q/dO shared memory of a default persistent kernel (227 KiB in all)."""
 PERSISTENT_MAX_STREAM_BYTES = 16 * 2**20
 """Streamed bytes per head above which the grid is the default (default_schedule)."""
 

@@ -63,7 +63,8 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from pallas_kernels.config import COMPARE_SPLIT_BITS, TileConfig
 from pallas_kernels.segment_attention import EMPTY_LSE, LOG2E, MASKED_LOGIT
 
-__all__ = ["COMPARES", "CONSUMER_REGISTERS", "LN2", "PRODUCER_REGISTERS", "WG_ROWS",
+__all__ = ["COMPARES", "CONSUMER_REGISTERS", "LN2", "PERSISTENT_MAX_SMEM_BYTES",
+           "PRODUCER_REGISTERS", "WG_ROWS", "WIDE_HEAD_TILE",
            "broadcast_cols", "broadcast_rows", "check_row_words", "check_supported", "col_vector",
            "consumer_warpgroups", "copy_kv_tile", "copy_q_tile", "doc_mask", "empty_row_stats",
            "launch", "launch_accumulating", "load_kv_rows", "mask_tile", "mma_accumulate",
@@ -74,8 +75,14 @@ __all__ = ["COMPARES", "CONSUMER_REGISTERS", "LN2", "PRODUCER_REGISTERS", "WG_RO
 LN2 = 1.0 / LOG2E
 WG_ROWS = 64  # rows of one wgmma M tile, owned by one consumer warpgroup
 _SUPPORTED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-_SUPPORTED_HEAD_DIMS = (64, 128)
+_SUPPORTED_HEAD_DIMS = (64, 128, 256)
 _SUPPORTED_BLOCK_K = (64, 128)
+PERSISTENT_MAX_SMEM_BYTES = 220 * 1024
+"""Largest operand shared memory (Q, K, V, dO) of a default persistent kernel (227 KiB in all)."""
+WIDE_HEAD_TILE = TileConfig(64, 64, num_stages=2)
+"""Every Mosaic kernel's default tile at head dim 256 (jpack.attention): wider ones do
+not fit shared memory with two stages, and with one they measured 1.4-1.5x slower
+on an H100 (experiments/perf_notes.md, entry 36)."""
 PRODUCER_REGISTERS = 40
 CONSUMER_REGISTERS = 232
 

@@ -142,10 +142,14 @@ def check_fused_inputs(q, k, kv_ranges, tile: TileConfig, *, rule=None, kv_doc=N
 
   As `mosaic_backward.check_backward_inputs` for the dK/dV tiling (kv_ranges:
   int32 [B, Tk / tile.block_major, 4]), plus the tiles the fused kernel
-  supports: block_minor 64, or 128 with block_major 128 and head_dim 64.
+  supports: head_dim 64 or 128; block_minor 64, or 128 with block_major 128
+  and head_dim 64.
   """
   check_backward_inputs(q, k, kv_ranges, tile, kv_major=True, rule=rule, kv_doc=kv_doc,
                         dense=dense, interpret=interpret)
+  if q.shape[3] > 128:
+    raise ValueError(f"the fused backward supports head_dim 64 or 128 (its dQ, dK and "
+                     f"dV parts in registers), got {q.shape[3]}")
   if tile.block_minor == 2 * WG_ROWS and (tile.block_major != 2 * WG_ROWS
                                           or q.shape[3] != 64):
     raise ValueError(

@@ -2,7 +2,7 @@
 
 Skipped without a CUDA GPU (conftest). Default tilings, no interpreter.
 Every case runs through implementation="pallas" (the Triton kernels) and,
-where the Mosaic GPU kernels cover it (bf16/fp16, head_dim 64/128, no general
+where the Mosaic GPU kernels cover it (bf16/fp16, head_dim 64/128/256, no general
 mask) and the GPU is a Hopper, through implementation="mosaic" ("auto" there).
 Each (case, implementation) runs forward and backward once (cached) and the
 tests check one property each: low-precision kernels against the float32
@@ -93,6 +93,8 @@ CASES = [
     GpuCase("packed-d32", head_dim=32),
     GpuCase("packed-d96", head_dim=96),
     GpuCase("packed-d256", head_dim=256, q_len=1024, kv_len=1024),
+    GpuCase("gqa-8:2-window-256-d256", heads=8, kv_heads=2, head_dim=256, window=256,
+            q_len=1024, kv_len=1024),
     GpuCase("padded-d64", layout="padded", head_dim=64),
     GpuCase("empty-row-d128", layout="with_empty_row"),
     GpuCase("repeated-ids-d64", layout="repeated", head_dim=64, q_len=1024, kv_len=1024),
@@ -131,7 +133,7 @@ CASES = [
 def mosaic_covers(case: GpuCase) -> bool:
   """Whether implementation="mosaic" can run the case (else it raises)."""
   return (case.mask is None and case.dtype in ("bfloat16", "float16")
-          and case.head_dim in (64, 128))
+          and case.head_dim in (64, 128, 256))
 
 
 @functools.lru_cache(maxsize=None)

@@ -103,6 +103,9 @@ LOWER_CASES = [
     LowerCase("chunk-q256-kv512", q_len=256),
     LowerCase("one-consumer-gqa-window-float16", dtype="float16", kv_heads=2, window=100,
               tile=TileConfig(64, 64, num_stages=1)),
+    LowerCase("d256", head_dim=256, tile=mosaic_common.WIDE_HEAD_TILE),
+    LowerCase("d256-gqa-window-float16", dtype="float16", head_dim=256, kv_heads=2,
+              window=100, tile=mosaic_common.WIDE_HEAD_TILE),
 ]
 
 
@@ -126,7 +129,7 @@ def _assert_lowers(lower, schedule, tile):
 # (tiles, stages, consumers, head dims), since masks and dtypes are shared code.
 # Each lowering takes about a second on CPU, and CI has 20 minutes.
 STRUCTURE_CASES = ("default", "128x64-3-stages", "d64-64x128",
-                   "one-consumer-gqa-window-float16")
+                   "one-consumer-gqa-window-float16", "d256")
 LOWERINGS = [(case, schedule) for schedule in SCHEDULES for case in LOWER_CASES
              if schedule in (mosaic_attention.DEFAULT_SCHEDULE, mosaic_attention.GRID_SCHEDULE)
              or case.name in STRUCTURE_CASES]
@@ -573,7 +576,8 @@ def test_unknown_schedule_is_rejected():
 @pytest.mark.parametrize("dtype, head_dim, tile, match", [
     ("float32", 128, mosaic_attention.DEFAULT_TILE, "bfloat16 or float16"),
     ("bfloat16", 32, mosaic_attention.DEFAULT_TILE, "head_dim"),
-    ("bfloat16", 256, mosaic_attention.DEFAULT_TILE, "head_dim"),
+    ("bfloat16", 96, mosaic_attention.DEFAULT_TILE, "head_dim"),
+    ("bfloat16", 512, mosaic_attention.DEFAULT_TILE, "head_dim"),
     ("bfloat16", 128, TileConfig(32, 64), "block_major"),
     ("bfloat16", 128, TileConfig(256, 64), "block_major"),
     ("bfloat16", 128, TileConfig(128, 32), "block_minor"),
@@ -592,6 +596,22 @@ def test_tiles_beyond_shared_memory_fail_to_lower(schedule):
     mosaic_forward.trace(q, q, q, ids, ids, ids, ids, causal=True, window=None, scale=0.1,
                          tile=TileConfig(128, 128, num_stages=3),
                          schedule=schedule).lower(lowering_platforms=("cuda",))
+
+
+def test_default_schedule_is_the_grid_where_the_persistent_kernel_does_not_fit():
+  q = lambda d: jax.ShapeDtypeStruct((1, 256, 2, d), jnp.bfloat16)  # noqa: E731
+  ids = jax.ShapeDtypeStruct((1, 256), jnp.int32)
+  wide = TileConfig(128, 64, num_stages=2)  # two 128 x 256 Q buffers: 128 KiB
+  assert mosaic_attention.default_schedule(wide, q(256)) == mosaic_attention.GRID_SCHEDULE
+  assert mosaic_attention.default_schedule(wide, q(128)) == mosaic_attention.DEFAULT_SCHEDULE
+  assert (mosaic_attention.default_schedule(mosaic_common.WIDE_HEAD_TILE, q(256))
+          == mosaic_attention.DEFAULT_SCHEDULE)
+  lower = lambda schedule: mosaic_forward.trace(  # noqa: E731
+      q(256), q(256), q(256), ids, ids, ids, ids, causal=True, window=None, scale=0.1,
+      tile=wide, schedule=schedule).lower(lowering_platforms=("cuda",))
+  with pytest.raises(ValueError, match="shared memory"):
+    lower(mosaic_attention.DEFAULT_SCHEDULE)
+  assert "mosaic_gpu" in lower(None).as_text()
 
 
 def test_interpret_mode_is_refused():
@@ -633,6 +653,11 @@ GPU_CASES = [
     MosaicCase("tile-128x64-3-stages", layout="padded", tile=TileConfig(128, 64, num_stages=3)),
     MosaicCase("tile-64x128-d64", layout="padded", head_dim=64,
                tile=TileConfig(64, 128, num_stages=2)),
+    MosaicCase("packed-d256", head_dim=256, tile=mosaic_common.WIDE_HEAD_TILE),
+    MosaicCase("padded-gqa-4:1-d256", layout="padded", heads=4, kv_heads=1, head_dim=256,
+               tile=mosaic_common.WIDE_HEAD_TILE),
+    MosaicCase("window-100-bidirectional-float16-d256", window=100, causal=False,
+               dtype="float16", head_dim=256, tile=mosaic_common.WIDE_HEAD_TILE),
 ]
 BY_NAME = {c.name: c for c in GPU_CASES}
 gpu_cases = pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: c.name)
@@ -911,6 +936,8 @@ def test_auto_on_hopper_runs_mosaic_where_it_can(pretend_hopper):
   assert _auto_calls(*f32, ids) == {"xla.gpu.triton"}  # float32: Triton
   q96, kv96, _ = _api_inputs(d=96)
   assert _auto_calls(q96, kv96, ids) == {"xla.gpu.triton"}  # head_dim 96: Triton
+  q256, kv256, _ = _api_inputs(d=256)
+  assert _auto_calls(q256, kv256, ids) == {"mosaic_gpu"}
   assert _auto_calls(q, kv, ids, causal=False,  # a general mask: Triton
                      mask=mask_rules.prefix_lm(16)) == {"xla.gpu.triton"}
   assert _auto_calls(q, kv, ids, config=KernelConfig.for_head_dim(128)) == {
@@ -997,9 +1024,9 @@ def _mosaic_bad_calls():
   yield ("float32", lambda: flash_attention(*[x(dtype=jnp.float32)] * 3, **mosaic),
          r"q, k, v: implementation='mosaic' needs bfloat16 or float16, got float32")
   yield ("head_dim 96", lambda: flash_attention(*[x(96)] * 3, **mosaic),
-         r"q: implementation='mosaic' supports head_dim 64 or 128, got 96")
+         r"q: implementation='mosaic' supports head_dim 64, 128 or 256, got 96")
   yield ("head_dim 32", lambda: flash_attention(*[x(32)] * 3, **mosaic),
-         r"head_dim 64 or 128, got 32")
+         r"head_dim 64, 128 or 256, got 32")
   yield ("dense mask", lambda: flash_attention(q, q, q, mask=dense, **mosaic),
          r"mask: implementation='mosaic' supports document masks only")
   yield ("mask rule", lambda: flash_attention(q, q, q, causal=False, **mosaic,

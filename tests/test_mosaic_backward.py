@@ -30,11 +30,12 @@ from helpers import (ALL_KINDS, Layout, allowed_np, assert_close, assert_finite,
 from test_gpu import GpuCase
 from jpack import masks
 from jpack.attention import reference_attention
-from pallas_kernels import mosaic_backward, mosaic_persistent
+from pallas_kernels import mosaic_backward, mosaic_common, mosaic_persistent
 from pallas_kernels.config import TileConfig
 
 TOL = 2e-2  # bfloat16 / float16 against the float32 reference
 DQ_TILE, DKDV_TILE = mosaic_backward.DEFAULT_DQ_TILE, mosaic_backward.DEFAULT_DKDV_TILE
+WIDE = mosaic_common.WIDE_HEAD_TILE  # the tiles at head_dim 256
 
 
 def _plans(q_seg, kv_seg, q_pos, kv_pos, *, causal, window, dq_tile, dkdv_tile):
@@ -110,6 +111,11 @@ LOWER_CASES = [
               dkdv_tile=TileConfig(128, 64, num_stages=1)),
     LowerCase("d64-128x128", head_dim=64, dq_tile=TileConfig(128, 128, num_stages=2),
               dkdv_tile=TileConfig(128, 128, num_stages=2)),
+    LowerCase("d256", head_dim=256, dq_tile=WIDE, dkdv_tile=WIDE),
+    LowerCase("d256-gqa-8:2-window-float16", dtype="float16", head_dim=256, heads=8,
+              kv_heads=2, window=100, dq_tile=WIDE, dkdv_tile=WIDE),
+    LowerCase("d256-one-stage", head_dim=256, dq_tile=TileConfig(64, 64, num_stages=1),
+              dkdv_tile=TileConfig(64, 64, num_stages=1)),
 ]
 
 
@@ -159,7 +165,7 @@ def test_lowers_for_cuda(case, kernel):
 PERSISTENT_LOWER_CASES = [c for c in LOWER_CASES if c.name in (
     "default", "d64", "float16-d64", "gqa-4:1", "gqa-8:2-d64", "q768-kv256-d64",
     "one-consumer-64x64", "one-consumer-gqa-d64", "dq-128x128", "three-stages",
-    "one-stage", "d64-128x128")]
+    "one-stage", "d64-128x128", "d256", "d256-one-stage")]
 
 
 # dQ without delta is dQ with delta less its delta step: a few cases suffice.
@@ -211,7 +217,8 @@ def _shapes(dtype="bfloat16", head_dim=128, q_len=256, kv_len=256):
 @pytest.mark.parametrize("dtype, head_dim, tile, match", [
     ("float32", 128, DQ_TILE, "bfloat16 or float16"),
     ("bfloat16", 32, DQ_TILE, "head_dim"),
-    ("bfloat16", 256, DQ_TILE, "head_dim"),
+    ("bfloat16", 96, DQ_TILE, "head_dim"),
+    ("bfloat16", 512, DQ_TILE, "head_dim"),
     ("bfloat16", 128, TileConfig(32, 64), "block_major"),
     ("bfloat16", 128, TileConfig(256, 64), "block_major"),
     ("bfloat16", 128, TileConfig(128, 32), "block_minor"),
@@ -360,6 +367,14 @@ GPU_CASES = [
     BackwardCase("dkdv-64x128-d64", head_dim=64, layout="padded", heads=8, kv_heads=2,
                  dq_tile=TileConfig(64, 128, num_stages=2),
                  dkdv_tile=TileConfig(64, 128, num_stages=2)),
+    BackwardCase("packed-d256", head_dim=256, dq_tile=WIDE, dkdv_tile=WIDE),
+    BackwardCase("padded-gqa-4:1-d256", layout="padded", heads=4, kv_heads=1,
+                 head_dim=256, dq_tile=WIDE, dkdv_tile=WIDE),
+    BackwardCase("window-100-bidirectional-float16-d256", window=100, causal=False,
+                 dtype="float16", head_dim=256, dq_tile=WIDE, dkdv_tile=WIDE),
+    BackwardCase("one-stage-d256", layout="with_empty_row", head_dim=256,
+                 dq_tile=TileConfig(64, 64, num_stages=1),
+                 dkdv_tile=TileConfig(64, 64, num_stages=1)),
 ]
 BY_NAME = {c.name: c for c in GPU_CASES}
 
