@@ -54,10 +54,10 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.config import TileConfig
 from pallas_kernels.mosaic_common import (
-    PERSISTENT_MAX_SMEM_BYTES, WG_ROWS, broadcast_rows, check_row_words, check_supported, consumer_warpgroups, copy_q_tile,
-    empty_row_stats, launch, mma_accumulate, mma_transforms, online_softmax,
-    producer_warpgroup, rendezvous, row_vector, store_output, stream_kv_tiles, three_runs,
-    tile_doc_mask, wait_for_free_slot, zeros_acc)
+    PERSISTENT_MAX_SMEM_BYTES, WG_ROWS, broadcast_rows, check_row_words, check_supported,
+    consumer_warpgroups, copy_q_tile, empty_row_stats, launch, mma_accumulate,
+    mma_transforms, online_softmax, producer_warpgroup, rendezvous, row_vector,
+    store_output, stream_kv_tiles, three_runs, tile_doc_mask, wait_for_free_slot, zeros_acc)
 from pallas_kernels.mosaic_persistent import WorkItems, persistent_forward
 from pallas_kernels.segment_attention import LOG2E
 

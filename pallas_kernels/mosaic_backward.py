@@ -80,9 +80,9 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from pallas_kernels.config import TileConfig
 from pallas_kernels.mosaic_backward_steps import dkdv_step, dq_step, row_stats
 from pallas_kernels.mosaic_common import (
-    PERSISTENT_MAX_SMEM_BYTES, WG_ROWS, check_row_words, check_supported, consumer_warpgroups, launch, load_kv_rows,
-    mma_transforms, producer_warpgroup, row_vector, stream_kv_tiles, stream_q_tiles,
-    three_runs, zeros_acc)
+    PERSISTENT_MAX_SMEM_BYTES, WG_ROWS, check_row_words, check_supported, consumer_warpgroups,
+    launch, load_kv_rows, mma_transforms, producer_warpgroup, row_vector, stream_kv_tiles,
+    stream_q_tiles, three_runs, zeros_acc)
 from pallas_kernels.mosaic_persistent import WorkItems
 from pallas_kernels.mosaic_persistent_backward import (
     persistent_backward_dkdv, persistent_backward_dq)

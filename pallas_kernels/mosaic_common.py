@@ -81,8 +81,8 @@ PERSISTENT_MAX_SMEM_BYTES = 220 * 1024
 """Largest operand shared memory (Q, K, V, dO) of a default persistent kernel (227 KiB in all)."""
 WIDE_HEAD_TILE = TileConfig(64, 64, num_stages=2)
 """Every Mosaic kernel's default tile at head dim 256 (jpack.attention): wider ones do
-not fit shared memory with two stages, and with one they measured 1.4-1.5x slower
-on an H100 (experiments/perf_notes.md, entry 36)."""
+not fit shared memory with two stages, and the one-stage backward tilings measured
+1.3-1.5x slower forward+backward on an H100 (experiments/perf_notes.md, entry 36)."""
 PRODUCER_REGISTERS = 40
 CONSUMER_REGISTERS = 232
 
