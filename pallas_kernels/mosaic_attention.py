@@ -54,10 +54,11 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.config import TileConfig
 from pallas_kernels.mosaic_common import (
-    PERSISTENT_MAX_SMEM_BYTES, WG_ROWS, broadcast_rows, check_row_words, check_supported,
+    WG_ROWS, broadcast_rows, check_row_words, check_supported,
     consumer_warpgroups, copy_q_tile, empty_row_stats, launch, mma_accumulate,
     mma_transforms, online_softmax, producer_warpgroup, rendezvous, row_vector,
-    store_output, stream_kv_tiles, three_runs, tile_doc_mask, wait_for_free_slot, zeros_acc)
+    operand_rows_fit, store_output, stream_kv_tiles, three_runs, tile_doc_mask,
+    wait_for_free_slot, zeros_acc)
 from pallas_kernels.mosaic_persistent import WorkItems, persistent_forward
 from pallas_kernels.segment_attention import LOG2E
 
@@ -105,8 +106,7 @@ def _persistent_fits(tile: TileConfig, k) -> bool:
   """Whether the persistent forward's operands fit in PERSISTENT_MAX_SMEM_BYTES:
   two Q buffers (the next item's loads during this one's) of block_major rows
   next to the K/V ring (k: [B, Tk, Hkv, D])."""
-  rows = 2 * tile.block_major + 2 * tile.num_stages * tile.block_minor
-  return rows * k.shape[3] * jnp.dtype(k.dtype).itemsize <= PERSISTENT_MAX_SMEM_BYTES
+  return operand_rows_fit(2 * tile.block_major + 2 * tile.num_stages * tile.block_minor, k)
 
 
 def _load_consumer_q(gmem, qo_smem, q_ids_smem, q_ready, *, qt, b, h, wg, num_consumers):

@@ -80,9 +80,9 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from pallas_kernels.config import TileConfig
 from pallas_kernels.mosaic_backward_steps import dkdv_step, dq_step, row_stats
 from pallas_kernels.mosaic_common import (
-    PERSISTENT_MAX_SMEM_BYTES, WG_ROWS, check_row_words, check_supported, consumer_warpgroups,
-    launch, load_kv_rows, mma_transforms, producer_warpgroup, row_vector, stream_kv_tiles,
-    stream_q_tiles, three_runs, zeros_acc)
+    WG_ROWS, check_row_words, check_supported, consumer_warpgroups,
+    launch, load_kv_rows, mma_transforms, operand_rows_fit, producer_warpgroup, row_vector,
+    stream_kv_tiles, stream_q_tiles, three_runs, zeros_acc)
 from pallas_kernels.mosaic_persistent import WorkItems
 from pallas_kernels.mosaic_persistent_backward import (
     persistent_backward_dkdv, persistent_backward_dq)
@@ -122,9 +122,8 @@ def persistent_fits(tile: TileConfig, streamed) -> bool:
   streamed: as default_schedule's. Two buffer pairs of the major operands
   (2 * block_major rows of two operands) next to the ring of the minor ones.
   """
-  row_bytes = 2 * streamed.shape[3] * jnp.dtype(streamed.dtype).itemsize  # two operands
-  rows = 2 * tile.block_major + tile.num_stages * tile.block_minor
-  return rows * row_bytes <= PERSISTENT_MAX_SMEM_BYTES
+  return operand_rows_fit(2 * (2 * tile.block_major + tile.num_stages * tile.block_minor),
+                          streamed)
 
 
 def default_schedule(tile: TileConfig, streamed, kernel: str) -> str:

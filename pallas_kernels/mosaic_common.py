@@ -64,7 +64,7 @@ from pallas_kernels.config import COMPARE_SPLIT_BITS, TileConfig
 from pallas_kernels.segment_attention import EMPTY_LSE, LOG2E, MASKED_LOGIT
 
 __all__ = ["COMPARES", "CONSUMER_REGISTERS", "LN2", "PERSISTENT_MAX_SMEM_BYTES",
-           "PRODUCER_REGISTERS", "WG_ROWS", "WIDE_HEAD_TILE",
+           "PRODUCER_REGISTERS", "WG_ROWS", "WIDE_HEAD_TILE", "operand_rows_fit",
            "broadcast_cols", "broadcast_rows", "check_row_words", "check_supported", "col_vector",
            "consumer_warpgroups", "copy_kv_tile", "copy_q_tile", "doc_mask", "empty_row_stats",
            "launch", "launch_accumulating", "load_kv_rows", "mask_tile", "mma_accumulate",
@@ -114,6 +114,12 @@ def check_supported(q, k, tile: TileConfig, *, kv_major: bool = False) -> None:
                      f"of the tile ({tile.block_major}, {tile.block_minor})")
   # Too many stages for shared memory (227 KiB) is reported by Mosaic GPU
   # itself when the kernel is lowered (a ValueError naming shared memory).
+
+
+def operand_rows_fit(rows: int, like) -> bool:
+  """Whether `rows` shared-memory rows of operands shaped like `like` ([..., D]) fit
+  in PERSISTENT_MAX_SMEM_BYTES (the persistent kernels' test for their buffers)."""
+  return rows * like.shape[-1] * jnp.dtype(like.dtype).itemsize <= PERSISTENT_MAX_SMEM_BYTES
 
 
 def mma_transforms(dtype, swizzle=128):
