@@ -90,6 +90,26 @@ def tile_stats(segment_ids, positions, block: int) -> TileStats:
   )
 
 
+def coarsen_stats(stats: TileStats, factor: int) -> TileStats:
+  """The statistics of tiles `factor` times larger, from those of the smaller tiles.
+
+  Combined from strided slices (elementwise), so that a compiled plan reduces
+  the tokens once, at the finest tiling, and XLA fuses this into its users.
+  """
+  if factor == 1:
+    return stats
+  parts = lambda x: [x[:, i::factor] for i in range(factor)]  # noqa: E731
+  seg_min = functools.reduce(jnp.minimum, parts(stats.seg_min))
+  seg_max = functools.reduce(jnp.maximum, parts(stats.seg_max))
+  # Uniform parts have seg_min == seg_max; the whole is uniform iff all parts
+  # are and they share one id.
+  uniform = functools.reduce(jnp.logical_and, parts(stats.uniform)) & (seg_min == seg_max)
+  return TileStats(seg_min=seg_min, seg_max=seg_max,
+                   pos_min=functools.reduce(jnp.minimum, parts(stats.pos_min)),
+                   pos_max=functools.reduce(jnp.maximum, parts(stats.pos_max)),
+                   uniform=uniform)
+
+
 def _pairwise(q: TileStats, kv: TileStats):
   """({name: [B, nq, 1]}, {name: [B, 1, nk]}): the statistics, broadcastable per tile pair."""
   return ({f.name: getattr(q, f.name)[:, :, None] for f in dataclasses.fields(q)},
@@ -131,16 +151,38 @@ def visit_ranges(visit, full):
   """
   n = visit.shape[-1]
   idx = jnp.arange(n, dtype=jnp.int32)
-  any_visit = jnp.any(visit, axis=-1)
-  lo = jnp.where(any_visit, jnp.min(jnp.where(visit, idx, n), axis=-1), 0)
-  hi = jnp.where(any_visit, jnp.max(jnp.where(visit, idx + 1, 0), axis=-1), 0)
-  any_full = jnp.any(full, axis=-1)
-  full_lo = jnp.min(jnp.where(full, idx, n), axis=-1)
-  after_run = (~full) & (idx > full_lo[..., None])
-  full_hi = jnp.min(jnp.where(after_run, idx, hi[..., None]), axis=-1)
+  # The first run of full tiles ends at the first falling edge (a tile that is not
+  # full after one that is), or at hi: so all four bounds come from one pass.
+  after_full = jnp.pad(full[..., :-1], [(0, 0)] * (full.ndim - 1) + [(1, 0)])
+  (lo, full_lo, run_end), (hi,) = min_max_last(
+      mins=(jnp.where(visit, idx, n), jnp.where(full, idx, n),
+            jnp.where(after_full & ~full, idx, n)),
+      maxs=(jnp.where(visit, idx + 1, 0),))
+  any_visit, any_full = lo < n, full_lo < n
+  lo = jnp.where(any_visit, lo, 0)
+  full_hi = jnp.where(any_full, jnp.minimum(run_end, hi), hi)
   full_lo = jnp.where(any_full, full_lo, hi)
-  full_hi = jnp.where(any_full, full_hi, hi)
   return jnp.stack([lo, full_lo, full_hi, hi], axis=-1).astype(jnp.int32)
+
+
+def min_max_last(mins=(), maxs=()):
+  """(mins, maxs): the minimum of each array of `mins` and the maximum of each of
+  `maxs` over the last axis; int32 arrays of one shape.
+
+  One variadic reduction: XLA runs it as one kernel, where separate reductions
+  of one input were split over several kernels (perf_notes entry 37).
+  """
+  mins, maxs = tuple(mins), tuple(maxs)
+  k = len(mins)
+
+  def combine(a, b):
+    return (tuple(jnp.minimum(x, y) for x, y in zip(a[:k], b[:k]))
+            + tuple(jnp.maximum(x, y) for x, y in zip(a[k:], b[k:])))
+
+  out = jax.lax.reduce(mins + maxs, (jnp.int32(_INT_MAX),) * k
+                       + (jnp.int32(_INT_MIN),) * len(maxs), combine,
+                       ((mins + maxs)[0].ndim - 1,))
+  return tuple(out[:k]), tuple(out[k:])
 
 
 @jax.tree_util.register_dataclass
@@ -175,17 +217,20 @@ def make_tile_plan(q_segment_ids, kv_segment_ids, q_positions, kv_positions, *,
 
   Costs O(B * Tq/block_q * Tk/block_k) elementwise work, far below attention.
   """
-  q = tile_stats(q_segment_ids, q_positions, block_q)
-  kv = tile_stats(kv_segment_ids, kv_positions, block_k)
+  read_q, read_k = token_tilings(block_q, block_k)
+  q_fine = tile_stats(q_segment_ids, q_positions, read_q)
+  kv_fine = tile_stats(kv_segment_ids, kv_positions, read_k)
+  q = coarsen_stats(q_fine, block_q // read_q)
+  kv = coarsen_stats(kv_fine, block_k // read_k)
   visit, full = tile_occupancy(q, kv, causal=causal,
                                sliding_window=sliding_window)
   q_ranges = visit_ranges(visit, full)
   kv_ranges = visit_ranges(visit.transpose(0, 2, 1), full.transpose(0, 2, 1))
   q_compares, kv_compares = compare_splits(q, kv, q_ranges, kv_ranges, causal=causal,
                                            sliding_window=sliding_window)
-  q_spans = group_spans(q_segment_ids, kv_segment_ids, q_positions, kv_positions, q_ranges,
-                        block_q=block_q, block_k=block_k, causal=causal,
-                        sliding_window=sliding_window)
+  q_spans = (_spans_of_stats(q_fine, kv_fine, q_ranges, causal=causal,
+                             sliding_window=sliding_window)
+             if _group_rows(block_q, block_k) else jnp.zeros(q_ranges.shape[:2], jnp.int32))
   return TilePlan(q_ranges=q_ranges, kv_ranges=kv_ranges, q_compares=q_compares,
                   kv_compares=kv_compares, q_spans=q_spans, block_q=block_q,
                   block_k=block_k)
@@ -214,26 +259,62 @@ def group_spans(q_segment_ids, kv_segment_ids, q_positions, kv_positions, q_rang
   an empty row, and for every row when block_q is not a multiple of rows, an
   odd block_k, or more than two groups (32 bits).
   """
-  batch, n_q = q_ranges.shape[:2]
+  if not _group_rows(block_q, block_k, rows):
+    return jnp.zeros(q_ranges.shape[:2], jnp.int32)
+  return _spans_of_stats(tile_stats(q_segment_ids, q_positions, rows),
+                         tile_stats(kv_segment_ids, kv_positions, block_k // 2), q_ranges,
+                         causal=causal, sliding_window=sliding_window)
+
+
+def token_tilings(block_q: int, block_k: int) -> tuple[int, int]:
+  """(q tokens, kv tokens) per tile at which make_tile_plan reads the ids and
+  positions: group_spans' row groups and half kv tiles where they apply (the
+  plan's own tiles are combined from those), else the tiles themselves."""
+  rows = _group_rows(block_q, block_k)
+  return (rows, block_k // 2) if rows else (block_q, block_k)
+
+
+def _group_rows(block_q: int, block_k: int, rows: int = GROUP_ROWS) -> int:
+  """`rows` if group_spans can encode row groups of that size for this tiling, else 0."""
   groups = block_q // rows
-  if block_q % rows or block_k % 2 or groups * GROUP_SPAN_BITS > 32:
-    return jnp.zeros((batch, n_q), jnp.int32)
-  q = tile_stats(q_segment_ids, q_positions, rows)
-  kv = tile_stats(kv_segment_ids, kv_positions, block_k // 2)
-  visit, _ = tile_occupancy(q, kv, causal=causal, sliding_window=sliding_window)
-  visit = visit.reshape(batch, n_q, groups, visit.shape[-1])  # [B, nq, groups, 2 nk]
+  return 0 if block_q % rows or block_k % 2 or groups * GROUP_SPAN_BITS > 32 else rows
+
+
+def _spans_of_stats(q_groups: TileStats, kv_halves: TileStats, q_ranges, *, causal: bool,
+                    sliding_window: int | None):
+  """group_spans from the statistics of the row groups [B, nq * groups] and of the
+  half kv tiles [B, 2 nk].
+
+  Reduced over the kv tiles ([B, nq, nk], each tile's two halves side by side),
+  the shape of compare_splits' reductions, so that XLA may run them in one kernel.
+  """
+  batch, n_q = q_ranges.shape[:2]
+  groups = q_groups.seg_min.shape[1] // n_q
+  n_k = kv_halves.seg_min.shape[1] // 2
+  tile = jnp.arange(n_k, dtype=jnp.int32)
   lo, hi = (2 * q_ranges[..., i, None] for i in (0, 3))  # [B, nq, 1], in halves
-  half = jnp.arange(visit.shape[-1], dtype=jnp.int32)
-  seen = visit & (half >= lo[..., None]) & (half < hi[..., None])
-  any_seen = seen.any(axis=-1)
-  first = jnp.min(jnp.where(seen, half, visit.shape[-1]), axis=-1)
-  last = jnp.max(jnp.where(seen, half, -1), axis=-1)
+  big = 2 * n_k
+  firsts, lasts = [], []  # per group: [B, nq, nk], the group's first / last half seen
+  for g in range(groups):
+    q = TileStats(*(x[:, g::groups] for x in dataclasses.astuple(q_groups)))
+    seen = []  # per half h: bool [B, nq, nk], the group attends keys of half 2 t + h
+    for h in range(2):
+      kv = TileStats(*(x[:, h::2] for x in dataclasses.astuple(kv_halves)))
+      visit, _ = tile_occupancy(q, kv, causal=causal, sliding_window=sliding_window)
+      half = 2 * tile + h
+      seen.append(visit & (half >= lo) & (half < hi))
+    firsts.append(jnp.where(seen[0], 2 * tile, jnp.where(seen[1], 2 * tile + 1, big)))
+    lasts.append(jnp.where(seen[1], 2 * tile + 1, jnp.where(seen[0], 2 * tile, -1)))
+  firsts, lasts = min_max_last(mins=firsts, maxs=lasts)
+  lo, hi = lo[..., 0], hi[..., 0]
   cap = 2**SPAN_HALF_BITS - 1
-  front = jnp.minimum(jnp.where(any_seen, first - lo, hi - lo), cap)
-  back = jnp.minimum(jnp.where(any_seen, hi - 1 - last, 0), cap)
-  words = (front | back << SPAN_HALF_BITS) << (GROUP_SPAN_BITS
-                                              * jnp.arange(groups, dtype=jnp.int32))
-  return functools.reduce(jnp.bitwise_or, [words[..., g] for g in range(groups)])
+  word = jnp.zeros((batch, n_q), jnp.int32)
+  for g, (first, last) in enumerate(zip(firsts, lasts)):
+    any_seen = first < big
+    front = jnp.minimum(jnp.where(any_seen, first - lo, hi - lo), cap)
+    back = jnp.minimum(jnp.where(any_seen, hi - 1 - last, 0), cap)
+    word |= (front | back << SPAN_HALF_BITS) << (GROUP_SPAN_BITS * g)
+  return word
 
 
 def compare_splits(q: TileStats, kv: TileStats, q_ranges, kv_ranges, *, causal: bool,
@@ -281,9 +362,10 @@ def _span_lengths(first, last, ranges):
   idx = jnp.arange(first.shape[-1], dtype=jnp.int32)
   lo, hi = ranges[..., 0], ranges[..., 3]
   in_row = (idx >= lo[..., None]) & (idx < hi[..., None])
-  prefix_end = jnp.min(jnp.where(in_row & ~first, idx, hi[..., None]), axis=-1)
-  suffix_start = 1 + jnp.max(jnp.where(in_row & ~last, idx, lo[..., None] - 1), axis=-1)
-  return prefix_end - lo, hi - suffix_start
+  (prefix_end,), (suffix_last,) = min_max_last(
+      mins=(jnp.where(in_row & ~first, idx, hi[..., None]),),
+      maxs=(jnp.where(in_row & ~last, idx, lo[..., None] - 1),))
+  return prefix_end - lo, hi - 1 - suffix_last
 
 
 def visited_tiles(ranges):

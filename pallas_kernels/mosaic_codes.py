@@ -23,6 +23,8 @@ the forward writes them as empty rows at its store.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -53,14 +55,25 @@ def key_codes(kv_seg):
   return jax.nn.one_hot(residue, CODE_DIMS, dtype=jnp.bfloat16)
 
 
-def _nonzero_span(seg, block: int):
+def _nonzero_span(seg, block: int, read_block: int):
   """(min, max) int32 [B, T / block] of each tile's nonzero ids; (INT_MAX, INT_MIN)
-  for a tile of padding only."""
+  for a tile of padding only.
+
+  Reduced at read_block tokens (where it divides block), then combined: the
+  tiling at which jpack.masks.make_tile_plan reads the ids for the Mosaic
+  forward's tiles (its row groups of 64 and half kv tiles), so that under jit
+  XLA reduces them once for both.
+  """
+  if block % read_block:
+    read_block = block
   batch, length = seg.shape
-  tiles = seg.reshape(batch, length // block, block)
+  tiles = seg.reshape(batch, length // read_block, read_block)
   valid = tiles != 0
-  return (jnp.min(jnp.where(valid, tiles, _INT_MAX), axis=-1),
-          jnp.max(jnp.where(valid, tiles, _INT_MIN), axis=-1))
+  low = jnp.min(jnp.where(valid, tiles, _INT_MAX), axis=-1)
+  high = jnp.max(jnp.where(valid, tiles, _INT_MIN), axis=-1)
+  factor = block // read_block
+  return (functools.reduce(jnp.minimum, [low[:, i::factor] for i in range(factor)]),
+          functools.reduce(jnp.maximum, [high[:, i::factor] for i in range(factor)]))
 
 
 def coded_compares(q_seg, kv_seg, ranges, compares, block_k: int):
@@ -76,14 +89,18 @@ def coded_compares(q_seg, kv_seg, ranges, compares, block_k: int):
   other row gets ids_len = 0 (its ids-only tiles compare both), as the codes may
   let some of their pairs through.
   """
-  n_q = ranges.shape[1]
-  q_min, q_max = _nonzero_span(q_seg, q_seg.shape[1] // n_q)  # [B, nq]
-  k_min, k_max = _nonzero_span(kv_seg, block_k)  # [B, nk]
+  block_q = q_seg.shape[1] // ranges.shape[1]
+  q_min, q_max = _nonzero_span(q_seg, block_q, WG_ROWS)  # [B, nq]
+  k_min, k_max = _nonzero_span(kv_seg, block_k, block_k // 2)  # [B, nk]
   lo, hi = ranges[..., 0], ranges[..., 3]
   kv_tile = jnp.arange(k_min.shape[1], dtype=jnp.int32)
   in_range = (kv_tile >= lo[..., None]) & (kv_tile < hi[..., None])  # [B, nq, nk]
-  low = jnp.minimum(q_min, jnp.min(jnp.where(in_range, k_min[:, None], _INT_MAX), axis=-1))
-  high = jnp.maximum(q_max, jnp.max(jnp.where(in_range, k_max[:, None], _INT_MIN), axis=-1))
+  # One variadic reduction (one kernel, like jpack.masks.min_max_last).
+  low, high = lax.reduce((jnp.where(in_range, k_min[:, None], _INT_MAX),
+                          jnp.where(in_range, k_max[:, None], _INT_MIN)),
+                         (jnp.int32(_INT_MAX), jnp.int32(_INT_MIN)),
+                         lambda a, b: (jnp.minimum(a[0], b[0]), jnp.maximum(a[1], b[1])), (2,))
+  low, high = jnp.minimum(q_min, low), jnp.maximum(q_max, high)
   # high - low in uint32 is exact for high >= low (no int32 overflow).
   spread = high.astype(jnp.uint32) - low.astype(jnp.uint32)
   coded = (high < low) | (spread < CODE_RESIDUES)

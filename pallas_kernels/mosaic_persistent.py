@@ -160,53 +160,62 @@ RANK_MAX_PAIRS = 2**26
 
 
 def _ranks(work, window_items: int, tail_windows: int = 0):
-  """int32 [n]: each item's rank in the stable order by (work <= 0, window, -work).
+  """(rank int32 [n], busy int32 []): each item's rank in the stable order by
+  (work <= 0, window, -work), and how many items are busy (work > 0).
 
   work: int32 [n] (clipped to [0, 65535] for the order: longer rows tie);
   window k holds items [k * window_items, (k + 1) * window_items), except
-  that the last tail_windows windows form one. Busy items (work > 0) come
-  first, window by window, heaviest first, ties by index; the empty ones
-  after all of them, by index. Each busy item's rank inside its window is
-  counted over the window's pairs (one fused compare-and-sum per window
-  size; XLA's sort of 4096 items with three keys took 44 us on a GPU), then
-  offset by the busy items of earlier windows; above RANK_MAX_PAIRS pairs the
-  order is sorted instead.
+  that the last tail_windows windows form one. Busy items come first, window
+  by window, heaviest first, ties by index; the empty ones after all of them,
+  by index. An item's rank inside its window is counted over the window's
+  pairs (one fused compare-and-sum per window size; XLA's sort of 4096 items
+  with three keys took 44 us on a GPU), then offset by the busy (or, for an
+  empty item, the empty) items of earlier windows, counted per window: no
+  scan over the items (a cumulative sum over 4096 items took 7.7 us on an
+  H100, perf_notes entry 37). Above RANK_MAX_PAIRS pairs the order is sorted
+  instead.
   """
   n = work.shape[0]
   windows = -(-n // window_items)
   head = (windows - min(tail_windows, windows)) * window_items  # items before the tail
-  window = np.minimum(np.arange(n) // window_items, head // window_items)
+  starts = np.array([*range(0, head, window_items), *([head] if head < n else []), n])
+  window = np.searchsorted(starts, np.arange(n), side="right") - 1
   clipped = jnp.clip(work, 0, 2**16 - 1)
   busy = work > 0
-  if head * window_items + (n - head)**2 > RANK_MAX_PAIRS:
+  if head * window_items + (n - head)**2 + len(starts) * n > RANK_MAX_PAIRS:
     order = jnp.lexsort((-clipped, jnp.asarray(window, jnp.int32), ~busy))
-    return jnp.zeros(n, jnp.int32).at[order].set(jnp.arange(n, dtype=jnp.int32),
+    rank = jnp.zeros(n, jnp.int32).at[order].set(jnp.arange(n, dtype=jnp.int32),
                                                   unique_indices=True)
-  parts = [_window_ranks(clipped[a:b], busy[a:b], size)
-           for a, b, size in ((0, head, window_items), (head, n, n - head)) if b > a]
-  in_window = jnp.concatenate([r for r, _ in parts])
-  per_window = jnp.concatenate([c for _, c in parts])
-  earlier = jnp.cumsum(per_window) - per_window  # busy items of earlier windows
-  busy_rank = earlier[window] + in_window
-  empty_rank = jnp.sum(busy, dtype=jnp.int32) + jnp.cumsum(~busy, dtype=jnp.int32) - 1
-  return jnp.where(busy, busy_rank, empty_rank).astype(jnp.int32)
+    return rank, jnp.sum(busy, dtype=jnp.int32)
+  in_window = jnp.concatenate([_window_ranks(clipped[a:b], busy[a:b], size)
+                               for a, b, size in ((0, head, window_items), (head, n, n - head))
+                               if b > a])
+  # busy_before[k]: the busy items before window k starts (k = windows: all of them).
+  ahead = jnp.arange(n, dtype=jnp.int32)[None, :] < jnp.asarray(starts[:, None], jnp.int32)
+  busy_before = jnp.sum(busy[None, :] & ahead, axis=1, dtype=jnp.int32)
+  total = busy_before[-1]
+  # An empty item's in-window rank counts all its window's busy items first.
+  empty_rank = (total + jnp.asarray(starts[window], jnp.int32) - busy_before[window + 1]
+                + in_window)
+  rank = jnp.where(busy, busy_before[window] + in_window, empty_rank)
+  return rank.astype(jnp.int32), total
 
 
 def _window_ranks(work, busy, window_items: int):
-  """(in_window int32 [n], busy per window int32 [windows]): each busy item's rank
-  among the busy items of its window (heaviest first, ties by index), windows of
-  window_items consecutive items."""
+  """int32 [n]: each item's rank in its window (windows of window_items consecutive
+  items) in the order busy first, heaviest first, then by index."""
   n = work.shape[0]
   windows = -(-n // window_items)
-  pad = windows * window_items - n  # padding: not busy, ranked nowhere
+  pad = windows * window_items - n  # padding: empty, after every item of its window
   w = jnp.pad(work, (0, pad)).reshape(windows, 1, window_items)
   b = jnp.pad(busy, (0, pad)).reshape(windows, 1, window_items)
   index = jnp.arange(window_items, dtype=jnp.int32)
-  # before[k, i, j]: busy item j of window k goes before item i of that window.
-  before = b & ((w > w.transpose(0, 2, 1))
-                | ((w == w.transpose(0, 2, 1)) & (index[None, :] < index[:, None])))
-  in_window = jnp.sum(before, axis=2, dtype=jnp.int32).reshape(-1)[:n]
-  return in_window, jnp.sum(b, axis=(1, 2), dtype=jnp.int32)
+  # [k, i, j] of item i and item j of window k:
+  earlier = index[None, :] < index[:, None]  # j has the lower index
+  wi, bi = w.transpose(0, 2, 1), b.transpose(0, 2, 1)
+  heavier = (w > wi) | ((w == wi) & earlier)  # j goes first if both are busy
+  before = (b & ~bi) | (b & bi & heavier) | (~b & ~bi & earlier)  # j goes first
+  return jnp.sum(before, axis=2, dtype=jnp.int32).reshape(-1)[:n]
 
 
 ITEM_COST, FULL_TILE_COST, MASKED_TILE_COST, SKIPPED_HALF_COST = 69, 100, 126, 12
@@ -384,6 +393,12 @@ def reading_positions(ranges, heads: int, num_ctas: int,
   "dynamic": position = rank, the order in which the CTAs claim the items,
   with the last CLAIMED_TAIL of the windows merged into one.
   """
+  return _reading_positions(ranges, heads, num_ctas, window_rounds, dealing, spans)[0]
+
+
+def _reading_positions(ranges, heads: int, num_ctas: int, window_rounds: int | None,
+                       dealing: str, spans):
+  """(reading_positions' int32 [B * n * heads], int32 []: how many items are busy)."""
   if dealing not in DEALINGS:
     raise ValueError(f"dealing must be one of {DEALINGS}, got {dealing!r}")
   batch, n_rows, _ = ranges.shape
@@ -395,11 +410,12 @@ def reading_positions(ranges, heads: int, num_ctas: int,
   if dealing == "dynamic":  # one window at the end: the heavy items of the tail first
     return _ranks(work, min(window_items, n_items),
                   tail_windows=round(CLAIMED_TAIL * -(-n_items // window_items)))
-  rank = _ranks(work, min(window_items, n_items))
+  rank, busy = _ranks(work, min(window_items, n_items))
   if dealing == "snake":
-    return _deal_snake(rank, num_ctas)
+    return _deal_snake(rank, num_ctas), busy
   cost = _item_costs(ranges, heads, spans)
-  return _rebalance(_deal_by_load(rank, cost, num_ctas), cost, num_ctas, REBALANCE_SWEEPS)
+  return (_rebalance(_deal_by_load(rank, cost, num_ctas), cost, num_ctas, REBALANCE_SWEEPS),
+          busy)
 
 
 def persistent_schedule(q_ranges, heads: int, num_ctas: int,
@@ -421,20 +437,29 @@ def item_table(ranges, positions, heads: int, compares=None, spans=None):
   compares: the plan's int32 [B, n] (jpack.masks.compare_splits), or None for
   0 (every masked tile compares everything); spans: the plan's int32 [B, n]
   (jpack.masks.group_spans), or None for 0. Built in item order (broadcasts)
-  and scattered once. The kernel reads a row with independent loads, instead
-  of decoding the item and then loading its plan row (two dependent trips to
-  global memory at every item).
+  and scattered once, scalar by scalar (one kernel of n * 9 scalar updates:
+  on an H100 that took 5 us, where a scatter of [n, 9] rows took 15 us and
+  inverting the positions then gathering the rows two kernels of 9 us,
+  perf_notes entry 37). The kernel reads a row with independent loads,
+  instead of decoding the item and then loading its plan row (two dependent
+  trips to global memory at every item).
   """
   batch, n_rows, _ = ranges.shape
+  n = batch * heads * n_rows
   per_item = lambda x: jnp.broadcast_to(  # noqa: E731  [B, n, ...] -> [items, ...]
-      x[:, None], (batch, heads, *x.shape[1:])).reshape(batch * heads * n_rows, *x.shape[2:])
+      x[:, None], (batch, heads, *x.shape[1:])).reshape(n, *x.shape[2:])
   zeros = jnp.zeros((batch, n_rows), jnp.int32)
-  b, h, tile = np.unravel_index(np.arange(batch * heads * n_rows), (batch, heads, n_rows))
+  b, h, tile = np.unravel_index(np.arange(n), (batch, heads, n_rows))
   rows = jnp.concatenate([jnp.asarray(np.stack([b, tile, h], axis=1), jnp.int32),
                           per_item(ranges.astype(jnp.int32)),
                           per_item(zeros if compares is None else compares)[:, None],
                           per_item(zeros if spans is None else spans)[:, None]], axis=1)
-  return jnp.zeros_like(rows).at[positions].set(rows, unique_indices=True)
+  columns = rows.shape[1]
+  index = (positions[:, None] * columns + jnp.arange(columns, dtype=jnp.int32)).reshape(-1)
+  # A permutation: in bounds and never negative, so XLA adds no index checks.
+  return jnp.zeros(n * columns, jnp.int32).at[index].set(
+      rows.reshape(-1), unique_indices=True, mode="promise_in_bounds",
+      wrap_negative_indices=False).reshape(n, columns)
 
 
 @jax.tree_util.register_dataclass
@@ -486,11 +511,9 @@ def work_items(ranges, heads: int, compares=None, num_ctas: int | None = None,
     q_seg, kv_seg, block_k = coded_ids
     compares = coded_compares(q_seg, kv_seg, ranges, compares, block_k)
     codes = key_codes(kv_seg)
-  positions = reading_positions(ranges, heads, num_ctas, dealing=dealing, spans=spans)
+  positions, busy = _reading_positions(ranges, heads, num_ctas, WINDOW_ROUNDS, dealing, spans)
   table = item_table(ranges, positions, heads, compares, spans)
-  busy = (None if dealing != "dynamic" else
-          (jnp.sum(ranges[..., 3] > ranges[..., 0], dtype=jnp.int32) * heads).reshape(1))
-  return WorkItems(table, num_ctas, busy, codes)
+  return WorkItems(table, num_ctas, busy.reshape(1) if dealing == "dynamic" else None, codes)
 
 
 def resolve_work_items(items: WorkItems | None, ranges, heads: int, compares,

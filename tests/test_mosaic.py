@@ -289,11 +289,12 @@ def test_ranks_order_by_emptiness_window_and_descending_work(n, window_items, ta
   # the last tail_windows windows (all of them, or more) form one.
   rng = np.random.default_rng(n + tail_windows)
   work = rng.integers(-2, 70000 if n == 100 else 12, n).astype(np.int32)  # ties, clipping
-  got = np.asarray(mosaic_persistent._ranks(jnp.asarray(work), window_items, tail_windows))
+  rank, busy = mosaic_persistent._ranks(jnp.asarray(work), window_items, tail_windows)
   windows = -(-n // window_items)
   window = np.minimum(np.arange(n) // window_items, max(windows - tail_windows, 0))
   order = np.lexsort((-np.clip(work, 0, 2**16 - 1), window, work <= 0))
-  np.testing.assert_array_equal(got[order], np.arange(n))
+  np.testing.assert_array_equal(np.asarray(rank)[order], np.arange(n))
+  assert int(busy) == np.sum(work > 0)
 
 
 def _rounds(items, num_ctas):
