@@ -302,6 +302,52 @@ def test_group_spans_are_capped():
   np.testing.assert_array_equal(back[0, -1], [2, 0])
 
 
+@given(layout=self_layouts(B, T, positions="custom"), factor=st.sampled_from([2, 4]))
+def test_coarsened_stats_are_the_stats_of_the_larger_tiles(layout, factor):
+  seg, pos = layout.q_segment_ids, layout.q_positions
+  fine = masks.coarsen_stats(masks.tile_stats(seg, pos, 4), factor)
+  coarse = masks.tile_stats(seg, pos, 4 * factor)
+  for name in ("seg_min", "seg_max", "pos_min", "pos_max", "uniform"):
+    np.testing.assert_array_equal(getattr(fine, name), getattr(coarse, name), err_msg=name)
+
+
+def test_min_max_last_is_one_pass_of_minima_and_maxima():
+  rng = np.random.default_rng(0)
+  x, y, z = (jnp.asarray(rng.integers(-1000, 1000, (3, 5, 17)), jnp.int32) for _ in range(3))
+  (low_x, low_y), (high_z,) = masks.min_max_last(mins=(x, y), maxs=(z,))
+  np.testing.assert_array_equal(low_x, jnp.min(x, axis=-1))
+  np.testing.assert_array_equal(low_y, jnp.min(y, axis=-1))
+  np.testing.assert_array_equal(high_z, jnp.max(z, axis=-1))
+
+
+@pytest.mark.parametrize("blocks", [(128, 128), (128, 64), (64, 128)],
+                         ids=[_blk_id(b) for b in [(128, 128), (128, 64), (64, 128)]])
+@pytest.mark.parametrize("opt", [(True, None), (False, 100)], ids=_opt_id)
+@given(data=st.data())
+def test_a_plan_read_at_a_finer_tiling_is_the_plan_of_its_own_tiles(blocks, opt, data):
+  """make_tile_plan reads the tokens once, at its group spans' tiling (token_tilings:
+  64-row groups, half kv tiles), and combines its tiles' statistics from those: the
+  plan is what each part computes from statistics read at its own tiles."""
+  layout = data.draw(self_layouts(2, 512, positions=data.draw(st.sampled_from(
+      ["arange", "custom"]))))
+  (block_q, block_k), (causal, window) = blocks, opt
+  assert masks.token_tilings(block_q, block_k) == (64, block_k // 2)
+  plan = _plan_fn(block_q, block_k, causal, window)(*layout.arrays())
+  seg, _, pos, _ = layout.arrays()
+  q, kv = masks.tile_stats(seg, pos, block_q), masks.tile_stats(seg, pos, block_k)
+  visit, full = masks.tile_occupancy(q, kv, causal=causal, sliding_window=window)
+  q_ranges = masks.visit_ranges(visit, full)
+  kv_ranges = masks.visit_ranges(visit.transpose(0, 2, 1), full.transpose(0, 2, 1))
+  compares = masks.compare_splits(q, kv, q_ranges, kv_ranges, causal=causal,
+                                  sliding_window=window)
+  spans = masks.group_spans(seg, seg, pos, pos, q_ranges, block_q=block_q, block_k=block_k,
+                            causal=causal, sliding_window=window)
+  for got, want in ((plan.q_ranges, q_ranges), (plan.kv_ranges, kv_ranges),
+                    (plan.q_compares, compares[0]), (plan.kv_compares, compares[1]),
+                    (plan.q_spans, spans)):
+    np.testing.assert_array_equal(got, want)
+
+
 def test_packed_documents_need_one_compare_per_masked_tile():
   """Documents of 40 and 24 tokens, positions along the row, 16 x 16 tiles, causal.
 
