@@ -216,6 +216,8 @@ def make_tile_plan(q_segment_ids, kv_segment_ids, q_positions, kv_positions, *,
   """Tile plan for [B, Tq] / [B, Tk] ids and positions (Tq % block_q == 0, Tk % block_k == 0).
 
   Costs O(B * Tq/block_q * Tk/block_k) elementwise work, far below attention.
+  The ids and positions are read once, at token_tilings (the group spans'
+  finer tiles), and the plan's tile statistics combined from those.
   """
   read_q, read_k = token_tilings(block_q, block_k)
   q_fine = tile_stats(q_segment_ids, q_positions, read_q)
