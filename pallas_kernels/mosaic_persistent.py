@@ -110,7 +110,6 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels import item_order
 from pallas_kernels.config import GROUP_SPAN_BITS, SPAN_HALF_BITS, TileConfig
 from pallas_kernels.mosaic_claims import CLAIM_SLOTS, claim, claimed
 from pallas_kernels.mosaic_codes import CODE_DIMS, coded_compares, key_codes, row_operand
@@ -177,12 +176,13 @@ def _ranks(work, window_items: int, tail_windows: int = 0):
   instead.
   """
   n = work.shape[0]
-  head = _head_items(n, window_items, tail_windows)
+  windows = -(-n // window_items)
+  head = (windows - min(tail_windows, windows)) * window_items  # items before the tail
   starts = np.array([*range(0, head, window_items), *([head] if head < n else []), n])
   window = np.searchsorted(starts, np.arange(n), side="right") - 1
   clipped = jnp.clip(work, 0, 2**16 - 1)
   busy = work > 0
-  if _sorts(n, window_items, head):
+  if head * window_items + (n - head)**2 + len(starts) * n > RANK_MAX_PAIRS:
     order = jnp.lexsort((-clipped, jnp.asarray(window, jnp.int32), ~busy))
     rank = jnp.zeros(n, jnp.int32).at[order].set(jnp.arange(n, dtype=jnp.int32),
                                                   unique_indices=True)
@@ -199,18 +199,6 @@ def _ranks(work, window_items: int, tail_windows: int = 0):
                 + in_window)
   rank = jnp.where(busy, busy_before[window] + in_window, empty_rank)
   return rank.astype(jnp.int32), total
-
-
-def _head_items(n: int, window_items: int, tail_windows: int) -> int:
-  """The items before _ranks' tail window (n or more where there is none)."""
-  windows = -(-n // window_items)
-  return (windows - min(tail_windows, windows)) * window_items
-
-
-def _sorts(n: int, window_items: int, head: int) -> bool:
-  """Whether _ranks sorts (too many pairs to count: RANK_MAX_PAIRS)."""
-  windows = len(range(0, min(head, n), window_items)) + 2
-  return head * window_items + (n - min(head, n))**2 + windows * n > RANK_MAX_PAIRS
 
 
 def _window_ranks(work, busy, window_items: int):
@@ -408,17 +396,6 @@ def reading_positions(ranges, heads: int, num_ctas: int,
   return _reading_positions(ranges, heads, num_ctas, window_rounds, dealing, spans)[0]
 
 
-def _windows(n_items: int, n_rows: int, num_ctas: int, window_rounds: int | None,
-             dealing: str) -> tuple[int, int]:
-  """(window_items, tail_windows) of reading_positions' _ranks."""
-  window_items = (n_items if window_rounds is None else  # whole (batch, head) pairs
-                  max(1, -(-window_rounds * num_ctas // n_rows)) * n_rows)
-  if dealing != "dynamic":
-    return min(window_items, n_items), 0
-  # One window at the end: the heavy items of the tail first.
-  return min(window_items, n_items), round(CLAIMED_TAIL * -(-n_items // window_items))
-
-
 def _reading_positions(ranges, heads: int, num_ctas: int, window_rounds: int | None,
                        dealing: str, spans):
   """(reading_positions' int32 [B * n * heads], int32 []: how many items are busy)."""
@@ -428,10 +405,12 @@ def _reading_positions(ranges, heads: int, num_ctas: int, window_rounds: int | N
   n_items = batch * n_rows * heads
   work = jnp.broadcast_to((ranges[..., 3] - ranges[..., 0])[:, None, :],
                           (batch, heads, n_rows)).reshape(-1)
-  window_items, tail_windows = _windows(n_items, n_rows, num_ctas, window_rounds, dealing)
-  if dealing == "dynamic":
-    return _ranks(work, window_items, tail_windows)
-  rank, busy = _ranks(work, window_items)
+  window_items = (n_items if window_rounds is None else  # whole (batch, head) pairs
+                  max(1, -(-window_rounds * num_ctas // n_rows)) * n_rows)
+  if dealing == "dynamic":  # one window at the end: the heavy items of the tail first
+    return _ranks(work, min(window_items, n_items),
+                  tail_windows=round(CLAIMED_TAIL * -(-n_items // window_items)))
+  rank, busy = _ranks(work, min(window_items, n_items))
   if dealing == "snake":
     return _deal_snake(rank, num_ctas), busy
   cost = _item_costs(ranges, heads, spans)
@@ -532,21 +511,8 @@ def work_items(ranges, heads: int, compares=None, num_ctas: int | None = None,
     q_seg, kv_seg, block_k = coded_ids
     compares = coded_compares(q_seg, kv_seg, ranges, compares, block_k)
     codes = key_codes(kv_seg)
-  n_rows = ranges.shape[1]
-  window_items, tail_windows = _windows(num_items, n_rows, num_ctas, WINDOW_ROUNDS, dealing)
-  head = _head_items(num_items, window_items, tail_windows)
-  if (dealing != "load" and jax.default_backend() == "gpu"
-      and not _sorts(num_items, window_items, head)):
-    # One Triton kernel: the same table as below, without XLA's eight small kernels.
-    zeros = jnp.zeros(ranges.shape[:2], jnp.int32)
-    table, busy = item_order.ranked_table(
-        ranges, zeros if compares is None else compares, zeros if spans is None else spans,
-        heads=heads, window_items=window_items, head=min(head, num_items),
-        num_ctas=None if dealing == "dynamic" else num_ctas)
-  else:
-    positions, busy = _reading_positions(ranges, heads, num_ctas, WINDOW_ROUNDS, dealing,
-                                         spans)
-    table = item_table(ranges, positions, heads, compares, spans)
+  positions, busy = _reading_positions(ranges, heads, num_ctas, WINDOW_ROUNDS, dealing, spans)
+  table = item_table(ranges, positions, heads, compares, spans)
   return WorkItems(table, num_ctas, busy.reshape(1) if dealing == "dynamic" else None, codes)
 
 

@@ -40,8 +40,7 @@ from test_gpu import GpuCase
 from jpack import attention, mask_rules, masks
 from jpack.attention import (EMPTY_LSE, KernelConfig, flash_attention, flash_attention_bwd,
                              make_attention_plan, reference_attention)
-from pallas_kernels import (item_order, mosaic_attention, mosaic_backward, mosaic_common,
-                            mosaic_persistent)
+from pallas_kernels import mosaic_attention, mosaic_backward, mosaic_common, mosaic_persistent
 from pallas_kernels.config import COMPARE_SPLIT_BITS, GROUP_SPAN_BITS, SPAN_HALF_BITS, TileConfig
 
 TOL = 2e-2  # bfloat16 / float16 against the float32 reference
@@ -296,32 +295,6 @@ def test_ranks_order_by_emptiness_window_and_descending_work(n, window_items, ta
   order = np.lexsort((-np.clip(work, 0, 2**16 - 1), window, work <= 0))
   np.testing.assert_array_equal(np.asarray(rank)[order], np.arange(n))
   assert int(busy) == np.sum(work > 0)
-
-
-@pytest.mark.parametrize("batch, n_rows, heads, num_ctas", [
-    (1, 1, 1, 1), (2, 8, 3, 5), (3, 16, 5, 7), (4, 64, 16, 132), (3, 5, 2, 1000)])
-@pytest.mark.parametrize("dealing", ["dynamic", "snake"])
-def test_the_triton_item_table_is_the_xla_one(batch, n_rows, heads, num_ctas, dealing):
-  """item_order.ranked_table (what work_items runs on a GPU; here interpreted) gives
-  bit for bit the table and busy count of the XLA ranks and scatter."""
-  rng = np.random.default_rng(batch * 100 + n_rows)
-  lo = rng.integers(0, 20, (batch, n_rows))
-  width = rng.integers(0, 10, (batch, n_rows)) * (rng.random((batch, n_rows)) > 0.3)
-  ranges = jnp.asarray(np.stack([lo, lo, lo + width // 2, lo + width], -1), jnp.int32)
-  compares = jnp.asarray(rng.integers(0, 1000, (batch, n_rows)), jnp.int32)
-  spans = jnp.asarray(rng.integers(-2**31, 2**31 - 1, (batch, n_rows)), jnp.int32)
-  want = mosaic_persistent.work_items(ranges, heads, compares, num_ctas, spans,
-                                      dealing=dealing)
-  n = batch * n_rows * heads
-  window_items, tail = mosaic_persistent._windows(n, n_rows, num_ctas,
-                                                  mosaic_persistent.WINDOW_ROUNDS, dealing)
-  table, busy = item_order.ranked_table(
-      ranges, compares, spans, heads=heads, window_items=window_items,
-      head=min(mosaic_persistent._head_items(n, window_items, tail), n),
-      num_ctas=None if dealing == "dynamic" else num_ctas, interpret=True)
-  np.testing.assert_array_equal(table, want.table)
-  if dealing == "dynamic":
-    np.testing.assert_array_equal(busy, want.busy)
 
 
 def _rounds(items, num_ctas):
