@@ -110,6 +110,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from pallas_kernels import item_order
 from pallas_kernels.config import GROUP_SPAN_BITS, SPAN_HALF_BITS, TileConfig
 from pallas_kernels.mosaic_claims import CLAIM_SLOTS, claim, claimed
 from pallas_kernels.mosaic_codes import CODE_DIMS, coded_compares, key_codes, row_operand
@@ -176,8 +177,7 @@ def _ranks(work, window_items: int, tail_windows: int = 0):
   instead.
   """
   n = work.shape[0]
-  windows = -(-n // window_items)
-  head = (windows - min(tail_windows, windows)) * window_items  # items before the tail
+  head = _head_items(n, window_items, tail_windows)
   starts = np.array([*range(0, head, window_items), *([head] if head < n else []), n])
   window = np.searchsorted(starts, np.arange(n), side="right") - 1
   clipped = jnp.clip(work, 0, 2**16 - 1)
@@ -199,6 +199,12 @@ def _ranks(work, window_items: int, tail_windows: int = 0):
                 + in_window)
   rank = jnp.where(busy, busy_before[window] + in_window, empty_rank)
   return rank.astype(jnp.int32), total
+
+
+def _head_items(n: int, window_items: int, tail_windows: int) -> int:
+  """The items before _ranks' tail window (n or more where there is none)."""
+  windows = -(-n // window_items)
+  return (windows - min(tail_windows, windows)) * window_items
 
 
 def _window_ranks(work, busy, window_items: int):
@@ -396,6 +402,17 @@ def reading_positions(ranges, heads: int, num_ctas: int,
   return _reading_positions(ranges, heads, num_ctas, window_rounds, dealing, spans)[0]
 
 
+def _windows(n_items: int, n_rows: int, num_ctas: int, window_rounds: int | None,
+             dealing: str) -> tuple[int, int]:
+  """(window_items, tail_windows) of reading_positions' _ranks: windows of whole
+  (batch, head) pairs; dealt "dynamic", the last CLAIMED_TAIL of them merged into one
+  (the heavy items of the tail first)."""
+  window_items = (n_items if window_rounds is None else
+                  max(1, -(-window_rounds * num_ctas // n_rows)) * n_rows)
+  tail = round(CLAIMED_TAIL * -(-n_items // window_items)) if dealing == "dynamic" else 0
+  return min(window_items, n_items), tail
+
+
 def _reading_positions(ranges, heads: int, num_ctas: int, window_rounds: int | None,
                        dealing: str, spans):
   """(reading_positions' int32 [B * n * heads], int32 []: how many items are busy)."""
@@ -405,12 +422,10 @@ def _reading_positions(ranges, heads: int, num_ctas: int, window_rounds: int | N
   n_items = batch * n_rows * heads
   work = jnp.broadcast_to((ranges[..., 3] - ranges[..., 0])[:, None, :],
                           (batch, heads, n_rows)).reshape(-1)
-  window_items = (n_items if window_rounds is None else  # whole (batch, head) pairs
-                  max(1, -(-window_rounds * num_ctas // n_rows)) * n_rows)
-  if dealing == "dynamic":  # one window at the end: the heavy items of the tail first
-    return _ranks(work, min(window_items, n_items),
-                  tail_windows=round(CLAIMED_TAIL * -(-n_items // window_items)))
-  rank, busy = _ranks(work, min(window_items, n_items))
+  window_items, tail_windows = _windows(n_items, n_rows, num_ctas, window_rounds, dealing)
+  if dealing == "dynamic":
+    return _ranks(work, window_items, tail_windows)
+  rank, busy = _ranks(work, window_items)
   if dealing == "snake":
     return _deal_snake(rank, num_ctas), busy
   cost = _item_costs(ranges, heads, spans)
@@ -511,9 +526,28 @@ def work_items(ranges, heads: int, compares=None, num_ctas: int | None = None,
     q_seg, kv_seg, block_k = coded_ids
     compares = coded_compares(q_seg, kv_seg, ranges, compares, block_k)
     codes = key_codes(kv_seg)
-  positions, busy = _reading_positions(ranges, heads, num_ctas, WINDOW_ROUNDS, dealing, spans)
-  table = item_table(ranges, positions, heads, compares, spans)
+  if dealing != "load" and _triton_table(ranges, heads):
+    # One Triton kernel: the table below, bit for bit, without XLA's six small kernels.
+    window_items, tail = _windows(num_items, ranges.shape[1], num_ctas, WINDOW_ROUNDS, dealing)
+    zeros = jnp.zeros(ranges.shape[:2], jnp.int32)
+    table, busy = item_order.ranked_table(
+        ranges, zeros if compares is None else compares, zeros if spans is None else spans,
+        heads=heads, window_items=window_items,
+        head=min(_head_items(num_items, window_items, tail), num_items),
+        num_ctas=None if dealing == "dynamic" else num_ctas)
+  else:
+    positions, busy = _reading_positions(ranges, heads, num_ctas, WINDOW_ROUNDS, dealing,
+                                         spans)
+    table = item_table(ranges, positions, heads, compares, spans)
   return WorkItems(table, num_ctas, busy.reshape(1) if dealing == "dynamic" else None, codes)
+
+
+def _triton_table(ranges, heads: int) -> bool:
+  """Whether work_items tables the items with item_order.ranked_table: on a GPU
+  (where the Mosaic kernels run), for up to MAX_ITEM_ROW_PAIRS (item, plan row) pairs."""
+  rows = ranges.shape[0] * ranges.shape[1]
+  return (jax.default_backend() == "gpu"
+          and rows * heads * rows <= item_order.MAX_ITEM_ROW_PAIRS)
 
 
 def resolve_work_items(items: WorkItems | None, ranges, heads: int, compares,

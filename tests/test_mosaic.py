@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 import zlib
 
 import jax
@@ -40,7 +41,8 @@ from test_gpu import GpuCase
 from jpack import attention, mask_rules, masks
 from jpack.attention import (EMPTY_LSE, KernelConfig, flash_attention, flash_attention_bwd,
                              make_attention_plan, reference_attention)
-from pallas_kernels import mosaic_attention, mosaic_backward, mosaic_common, mosaic_persistent
+from pallas_kernels import (item_order, mosaic_attention, mosaic_backward, mosaic_common,
+                            mosaic_persistent)
 from pallas_kernels.config import COMPARE_SPLIT_BITS, GROUP_SPAN_BITS, SPAN_HALF_BITS, TileConfig
 
 TOL = 2e-2  # bfloat16 / float16 against the float32 reference
@@ -295,6 +297,68 @@ def test_ranks_order_by_emptiness_window_and_descending_work(n, window_items, ta
   order = np.lexsort((-np.clip(work, 0, 2**16 - 1), window, work <= 0))
   np.testing.assert_array_equal(np.asarray(rank)[order], np.arange(n))
   assert int(busy) == np.sum(work > 0)
+
+
+@pytest.mark.parametrize("batch, n_rows, heads, num_ctas", [
+    (1, 1, 1, 1), (2, 8, 3, 5), (3, 16, 5, 7), (4, 64, 16, 132), (3, 5, 2, 1000),
+    (2, 150, 2, 132), (1, 300, 1, 40),  # rows of a batch in one block, in two
+    (40, 3, 2, 132)])  # batches in a loop
+@pytest.mark.parametrize("dealing", ["dynamic", "snake"])
+def test_the_triton_item_table_is_the_xla_one(batch, n_rows, heads, num_ctas, dealing):
+  """item_order.ranked_table (what work_items runs on a GPU; here interpreted) gives
+  bit for bit the table and busy count of the XLA ranks and scatter: work ties,
+  work above the clip, empty rows and reversed ranges."""
+  rng = np.random.default_rng(batch * 1000 + n_rows * 10 + heads)
+  lo = rng.integers(0, 20, (batch, n_rows))
+  width = rng.integers(-1, 10, (batch, n_rows)) * (rng.random((batch, n_rows)) > 0.3)
+  width[rng.random((batch, n_rows)) < 0.1] = 70000
+  ranges = jnp.asarray(np.stack([lo, lo, lo + width // 2, lo + width], -1), jnp.int32)
+  compares = jnp.asarray(rng.integers(0, 1000, (batch, n_rows)), jnp.int32)
+  spans = jnp.asarray(rng.integers(-2**31, 2**31 - 1, (batch, n_rows)), jnp.int32)
+  want = mosaic_persistent.work_items(ranges, heads, compares, num_ctas, spans,
+                                      dealing=dealing)
+  n = batch * n_rows * heads
+  window_items, tail = mosaic_persistent._windows(n, n_rows, num_ctas,
+                                                  mosaic_persistent.WINDOW_ROUNDS, dealing)
+  table, busy = item_order.ranked_table(
+      ranges, compares, spans, heads=heads, window_items=window_items,
+      head=min(mosaic_persistent._head_items(n, window_items, tail), n),
+      num_ctas=None if dealing == "dynamic" else num_ctas, interpret=True)
+  np.testing.assert_array_equal(table, want.table)
+  assert int(busy[0]) == heads * int(np.sum(width > 0))
+  if dealing == "dynamic":
+    np.testing.assert_array_equal(busy, want.busy)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dealing, heads, num_ctas", [("dynamic", 16, None), ("snake", 16, None),
+                                                      ("snake", 4, 7), ("dynamic", 1, 132)])
+def test_work_items_on_a_gpu_are_the_xla_table(dealing, heads, num_ctas, monkeypatch):
+  """On a GPU work_items tables its items with the Triton kernel (compiled, not
+  interpreted): bit for bit the XLA path's table, on the benchmark's layout."""
+  from experiments.layouts import packed_segment_ids
+  from jpack import masks
+  seg = jnp.asarray(packed_segment_ids(4, 8192, seed=3, mean_len=1024.0))
+  pos = jnp.broadcast_to(jnp.arange(8192, dtype=jnp.int32), seg.shape)
+  plan = masks.make_tile_plan(seg, seg, pos, pos, block_q=128, block_k=128, causal=True,
+                              sliding_window=None)
+  make = functools.partial(mosaic_persistent.work_items, plan.q_ranges, heads,
+                           plan.q_compares, num_ctas, plan.q_spans, dealing=dealing)
+  assert mosaic_persistent._triton_table(plan.q_ranges, heads)
+  got = jax.jit(make)()
+  monkeypatch.setattr(mosaic_persistent, "_triton_table", lambda *_: False)
+  want = jax.jit(make)()
+  np.testing.assert_array_equal(got.table, want.table)
+  if dealing == "dynamic":
+    np.testing.assert_array_equal(got.busy, want.busy)
+
+
+def test_the_triton_item_table_rejects_windows_of_partial_pairs():
+  ranges = jnp.zeros((1, 4, 4), jnp.int32)
+  zeros = jnp.zeros((1, 4), jnp.int32)
+  with pytest.raises(ValueError, match="whole \\(batch, head\\) pairs"):
+    item_order.ranked_table(ranges, zeros, zeros, heads=2, window_items=6, head=8,
+                            num_ctas=None, interpret=True)
 
 
 def _rounds(items, num_ctas):
@@ -869,9 +933,24 @@ def _api_inputs(b=2, t=1000, heads=4, kv_heads=2, d=128, dtype=jnp.bfloat16):
           jax.ShapeDtypeStruct((b, t), jnp.int32))
 
 
+def _kernel_calls(lowered):
+  """[(kind, name)] of the lowered GPU kernels: kind "mosaic_gpu" or "xla.gpu.triton"."""
+  calls = []
+  for line in lowered.as_text().splitlines():
+    kind = re.search(r"custom_call @\S*?(mosaic_gpu|xla\.gpu\.triton)", line)
+    if kind:
+      name = re.search(r'name = "([^"]*)"', line)
+      calls.append((kind.group(1), name.group(1) if name else ""))
+  return calls
+
+
 def _custom_calls(lowered):
-  text = lowered.as_text()
-  return {name for name in ("mosaic_gpu", "xla.gpu.triton") if name in text}
+  """The kinds of the attention kernels (all but the plan's Triton item tables)."""
+  return {kind for kind, name in _kernel_calls(lowered) if name != "ranked_item_table"}
+
+
+def _item_tables(lowered):
+  return sum(name == "ranked_item_table" for _, name in _kernel_calls(lowered))
 
 
 @pytest.fixture
@@ -897,6 +976,9 @@ def test_api_lowers_for_cuda_forward_and_grad(pretend_gpu, options):
   lower = lambda f: jax.jit(f).trace(q, kv, kv, ids).lower(  # noqa: E731
       lowering_platforms=("cuda",))
   assert _custom_calls(lower(fwd)) == {"mosaic_gpu"}
+  # Planned in the call, on a GPU: work items tabled by the Triton kernel (the
+  # forward's, and dQ's until XLA drops what the forward does not use).
+  assert _item_tables(lower(fwd)) >= 1
   # Gradients: the Mosaic forward, then the Mosaic dQ and dK/dV kernels.
   assert _custom_calls(lower(jax.grad(loss, argnums=(0, 1, 2)))) == {"mosaic_gpu"}
 
