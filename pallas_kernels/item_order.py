@@ -43,6 +43,9 @@ MAX_UNROLLED_STEPS = 32
 MAX_ITEM_ROW_PAIRS = 2**27
 """Items x plan rows up to which ranked_table runs (each pair is ~10 integer ops)."""
 
+NUM_WARPS = 4
+"""Warps per program."""
+
 COLUMNS = 9
 """(b, tile, h, lo, full_lo, full_hi, hi, compares, spans): mosaic_persistent.item_table."""
 
@@ -160,7 +163,7 @@ def ranked_table(ranges, compares, spans, *, heads: int, window_items: int, head
       out_specs=[whole((padded * COLUMNS,)), whole((1,))],
       out_shape=[jax.ShapeDtypeStruct((padded * COLUMNS,), jnp.int32),
                  jax.ShapeDtypeStruct((1,), jnp.int32)],
-      compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
+      compiler_params=plgpu.CompilerParams(num_warps=NUM_WARPS, num_stages=1),
       interpret=interpret,
       name="ranked_item_table",
   )(*inputs)

@@ -353,6 +353,26 @@ def test_work_items_on_a_gpu_are_the_xla_table(dealing, heads, num_ctas, monkeyp
     np.testing.assert_array_equal(got.busy, want.busy)
 
 
+@pytest.mark.gpu
+def test_layers_planning_in_the_call_share_one_item_table():
+  """Two layers that pass the same segment ids plan once per jitted step: XLA merges
+  the plans' identical kernels, the Triton item table included."""
+  q = jax.random.normal(jax.random.key(7), (1, 1024, 2, 128), jnp.bfloat16)
+  seg = jnp.repeat(jnp.arange(1, 5, dtype=jnp.int32), 256)[None]
+
+  def layers(q, n):
+    for _ in range(n):
+      q = flash_attention(q, q, q, segment_ids=seg, implementation="mosaic")
+    return q
+
+  def tables(n):
+    text = jax.jit(functools.partial(layers, n=n)).lower(q).compile().as_text()
+    return text.count("ranked_item_table")
+
+  assert tables(1) > 0
+  assert tables(2) == tables(1)
+
+
 def test_the_triton_item_table_rejects_windows_of_partial_pairs():
   ranges = jnp.zeros((1, 4, 4), jnp.int32)
   zeros = jnp.zeros((1, 4), jnp.int32)
