@@ -516,7 +516,10 @@ def work_items(ranges, heads: int, compares=None, num_ctas: int | None = None,
   are claimed at run time, by the forward kernel only); coded_ids: the
   forward's segment ids and kv tile (q_seg [B, Tq], kv_seg [B, Tk], block_k),
   for items that carry the key codes and coded compares (mosaic_codes), as
-  the forward needs; None for the backward's.
+  the forward needs; None for the backward's. On a GPU the items of dealings
+  "snake" and "dynamic" are ranked and tabled by one Triton kernel
+  (item_order.ranked_table: the same table, bit for bit, in one launch where
+  XLA takes six).
   """
   num_items = ranges.shape[0] * ranges.shape[1] * heads
   if num_ctas is None:
