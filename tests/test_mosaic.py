@@ -373,6 +373,21 @@ def test_layers_planning_in_the_call_share_one_item_table():
   assert tables(2) == tables(1)
 
 
+def test_work_items_take_the_triton_table_on_gpus_up_to_its_pair_limit(monkeypatch):
+  """The Triton table where it runs (a GPU) and within MAX_ITEM_ROW_PAIRS; the XLA
+  path elsewhere (it sorts when the windows' pairs are too many)."""
+  small, large = jnp.zeros((4, 64, 4), jnp.int32), jnp.zeros((4, 1024, 4), jnp.int32)
+  assert not mosaic_persistent._triton_table(small, 16)  # the CPU
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  assert mosaic_persistent._triton_table(small, 16)
+  assert (4 * 1024)**2 * 16 > item_order.MAX_ITEM_ROW_PAIRS
+  assert not mosaic_persistent._triton_table(large, 16)
+  with pytest.raises(ValueError, match="MAX_ITEM_ROW_PAIRS"):
+    item_order.ranked_table(large, *[jnp.zeros((4, 1024), jnp.int32)] * 2, heads=16,
+                            window_items=2048, head=4 * 1024 * 16, num_ctas=None,
+                            interpret=True)
+
+
 def test_the_triton_item_table_rejects_windows_of_partial_pairs():
   ranges = jnp.zeros((1, 4, 4), jnp.int32)
   zeros = jnp.zeros((1, 4), jnp.int32)
