@@ -21,8 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments import bwd_probe, fwd_probe, mosaic_check
-from pallas_kernels import mosaic_attention, mosaic_persistent
+from experiments import bwd_probe, fwd_probe, item_table_probe, mosaic_check
+from pallas_kernels import item_order, mosaic_attention, mosaic_persistent
 
 
 def _forward_shapes(name):
@@ -306,6 +306,29 @@ def test_bwd_probe_runs_variants_and_times_them(monkeypatch):
   assert again["dq_err_vs_first"] == 0.0 and "dq_err_vs_reference_row0" not in again
   assert "delta_ms" not in again and again["bwd_ms"] == pytest.approx(
       again["dq_ms"] + again["dkdv_ms"], abs=1e-3)
+
+
+def test_item_table_probe_runs_variants_and_summarizes_ncu_times(monkeypatch, tmp_path,
+                                                                 capsys):
+  # Interpreted here (one call per variant); the variants must agree bit for bit.
+  monkeypatch.setattr(item_table_probe, "CALLS", 1)
+  monkeypatch.setattr(item_order, "ranked_table",
+                      functools.partial(item_order.ranked_table, interpret=True))
+  monkeypatch.setattr(item_order, "BLOCK_ITEMS", item_order.BLOCK_ITEMS)
+  monkeypatch.setattr(item_order, "NUM_WARPS", item_order.NUM_WARPS)
+  variants = item_table_probe._variants("512x4,1024x8")
+  assert variants == [(512, 4), (1024, 8)]
+  item_table_probe.run(variants)
+  assert "1024x8: ran" in capsys.readouterr().out
+  header = '"ID","Kernel Name","Metric Name","Metric Unit","Metric Value"\n'
+  rows = [f'"{i}","{name}","gpu__time_duration.sum","{unit}","{value}"\n' for i, (name, unit, value)
+          in enumerate([("ranked_item_table", "usecond", "8.0"), ("loop_fusion", "usecond", "2"),
+                        ("ranked_item_table", "nsecond", "5,500")])]
+  log = tmp_path / "table.csv"
+  log.write_text("==PROF== Connected to process\n" + header + "".join(rows))
+  item_table_probe.summarize(str(log), variants)
+  out = capsys.readouterr().out
+  assert " 512 items x 4 warps: 8.0 us" in out and "1024 items x 8 warps: 5.5 us" in out
 
 
 def test_bench_jpack_planned_matches_jpack_planning_in_the_call():
