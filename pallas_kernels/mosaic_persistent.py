@@ -521,6 +521,8 @@ def work_items(ranges, heads: int, compares=None, num_ctas: int | None = None,
   (item_order.ranked_table: the same table, bit for bit, in one launch where
   XLA takes six).
   """
+  if dealing not in DEALINGS:
+    raise ValueError(f"dealing must be one of {DEALINGS}, got {dealing!r}")
   num_items = ranges.shape[0] * ranges.shape[1] * heads
   if num_ctas is None:
     num_ctas = min(num_sms(), num_items)

@@ -382,6 +382,8 @@ def test_work_items_take_the_triton_table_on_gpus_up_to_its_pair_limit(monkeypat
   assert mosaic_persistent._triton_table(small, 16)
   assert (4 * 1024)**2 * 16 > item_order.MAX_ITEM_ROW_PAIRS
   assert not mosaic_persistent._triton_table(large, 16)
+  with pytest.raises(ValueError, match="dealing must be one of"):
+    mosaic_persistent.work_items(small, 16, dealing="lpt")
   with pytest.raises(ValueError, match="MAX_ITEM_ROW_PAIRS"):
     item_order.ranked_table(large, *[jnp.zeros((4, 1024), jnp.int32)] * 2, heads=16,
                             window_items=2048, head=4 * 1024 * 16, num_ctas=None,
