@@ -47,7 +47,7 @@ def run(variants) -> None:
   batch, n_rows, heads = 4, plan.q_ranges.shape[1], 16
   n = batch * n_rows * heads
   window_items, tail = mp._windows(n, n_rows, 132, mp.WINDOW_ROUNDS, "dynamic")
-  head = min(mp._head_items(n, window_items, tail), n)
+  head = mp._head_items(n, window_items, tail)
   first = None
   for block, warps in variants:
     item_order.BLOCK_ITEMS, item_order.NUM_WARPS = block, warps

@@ -202,9 +202,9 @@ def _ranks(work, window_items: int, tail_windows: int = 0):
 
 
 def _head_items(n: int, window_items: int, tail_windows: int) -> int:
-  """The items before _ranks' tail window (n or more where there is none)."""
+  """The items before _ranks' tail window (n where there is none)."""
   windows = -(-n // window_items)
-  return (windows - min(tail_windows, windows)) * window_items
+  return min((windows - min(tail_windows, windows)) * window_items, n)
 
 
 def _window_ranks(work, busy, window_items: int):
@@ -538,7 +538,7 @@ def work_items(ranges, heads: int, compares=None, num_ctas: int | None = None,
     table, busy = item_order.ranked_table(
         ranges, zeros if compares is None else compares, zeros if spans is None else spans,
         heads=heads, window_items=window_items,
-        head=min(_head_items(num_items, window_items, tail), num_items),
+        head=_head_items(num_items, window_items, tail),
         num_ctas=None if dealing == "dynamic" else num_ctas)
   else:
     positions, busy = _reading_positions(ranges, heads, num_ctas, WINDOW_ROUNDS, dealing,

@@ -322,7 +322,7 @@ def test_the_triton_item_table_is_the_xla_one(batch, n_rows, heads, num_ctas, de
                                                   mosaic_persistent.WINDOW_ROUNDS, dealing)
   table, busy = item_order.ranked_table(
       ranges, compares, spans, heads=heads, window_items=window_items,
-      head=min(mosaic_persistent._head_items(n, window_items, tail), n),
+      head=mosaic_persistent._head_items(n, window_items, tail),
       num_ctas=None if dealing == "dynamic" else num_ctas, interpret=True)
   np.testing.assert_array_equal(table, want.table)
   assert int(busy[0]) == heads * int(np.sum(width > 0))
