@@ -5,13 +5,14 @@
 
 A variant is "schedule[:num_ctas][+delta]": a schedule of
 mosaic_backward.SCHEDULES for both kernels and, for "persistent", an optional
-CTA count (default one per SM), run with the default tiles
-(mosaic_backward.DEFAULT_DQ_TILE, DEFAULT_DKDV_TILE); "+delta" runs the dQ
+CTA count (default one per SM), run with jpack's default tiles for the head
+dim (`tiles`: mosaic_backward.DEFAULT_DQ_TILE and DEFAULT_DKDV_TILE, or
+mosaic_common.WIDE_HEAD_TILE at --head-dim 256); "+delta" runs the dQ
 step as backward_dq_and_delta (delta = rowsum(out * do) computed inside the
 persistent dQ kernel), the others compute delta first in XLA
 (segment_attention.backward_delta). The layouts are fwd_probe's (B=4 by
 --batch, T=8192, H=16, D=128 bfloat16, the main shape of bench_attention.py);
---gqa makes the keys and values 4 heads.
+--gqa makes the keys and values 4 heads, --head-dim sets D.
 
 Per (layout, variant): the median times of the delta step (XLA; 0 with
 "+delta"), of the dQ kernel (with delta for "+delta") and of the dK/dV kernel,
@@ -44,7 +45,7 @@ from experiments.fwd_probe import HEAD_DIM, HEADS, SEQ_LEN, layout, rel_err  # n
 from experiments.layouts import BACKWARD_FLOPS_FACTOR, causal_doc_flops  # noqa: E402
 from jpack import masks  # noqa: E402
 from jpack.attention import flash_attention, reference_attention  # noqa: E402
-from pallas_kernels import mosaic_backward  # noqa: E402
+from pallas_kernels import mosaic_backward, mosaic_common  # noqa: E402
 from pallas_kernels.segment_attention import backward_delta  # noqa: E402
 
 GRADS = ("dq", "dk", "dv")
@@ -62,8 +63,15 @@ def parse_variant(text):
   return schedule, int(ctas) if ctas else None, bool(plus)
 
 
+def tiles(head_dim):
+  """(dQ tile, dK/dV tile) that jpack runs at this head dim."""
+  if head_dim > 128:
+    return mosaic_common.WIDE_HEAD_TILE, mosaic_common.WIDE_HEAD_TILE
+  return mosaic_backward.DEFAULT_DQ_TILE, mosaic_backward.DEFAULT_DKDV_TILE
+
+
 @functools.lru_cache(maxsize=None)
-def kernels(schedule, num_ctas, fuse_delta, causal, scale):
+def kernels(schedule, num_ctas, fuse_delta, causal, scale, head_dim):
   """jitted (delta_fn, dq_fn, dkdv_fn).
 
   delta_fn(out, do) -> delta (XLA), or None with fuse_delta; dq_fn(q, k, v,
@@ -73,7 +81,7 @@ def kernels(schedule, num_ctas, fuse_delta, causal, scale):
   """
   opts = dict(scale=scale, causal=causal, sliding_window=None, schedule=schedule,
               num_ctas=num_ctas)
-  tile = mosaic_backward.DEFAULT_DQ_TILE
+  tile, dkdv_tile = tiles(head_dim)
 
   @jax.jit
   def dq_fn(q, k, v, do, lse, delta_or_out, seg, pos, ranges):
@@ -87,16 +95,15 @@ def kernels(schedule, num_ctas, fuse_delta, causal, scale):
   @jax.jit
   def dkdv_fn(q, k, v, do, lse, delta, seg, pos, ranges):
     return mosaic_backward.backward_dkdv(q, k, v, do, lse, delta, seg, seg, pos, pos,
-                                         ranges, tile=mosaic_backward.DEFAULT_DKDV_TILE,
-                                         **opts)
+                                         ranges, tile=dkdv_tile, **opts)
 
   delta_fn = None if fuse_delta else jax.jit(lambda out, do: backward_delta(out, do, 0.0))
   return delta_fn, dq_fn, dkdv_fn
 
 
-def plans(seg, pos, causal):
+def plans(seg, pos, causal, head_dim):
   """(q_ranges of the dQ tiling, kv_ranges of the dK/dV tiling)."""
-  dq_tile, dkdv_tile = mosaic_backward.DEFAULT_DQ_TILE, mosaic_backward.DEFAULT_DKDV_TILE
+  dq_tile, dkdv_tile = tiles(head_dim)
   plan = functools.partial(masks.make_tile_plan, seg, seg, pos, pos, causal=causal,
                            sliding_window=None)
   return (plan(block_q=dq_tile.block_major, block_k=dq_tile.block_minor).q_ranges,
@@ -132,8 +139,10 @@ def run_variant(schedule, num_ctas, fuse_delta, inputs, causal, first, reps=20):
   timing samples of each step.
   """
   q, k, v, do, seg, pos = inputs
-  scale = 1.0 / np.sqrt(HEAD_DIM)
-  delta_fn, dq_fn, dkdv_fn = kernels(schedule, num_ctas, fuse_delta, causal, scale)
+  head_dim = q.shape[3]
+  scale = 1.0 / np.sqrt(head_dim)
+  delta_fn, dq_fn, dkdv_fn = kernels(schedule, num_ctas, fuse_delta, causal, scale,
+                                     head_dim)
 
   def backward(q, k, v, do, seg, pos, out, lse, q_ranges, kv_ranges):
     """(dq, dk, dv), and the calls to time: [(name, fn, args)]."""
@@ -150,7 +159,7 @@ def run_variant(schedule, num_ctas, fuse_delta, inputs, causal, first, reps=20):
 
   as_np = lambda x: np.asarray(x.astype(jnp.float32))  # noqa: E731
   out, lse = residuals(q, k, v, seg, causal, scale)
-  got, calls = backward(q, k, v, do, seg, pos, out, lse, *plans(seg, pos, causal))
+  got, calls = backward(q, k, v, do, seg, pos, out, lse, *plans(seg, pos, causal, head_dim))
   grads = dict(zip(GRADS, map(as_np, got)))
   result = dict(nonfinite=int(sum((~np.isfinite(g)).sum() for g in grads.values())))
   if first is None:
@@ -159,7 +168,7 @@ def run_variant(schedule, num_ctas, fuse_delta, inputs, causal, first, reps=20):
     sub = [x[:1, :, :n] for x, n in zip((q, k, v, do), (2, kv_heads, kv_heads, 2))]
     sub_ids = (seg[:1], pos[:1])
     sub_res = residuals(*sub[:3], seg[:1], causal, scale, reference=True)
-    sub_got, _ = backward(*sub, *sub_ids, *sub_res, *plans(*sub_ids, causal))
+    sub_got, _ = backward(*sub, *sub_ids, *sub_res, *plans(*sub_ids, causal, head_dim))
     want = reference_grads(*sub, seg[:1], causal, scale)
     for name, g in zip(GRADS, sub_got):
       result[f"{name}_err_vs_reference_row0"] = rel_err(as_np(g), want[name])
@@ -167,7 +176,7 @@ def run_variant(schedule, num_ctas, fuse_delta, inputs, causal, first, reps=20):
     for name in GRADS:
       result[f"{name}_err_vs_first"] = rel_err(grads[name], first[name])
   times = {name: timing.median_ms(fn, *args, warmup=3, reps=reps) for name, fn, args in calls}
-  flops = BACKWARD_FLOPS_FACTOR * causal_doc_flops(np.asarray(seg), HEADS, HEAD_DIM,
+  flops = BACKWARD_FLOPS_FACTOR * causal_doc_flops(np.asarray(seg), HEADS, head_dim,
                                                    causal=causal)
   bwd_ms = sum(times.values())
   result.update({f"{name}_ms": round(ms, 4) for name, ms in times.items()},
@@ -181,12 +190,13 @@ def main():
   p.add_argument("--layouts", default="packed")
   p.add_argument("--batch", type=int, default=4)
   p.add_argument("--gqa", action="store_true", help="4 kv heads (16 q heads)")
+  p.add_argument("--head-dim", type=int, default=HEAD_DIM)
   p.add_argument("--reps", type=int, default=20)
   args = p.parse_args()
   variants = [(v, *parse_variant(v)) for v in args.variants.split(",")]
   keys = jax.random.split(jax.random.key(0), 4)
-  shape = (args.batch, SEQ_LEN, HEADS, HEAD_DIM)
-  kv_shape = shape[:2] + (4 if args.gqa else HEADS, HEAD_DIM)
+  shape = (args.batch, SEQ_LEN, HEADS, args.head_dim)
+  kv_shape = shape[:2] + (4 if args.gqa else HEADS, args.head_dim)
   q, do = (jax.random.normal(key, shape, jnp.bfloat16) for key in keys[:2])
   k, v = (jax.random.normal(key, kv_shape, jnp.bfloat16) for key in keys[2:])
   pos = jnp.broadcast_to(jnp.arange(SEQ_LEN, dtype=jnp.int32), (args.batch, SEQ_LEN))
@@ -196,7 +206,7 @@ def main():
     inputs = (q, k, v, do, jnp.asarray(seg), pos)
     first = None
     for name, schedule, num_ctas, fuse_delta in variants:
-      result = dict(layout=layout_name, variant=name, gqa=args.gqa)
+      result = dict(layout=layout_name, variant=name, gqa=args.gqa, head_dim=args.head_dim)
       try:
         found, grads = run_variant(schedule, num_ctas, fuse_delta, inputs, causal,
                                    first, reps=args.reps)

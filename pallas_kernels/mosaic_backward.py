@@ -80,18 +80,18 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from pallas_kernels.config import TileConfig
 from pallas_kernels.mosaic_backward_steps import dkdv_step, dq_step, row_stats
 from pallas_kernels.mosaic_common import (
-    WG_ROWS, check_row_words, check_supported, consumer_warpgroups,
-    launch, load_kv_rows, mma_transforms, operand_rows_fit, producer_warpgroup, row_vector,
-    stream_kv_tiles, stream_q_tiles, three_runs, zeros_acc)
+    WG_ROWS, check_row_words, check_supported, consumer_warpgroups, launch, load_kv_rows,
+    mma_transforms, operand_rows_fit, plan_rows, producer_warpgroup, row_vector, stream_kv_tiles, stream_q_tiles, three_runs, zeros_acc)
 from pallas_kernels.mosaic_persistent import WorkItems
 from pallas_kernels.mosaic_persistent_backward import (
     persistent_backward_dkdv, persistent_backward_dq)
+from pallas_kernels.mosaic_split_backward import (
+    SPLIT_TILE, split_backward_dkdv, split_backward_dq)
 from pallas_kernels.segment_attention import LOG2E, backward_delta
 
 __all__ = ["DEFAULT_DQ_TILE", "DEFAULT_DKDV_TILE", "DEFAULT_SCHEDULES", "SCHEDULES",
            "backward_dq", "backward_dq_and_delta", "backward_dkdv", "check_backward_inputs",
-           "default_schedule",
-           "persistent_fits"]
+           "default_schedule", "persistent_fits", "splits"]
 
 DEFAULT_DQ_TILE = TileConfig(128, 64, num_stages=2)
 """dQ: two consumer warpgroups (128 q rows), 64-key tiles, double-buffered.
@@ -104,10 +104,13 @@ DEFAULT_DKDV_TILE = TileConfig(128, 64, num_stages=2)
 Untuned starting point: 64-query tiles keep S^T and dP^T at 32 registers each
 next to the dK and dV accumulators (64 each at D = 128)."""
 
-SCHEDULES = ("grid", "persistent")
-"""How a backward kernel walks its major tiles: one CTA each ("grid"), or a
+SCHEDULES = ("grid", "persistent", "split")
+"""How a backward kernel walks its major tiles: one CTA each ("grid"), a
 persistent kernel of one CTA per SM walking lists of them
-(mosaic_persistent_backward). Both give the same outputs."""
+(mosaic_persistent_backward), or one CTA of 64 rows each whose two consumer
+warpgroups split the head dim ("split", mosaic_split_backward: for D = 256,
+where one warpgroup's accumulators over all of D spill). All give the same
+outputs."""
 DEFAULT_SCHEDULES = {"dq": "persistent", "dkdv": "grid"}
 """Each kernel's faster schedule on an H100 at T = 8192 (experiments/perf_notes.md,
 entry 17): the persistent dQ kernel is 5-7% faster than the grid one on packed
@@ -127,21 +130,30 @@ def persistent_fits(tile: TileConfig, streamed) -> bool:
 
 
 def default_schedule(tile: TileConfig, streamed, kernel: str) -> str:
-  """The schedule a backward kernel runs when none is named: DEFAULT_SCHEDULES or "grid".
+  """The schedule a backward kernel runs when none is named: DEFAULT_SCHEDULES, "split" or "grid".
 
   kernel: "dq" or "dkdv"; streamed: the operand whose tiles stream through
   the ring, with its partner (K and V for dQ: pass k [B, Tk, Hkv, D]; Q and dO
-  for dK/dV: pass q). "grid" where the persistent kernel would not fit in shared memory (two buffer pairs
-  of major operands next to the ring) and for long rows, more than
-  PERSISTENT_MAX_STREAM_BYTES of streamed operands per head: the threshold of
-  the persistent forward (mosaic_attention.default_schedule), whose item order
-  thrashes L2 there.
+  for dK/dV: pass q). "split" at head_dim > 128 with the split kernels' tile
+  (mosaic_split_backward.SPLIT_TILE's 64 x 64). "grid" where the persistent
+  kernel would not fit in shared memory (two buffer pairs of major operands
+  next to the ring) and for long rows, more than PERSISTENT_MAX_STREAM_BYTES of
+  streamed operands per head: the threshold of the persistent forward
+  (mosaic_attention.default_schedule), whose item order thrashes L2 there.
   """
   _, length, _, head_dim = streamed.shape
+  if head_dim > 128 and splits(tile):
+    return "split"
   stream_bytes = 2 * length * head_dim * jnp.dtype(streamed.dtype).itemsize
   if not persistent_fits(tile, streamed) or stream_bytes > PERSISTENT_MAX_STREAM_BYTES:
     return "grid"
   return DEFAULT_SCHEDULES[kernel]
+
+
+def splits(tile: TileConfig) -> bool:
+  """Whether the split kernels run this tile (64 x 64, any number of stages)."""
+  return (tile.block_major, tile.block_minor) == (SPLIT_TILE.block_major,
+                                                  SPLIT_TILE.block_minor)
 
 
 def _pick_schedule(schedule, num_ctas, tile, streamed, kernel, items=None):
@@ -153,6 +165,10 @@ def _pick_schedule(schedule, num_ctas, tile, streamed, kernel, items=None):
   if num_ctas is not None and (schedule != "persistent" or num_ctas < 1):
     raise ValueError(f"num_ctas must be None or >= 1, and only with schedule="
                      f"'persistent'; got num_ctas={num_ctas}, schedule={schedule!r}")
+  if schedule == "split" and not splits(tile):
+    raise ValueError(f"schedule='split' needs a {SPLIT_TILE.block_major} x "
+                     f"{SPLIT_TILE.block_minor} tile, got ({tile.block_major}, "
+                     f"{tile.block_minor})")
   if items is not None and schedule != "persistent":
     raise ValueError(f"items (work items of a persistent kernel) need schedule="
                      f"'persistent', got schedule={schedule!r}")
@@ -180,11 +196,6 @@ def check_backward_inputs(q, k, plan, tile: TileConfig, *, kv_major: bool, rule=
     raise ValueError(f"{'kv' if kv_major else 'q'}_ranges must be a range plan int32 "
                      f"[B, n_tiles, 4] = {expected} (tile lists of general masks are "
                      f"not supported), got shape {tuple(plan.shape)}")
-
-
-def _with_compares(ranges, compares):
-  """The grid kernels' plan rows: [B, n, 4], or [B, n, 5] with the compares last."""
-  return ranges if compares is None else jnp.concatenate([ranges, compares[..., None]], -1)
 
 
 # ----------------------------------------------------------------------------
@@ -262,11 +273,16 @@ def backward_dq(q, k, v, do, lse, delta, q_seg, kv_seg, q_pos, kv_pos, q_ranges,
   check_backward_inputs(q, k, q_ranges, tile, kv_major=False, rule=rule,
                         kv_doc=kv_doc, dense=dense, interpret=interpret)
   check_row_words("q_compares", q_compares, q_ranges)
-  if _pick_schedule(schedule, num_ctas, tile, k, "dq", items) == "persistent":
+  schedule = _pick_schedule(schedule, num_ctas, tile, k, "dq", items)
+  if schedule == "persistent":
     return persistent_backward_dq(q, k, v, do, lse, delta, q_seg, kv_seg, q_pos, kv_pos,
                                   q_ranges, tile=tile, scale=scale, causal=causal,
                                   sliding_window=sliding_window, num_ctas=num_ctas,
                                   q_compares=q_compares, items=items)
+  if schedule == "split":
+    return split_backward_dq(q, k, v, do, lse, delta, q_seg, kv_seg, q_pos, kv_pos,
+                             q_ranges, tile=tile, scale=scale, causal=causal,
+                             sliding_window=sliding_window, q_compares=q_compares)
   batch, tq, heads, head_dim = q.shape
   num_consumers = tile.block_major // WG_ROWS
   bk, stages = tile.block_minor, tile.num_stages
@@ -291,7 +307,7 @@ def backward_dq(q, k, v, do, lse, delta, q_seg, kv_seg, q_pos, kv_pos, q_ranges,
       plgpu.Barrier(num_arrivals=num_consumers, num_barriers=stages),
   )
   return launch(
-      kernel, (_with_compares(q_ranges, q_compares), q, k, v, do, lse, delta, q_seg, q_pos,
+      kernel, (plan_rows(q_ranges, q_compares), q, k, v, do, lse, delta, q_seg, q_pos,
                kv_seg, kv_pos),
       scratch, barriers,
       out_type=jax.ShapeDtypeStruct(q.shape, q.dtype),
@@ -318,7 +334,8 @@ def backward_dq_and_delta(q, k, v, do, lse, out, dlse, q_seg, kv_seg, q_pos, kv_
   check_backward_inputs(q, k, q_ranges, tile, kv_major=False, rule=rule,
                         kv_doc=kv_doc, dense=dense, interpret=interpret)
   check_row_words("q_compares", q_compares, q_ranges)
-  if _pick_schedule(schedule, num_ctas, tile, k, "dq", items) == "persistent":
+  schedule = _pick_schedule(schedule, num_ctas, tile, k, "dq", items)
+  if schedule == "persistent":
     return persistent_backward_dq(q, k, v, do, lse, None, q_seg, kv_seg, q_pos, kv_pos,
                                   q_ranges, tile=tile, scale=scale, causal=causal,
                                   sliding_window=sliding_window, num_ctas=num_ctas,
@@ -326,7 +343,7 @@ def backward_dq_and_delta(q, k, v, do, lse, out, dlse, q_seg, kv_seg, q_pos, kv_
   delta = backward_delta(out, do, dlse)
   return backward_dq(q, k, v, do, lse, delta, q_seg, kv_seg, q_pos, kv_pos, q_ranges,
                      tile=tile, scale=scale, causal=causal, sliding_window=sliding_window,
-                     schedule="grid", q_compares=q_compares), delta
+                     schedule=schedule, q_compares=q_compares), delta
 
 
 # ----------------------------------------------------------------------------
@@ -408,11 +425,16 @@ def backward_dkdv(q, k, v, do, lse, delta, q_seg, kv_seg, q_pos, kv_pos, kv_rang
   check_backward_inputs(q, k, kv_ranges, tile, kv_major=True, rule=rule,
                         kv_doc=kv_doc, dense=dense, interpret=interpret)
   check_row_words("kv_compares", kv_compares, kv_ranges)
-  if _pick_schedule(schedule, num_ctas, tile, q, "dkdv", items) == "persistent":
+  schedule = _pick_schedule(schedule, num_ctas, tile, q, "dkdv", items)
+  if schedule == "persistent":
     return persistent_backward_dkdv(q, k, v, do, lse, delta, q_seg, kv_seg, q_pos, kv_pos,
                                     kv_ranges, tile=tile, scale=scale, causal=causal,
                                     sliding_window=sliding_window, num_ctas=num_ctas,
                                     kv_compares=kv_compares, items=items)
+  if schedule == "split":
+    return split_backward_dkdv(q, k, v, do, lse, delta, q_seg, kv_seg, q_pos, kv_pos,
+                               kv_ranges, tile=tile, scale=scale, causal=causal,
+                               sliding_window=sliding_window, kv_compares=kv_compares)
   batch, tk, kv_heads, head_dim = k.shape
   num_consumers = tile.block_major // WG_ROWS
   bq, stages = tile.block_minor, tile.num_stages
@@ -437,7 +459,7 @@ def backward_dkdv(q, k, v, do, lse, delta, q_seg, kv_seg, q_pos, kv_pos, kv_rang
       plgpu.Barrier(num_arrivals=num_consumers, num_barriers=stages),
   )
   return launch(
-      kernel, (_with_compares(kv_ranges, kv_compares), q, k, v, do, lse, delta, q_seg,
+      kernel, (plan_rows(kv_ranges, kv_compares), q, k, v, do, lse, delta, q_seg,
                q_pos, kv_seg, kv_pos),
       scratch, barriers,
       out_type=(jax.ShapeDtypeStruct(k.shape, k.dtype),

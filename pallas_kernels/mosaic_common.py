@@ -68,8 +68,8 @@ __all__ = ["COMPARES", "CONSUMER_REGISTERS", "LN2", "PERSISTENT_MAX_SMEM_BYTES",
            "broadcast_cols", "broadcast_rows", "check_row_words", "check_supported", "col_vector",
            "consumer_warpgroups", "copy_kv_tile", "copy_q_tile", "doc_mask", "empty_row_stats",
            "launch", "launch_accumulating", "load_kv_rows", "mask_tile", "mma_accumulate",
-           "mma_transforms", "online_softmax", "producer_warpgroup", "rendezvous", "row_vector",
-           "scores_and_grads", "store_output", "stream_kv_tiles", "stream_q_tiles",
+           "mma_transforms", "online_softmax", "plan_rows", "producer_warpgroup", "rendezvous",
+           "row_vector", "scores_and_grads", "store_output", "stream_kv_tiles", "stream_q_tiles",
            "three_runs", "tile_doc_mask", "wait_for_free_slot", "zeros_acc"]
 
 LN2 = 1.0 / LOG2E
@@ -375,6 +375,12 @@ def doc_mask(q_seg, q_pos, kv_seg, kv_pos, shape, *, kv_major, causal, sliding_w
   return mask
 
 
+def plan_rows(ranges, compares):
+  """A grid kernel's plan rows: ranges int32 [B, n, 4], or [B, n, 5] with compares
+  (int32 [B, n], jpack.masks.compare_splits) last."""
+  return ranges if compares is None else jnp.concatenate([ranges, compares[..., None]], -1)
+
+
 def check_row_words(name, x, ranges):
   """ValueError unless x (a plan's per-row word: q_compares, kv_compares, q_spans) is
   None or int32 with one entry per plan row of ranges [B, n, 4]."""
@@ -397,7 +403,7 @@ def tile_doc_mask(major_ids, ids_smem, slot, shape, *, kv_major, causal, sliding
   needed = (compare != "positions", compare != "ids")
   def ids(n):
     ref = ids_smem.at[slot, n]
-    whole = first_column == 0 and ref.shape[-1] == shape[1]
+    whole = ref.shape[-1] == shape[1] and first_column == 0  # first_column may be traced
     return col_vector((ref if whole else ref.at[pl.ds(first_column, shape[1])])[...])
 
   minor_ids = tuple(ids(n) if needed[n] else None for n in range(2))

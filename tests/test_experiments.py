@@ -271,7 +271,7 @@ def test_bwd_probe_variants_parse_into_schedules_and_cta_counts():
 
 def test_bwd_probe_runs_variants_and_times_them(monkeypatch):
   # The kernels swapped for the reference's vjp (no GPU here) on a small shape.
-  def fake_kernels(schedule, num_ctas, fuse_delta, causal, scale):
+  def fake_kernels(schedule, num_ctas, fuse_delta, causal, scale, head_dim):
     def grads(q, k, v, do, lse, delta_or_out, seg, pos, ranges):
       return tuple(g.astype(q.dtype) for g in bwd_probe.reference_grads(
           q, k, v, do, seg, causal, scale).values())

@@ -30,7 +30,8 @@ from helpers import (ALL_KINDS, Layout, allowed_np, assert_close, assert_finite,
 from test_gpu import GpuCase
 from jpack import masks
 from jpack.attention import reference_attention
-from pallas_kernels import mosaic_backward, mosaic_common, mosaic_persistent
+from pallas_kernels import (mosaic_backward, mosaic_common, mosaic_persistent,
+                            mosaic_split_backward)
 from pallas_kernels.config import TileConfig
 
 TOL = 2e-2  # bfloat16 / float16 against the float32 reference
@@ -188,6 +189,54 @@ def test_persistent_lowers_for_cuda(case, kernel):
     text = _lower(case, kernel, "persistent").as_text()
     assert "mosaic_gpu" in text
     assert "dot_general" not in text  # dq-and-delta: delta inside the kernel, not in XLA
+
+
+# The split kernels (mosaic_split_backward) run the 64 x 64 tiles, at any head dim.
+SPLIT_LOWERINGS = [(case, kernel) for case in LOWER_CASES
+                   if mosaic_backward.splits(case.dq_tile)
+                   and mosaic_backward.splits(case.dkdv_tile)
+                   for kernel in ("dq", "dq-and-delta", "dkdv")]
+
+
+@pytest.mark.parametrize("case, kernel", SPLIT_LOWERINGS,
+                         ids=[f"{c.name}-{k}" for c, k in SPLIT_LOWERINGS])
+def test_split_lowers_for_cuda(case, kernel):
+  text = _lower(case, kernel, "split").as_text()
+  assert text.count("mosaic_gpu") >= 1
+  # dq-and-delta: the split dQ kernel takes delta from XLA, as the grid one.
+  assert ("stablehlo.dot_general" in text) == (kernel == "dq-and-delta")
+
+
+def test_split_lowerings_cover_head_dims_stages_gqa_and_windows():
+  names = {case.name for case, _ in SPLIT_LOWERINGS}
+  assert {"d256", "d256-one-stage", "d256-gqa-8:2-window-float16",
+          "one-consumer-64x64"} <= names
+
+
+def test_head_dim_256_defaults_to_the_split_kernels():
+  wide = mosaic_common.WIDE_HEAD_TILE
+  q = lambda d: jax.ShapeDtypeStruct((1, 8192, 1, d), jnp.bfloat16)  # noqa: E731
+  for kernel in ("dq", "dkdv"):
+    assert mosaic_backward.default_schedule(wide, q(256), kernel) == "split"
+    assert mosaic_backward.default_schedule(DQ_TILE, q(256), kernel) == "grid"
+    assert mosaic_backward.default_schedule(wide, q(128), kernel) != "split"
+
+
+@pytest.mark.parametrize("kernel", ["backward_dq", "backward_dkdv"])
+def test_split_needs_its_tile(kernel):
+  x = jnp.zeros((1, 256, 2, 256), jnp.bfloat16)
+  stat = jnp.zeros((1, 2, 256), jnp.float32)
+  ids = jnp.ones((1, 256), jnp.int32)
+  with pytest.raises(ValueError, match="schedule='split' needs a 64 x 64 tile"):
+    getattr(mosaic_backward, kernel)(
+        x, x, x, x, stat, stat, ids, ids, ids, ids, jnp.zeros((1, 2, 4), jnp.int32),
+        tile=TileConfig(128, 64), scale=0.1, causal=True, sliding_window=None,
+        schedule="split")
+
+
+def test_split_needs_a_head_dim_in_halves_of_whole_swizzle_tiles():
+  with pytest.raises(ValueError, match="head_dim a multiple of 64"):
+    mosaic_split_backward.check_split_tile(mosaic_split_backward.SPLIT_TILE, 96)
 
 
 @pytest.mark.parametrize("name", ["default", "d64-128x128"])
@@ -380,11 +429,13 @@ BY_NAME = {c.name: c for c in GPU_CASES}
 
 
 def _schedules(case):
-  """The backward schedules a case runs: both, unless the persistent one does not fit."""
+  """The backward schedules a case runs: the grid; the persistent one where it fits
+  shared memory; the split one where both tiles are its 64 x 64."""
   q = jax.ShapeDtypeStruct((1, case.q_len, 1, case.head_dim), jnp.dtype(case.dtype))
   fits = (mosaic_backward.persistent_fits(case.dq_tile, q)
           and mosaic_backward.persistent_fits(case.dkdv_tile, q))
-  return mosaic_backward.SCHEDULES if fits else ("grid",)
+  splits = mosaic_backward.splits(case.dq_tile) and mosaic_backward.splits(case.dkdv_tile)
+  return ("grid",) + ("persistent",) * fits + ("split",) * splits
 
 
 gpu_cases = pytest.mark.parametrize(
@@ -520,11 +571,15 @@ def _dq_and_delta(q, k, v, do, lse, out, dlse, q_seg, kv_seg, q_pos, kv_pos, *, 
       q_compares=plan.q_compares)
 
 
+DQ_AND_DELTA_CASES = [(name, schedule) for name in (
+    "packed-d128", "empty-row-d128", "gqa-8:2-d64", "one-consumer-64x64", "one-stage-gqa-8:2",
+    "float16", "chunk-q1024-kv3072", "three-stages-d64", "packed-d256")
+    for schedule in _schedules(BY_NAME[name])]
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("schedule", mosaic_backward.SCHEDULES)
-@pytest.mark.parametrize("name", ["packed-d128", "empty-row-d128", "gqa-8:2-d64",
-                                  "one-consumer-64x64", "one-stage-gqa-8:2", "float16",
-                                  "chunk-q1024-kv3072", "three-stages-d64"])
+@pytest.mark.parametrize("name, schedule", DQ_AND_DELTA_CASES,
+                         ids=[f"{n}-{s}" for n, s in DQ_AND_DELTA_CASES])
 def test_dq_and_delta_match_reference(name, schedule):
   # delta = rowsum(out * do) - dlse from out and dlse: computed inside the
   # persistent dQ kernel, or before the grid one.
