@@ -3,7 +3,7 @@
     JAX_TRACEBACK_IN_LOCATIONS_LIMIT=0 PYTHONPATH=. python experiments/kernel_fingerprints.py
 
 Lowers (no GPU needed) every case of the lowering tests of the backward modules
-(tests/test_mosaic_backward.py: dQ, dQ with delta, dK/dV, grid and persistent;
+(tests/test_mosaic_backward.py: dQ, dQ with delta, dK/dV; grid, persistent, split;
 tests/test_mosaic_fused_backward.py) and the forward schedules on one packed
 layout, and prints one line per kernel: its name and a hash of its StableHLO
 without debug info (the Mosaic GPU module is serialized inside it). Run it at two
@@ -59,7 +59,9 @@ def main() -> None:
   backward = test_mosaic_backward
   for case in backward.LOWER_CASES:
     for kernel in ("dq", "dq-and-delta", "dkdv"):
-      for schedule in ("grid", "persistent"):
+      for schedule in ("grid", "persistent", "split"):
+        if schedule == "split" and (case, kernel) not in backward.SPLIT_LOWERINGS:
+          continue
         print("backward", case.name, kernel, schedule,
               fingerprint(lambda: backward._lower(case, kernel, schedule)), flush=True)
   fused = test_mosaic_fused_backward

@@ -91,7 +91,7 @@ from pallas_kernels.segment_attention import LOG2E, backward_delta
 
 __all__ = ["DEFAULT_DQ_TILE", "DEFAULT_DKDV_TILE", "DEFAULT_SCHEDULES", "SCHEDULES",
            "backward_dq", "backward_dq_and_delta", "backward_dkdv", "check_backward_inputs",
-           "default_schedule", "persistent_fits", "splits"]
+           "WIDE_HEAD_SCHEDULES", "default_schedule", "persistent_fits", "splits"]
 
 DEFAULT_DQ_TILE = TileConfig(128, 64, num_stages=2)
 """dQ: two consumer warpgroups (128 q rows), 64-key tiles, double-buffered.
@@ -115,6 +115,10 @@ DEFAULT_SCHEDULES = {"dq": "persistent", "dkdv": "grid"}
 """Each kernel's faster schedule on an H100 at T = 8192 (experiments/perf_notes.md,
 entry 17): the persistent dQ kernel is 5-7% faster than the grid one on packed
 documents, the persistent dK/dV kernel 3% slower (4% faster with every tile full)."""
+WIDE_HEAD_SCHEDULES = {"dq": "grid", "dkdv": "split"}
+"""Each kernel's faster schedule at head_dim 256 with 64 x 64 tiles (H100, main shape,
+perf notes entry 39): dK/dV split 2.48 ms against the grid's 5.91 (which spills);
+dQ grid 2.11 ms against split's 2.19."""
 PERSISTENT_MAX_STREAM_BYTES = 16 * 2**20
 """Streamed bytes per head above which the grid is the default (default_schedule)."""
 
@@ -130,12 +134,13 @@ def persistent_fits(tile: TileConfig, streamed) -> bool:
 
 
 def default_schedule(tile: TileConfig, streamed, kernel: str) -> str:
-  """The schedule a backward kernel runs when none is named: DEFAULT_SCHEDULES, "split" or "grid".
+  """The schedule a backward kernel runs when none is named: DEFAULT_SCHEDULES,
+  WIDE_HEAD_SCHEDULES or "grid".
 
   kernel: "dq" or "dkdv"; streamed: the operand whose tiles stream through
   the ring, with its partner (K and V for dQ: pass k [B, Tk, Hkv, D]; Q and dO
-  for dK/dV: pass q). "split" at head_dim > 128 with the split kernels' tile
-  (mosaic_split_backward.SPLIT_TILE's 64 x 64). "grid" where the persistent
+  for dK/dV: pass q). WIDE_HEAD_SCHEDULES at head_dim > 128 with the split
+  kernels' tile (mosaic_split_backward.SPLIT_TILE's 64 x 64). "grid" where the persistent
   kernel would not fit in shared memory (two buffer pairs of major operands
   next to the ring) and for long rows, more than PERSISTENT_MAX_STREAM_BYTES of
   streamed operands per head: the threshold of the persistent forward
@@ -143,7 +148,7 @@ def default_schedule(tile: TileConfig, streamed, kernel: str) -> str:
   """
   _, length, _, head_dim = streamed.shape
   if head_dim > 128 and splits(tile):
-    return "split"
+    return WIDE_HEAD_SCHEDULES[kernel]
   stream_bytes = 2 * length * head_dim * jnp.dtype(streamed.dtype).itemsize
   if not persistent_fits(tile, streamed) or stream_bytes > PERSISTENT_MAX_STREAM_BYTES:
     return "grid"

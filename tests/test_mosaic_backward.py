@@ -213,11 +213,12 @@ def test_split_lowerings_cover_head_dims_stages_gqa_and_windows():
           "one-consumer-64x64"} <= names
 
 
-def test_head_dim_256_defaults_to_the_split_kernels():
+def test_head_dim_256_defaults_to_the_split_dkdv_kernel():
   wide = mosaic_common.WIDE_HEAD_TILE
   q = lambda d: jax.ShapeDtypeStruct((1, 8192, 1, d), jnp.bfloat16)  # noqa: E731
+  assert mosaic_backward.default_schedule(wide, q(256), "dkdv") == "split"
+  assert mosaic_backward.default_schedule(wide, q(256), "dq") == "grid"
   for kernel in ("dq", "dkdv"):
-    assert mosaic_backward.default_schedule(wide, q(256), kernel) == "split"
     assert mosaic_backward.default_schedule(DQ_TILE, q(256), kernel) == "grid"
     assert mosaic_backward.default_schedule(wide, q(128), kernel) != "split"
 
