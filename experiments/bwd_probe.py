@@ -7,7 +7,7 @@ A variant is "schedule[:num_ctas][+delta]": a schedule of
 mosaic_backward.SCHEDULES for both kernels and, for "persistent", an optional
 CTA count (default one per SM), run with jpack's default tiles for the head
 dim (`tiles`: mosaic_backward.DEFAULT_DQ_TILE and DEFAULT_DKDV_TILE, or
-mosaic_common.WIDE_HEAD_TILE at --head-dim 256); "+delta" runs the dQ
+mosaic_common.WIDE_HEAD_DQ_TILE and WIDE_HEAD_TILE at --head-dim 256); "+delta" runs the dQ
 step as backward_dq_and_delta (delta = rowsum(out * do) computed inside the
 persistent dQ kernel), the others compute delta first in XLA
 (segment_attention.backward_delta). The layouts are fwd_probe's (B=4 by
@@ -66,7 +66,7 @@ def parse_variant(text):
 def tiles(head_dim):
   """(dQ tile, dK/dV tile) that jpack runs at this head dim."""
   if head_dim > 128:
-    return mosaic_common.WIDE_HEAD_TILE, mosaic_common.WIDE_HEAD_TILE
+    return mosaic_common.WIDE_HEAD_DQ_TILE, mosaic_common.WIDE_HEAD_TILE
   return mosaic_backward.DEFAULT_DQ_TILE, mosaic_backward.DEFAULT_DKDV_TILE
 
 

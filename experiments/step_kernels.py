@@ -3,7 +3,7 @@
 Runs the benchmark's jitted step (bench_attention.forward_backward_fn of jpack
 "auto": grads of sum(out * cot), main shape B=4, T=8192, H=16, D=128 bf16,
 causal, lognormal documents; with --forward its forward_fn, the forward
-alone, plan made inside) `--steps` times after compiling, so that Nsight
+alone, plan made inside; --head-dim sets D) `--steps` times after compiling, so that Nsight
 Compute can time each kernel:
 
     ncu --csv --metrics gpu__time_duration.sum --log-file ncu.csv \\
@@ -30,7 +30,8 @@ if REPO_ROOT not in sys.path:
   sys.path.insert(0, REPO_ROOT)
 
 
-def run_steps(steps: int, batch: int = 4, seq_len: int = 8192, forward: bool = False) -> None:
+def run_steps(steps: int, batch: int = 4, seq_len: int = 8192, forward: bool = False,
+              head_dim: int = 128) -> None:
   """Compile the step (the forward alone if `forward`), then run it `steps` times, each
   after a marker kernel."""
   import jax
@@ -42,10 +43,10 @@ def run_steps(steps: int, batch: int = 4, seq_len: int = 8192, forward: bool = F
   from experiments.layouts import packed_segment_ids
 
   problem = Problem(packed_segment_ids(batch, seq_len, seed=0, mean_len=1024.0),
-                    heads=16, kv_heads=16, head_dim=128)
+                    heads=16, kv_heads=16, head_dim=head_dim)
   attend, extra, _ = build_jpack(problem, jnp.asarray(problem.segment_ids))
   step = forward_fn(attend) if forward else forward_backward_fn(attend)
-  shape = (batch, seq_len, 16, 128)
+  shape = (batch, seq_len, 16, head_dim)
   q, k, v, cot = (jax.random.normal(key, shape, jnp.bfloat16)
                   for key in jax.random.split(jax.random.key(0), 4))
   marker = jax.jit(lambda x: lax.population_count(x))  # a kernel of its own name
@@ -86,10 +87,11 @@ def main():
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--steps", type=int, default=3)
   p.add_argument("--forward", action="store_true", help="the forward alone")
+  p.add_argument("--head-dim", type=int, default=128, help="D (default 128)")
   p.add_argument("--summarize", default=None, help="an ncu --csv log to summarize")
   args = p.parse_args()
   if args.summarize is None:
-    run_steps(args.steps, forward=args.forward)
+    run_steps(args.steps, forward=args.forward, head_dim=args.head_dim)
     return
   table = summarize(args.summarize, args.steps)
   for name, calls, us in table:

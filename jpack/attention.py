@@ -254,7 +254,7 @@ def _check_mosaic(q, config, general_mask):
                      "(segment ids, positions, causal, sliding_window); use "
                      "implementation='pallas' for mask=")
   if config is not None:
-    from pallas_kernels import mosaic_attention  # lazily, see _kernels
+    from pallas_kernels import mosaic_attention, mosaic_common  # lazily, see _kernels
     d = q.shape[3]
     for name, kv_major in (("forward", False), ("dq", False), ("dkdv", True)):
       tile = getattr(config, name)
@@ -263,7 +263,9 @@ def _check_mosaic(q, config, general_mask):
       try:  # lengths are padded to the tile, so only the tile itself is checked
         mosaic_attention.check_supported(
             jax.ShapeDtypeStruct((1, q_len, 1, d), q.dtype),
-            jax.ShapeDtypeStruct((1, k_len, 1, d), q.dtype), tile, kv_major=kv_major)
+            jax.ShapeDtypeStruct((1, k_len, 1, d), q.dtype), tile, kv_major=kv_major,
+            block_minors=(mosaic_common.DQ_BLOCK_MINORS if name == "dq"
+                          else mosaic_common.BLOCK_MINORS))
       except ValueError as exc:
         raise ValueError(f"config: with implementation='mosaic', config.{name} is a "
                          f"Mosaic kernel's tile: {exc}") from None
@@ -395,12 +397,13 @@ def _kernels(implementation) -> _Kernels:
 
 
 def _mosaic_config(head_dim) -> KernelConfig:
-  """The Mosaic kernels' default tiles: mosaic_common.WIDE_HEAD_TILE everywhere at
-  head_dim 256, else their modules' DEFAULT_TILE, DEFAULT_DQ_TILE and DEFAULT_DKDV_TILE."""
+  """The Mosaic kernels' default tiles: at head_dim 256 mosaic_common.WIDE_HEAD_TILE,
+  and WIDE_HEAD_DQ_TILE for dQ; else their modules' DEFAULT_TILE, DEFAULT_DQ_TILE and
+  DEFAULT_DKDV_TILE."""
   from pallas_kernels import mosaic_attention, mosaic_backward, mosaic_common
   if head_dim > 128:
     tile = mosaic_common.WIDE_HEAD_TILE
-    return KernelConfig(forward=tile, dq=tile, dkdv=tile)
+    return KernelConfig(forward=tile, dq=mosaic_common.WIDE_HEAD_DQ_TILE, dkdv=tile)
   return KernelConfig(forward=mosaic_attention.DEFAULT_TILE,
                       dq=mosaic_backward.DEFAULT_DQ_TILE,
                       dkdv=mosaic_backward.DEFAULT_DKDV_TILE)
@@ -688,8 +691,8 @@ def flash_attention(
     config: kernel tiling (default: KernelConfig.for_head_dim(D); for
       "mosaic", the Mosaic kernels' tiles mosaic_attention.DEFAULT_TILE,
       mosaic_backward.DEFAULT_DQ_TILE and DEFAULT_DKDV_TILE, or
-      mosaic_common.WIDE_HEAD_TILE at head_dim 256: block_major 64 or 128,
-      block_minor 64 or 128).
+      mosaic_common.WIDE_HEAD_TILE and WIDE_HEAD_DQ_TILE at head_dim 256:
+      block_major 64 or 128, block_minor 64 or 128, or 32 for dq).
     interpret: run the Pallas kernel in the Pallas interpreter (CPU tests;
       "pallas" only).
 

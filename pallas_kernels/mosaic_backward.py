@@ -80,8 +80,9 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from pallas_kernels.config import TileConfig
 from pallas_kernels.mosaic_backward_steps import dkdv_step, dq_step, row_stats
 from pallas_kernels.mosaic_common import (
-    WG_ROWS, check_row_words, check_supported, consumer_warpgroups, launch, load_kv_rows,
-    mma_transforms, operand_rows_fit, plan_rows, producer_warpgroup, row_vector, stream_kv_tiles, stream_q_tiles, three_runs, zeros_acc)
+    BLOCK_MINORS, DQ_BLOCK_MINORS, WG_ROWS, check_row_words, check_supported,
+    consumer_warpgroups, launch, load_kv_rows, mma_transforms, operand_rows_fit, plan_rows,
+    producer_warpgroup, row_vector, stream_kv_tiles, stream_q_tiles, three_runs, zeros_acc)
 from pallas_kernels.mosaic_persistent import WorkItems
 from pallas_kernels.mosaic_persistent_backward import (
     persistent_backward_dkdv, persistent_backward_dq)
@@ -139,7 +140,8 @@ def default_schedule(tile: TileConfig, streamed, kernel: str) -> str:
 
   kernel: "dq" or "dkdv"; streamed: the operand whose tiles stream through
   the ring, with its partner (K and V for dQ: pass k [B, Tk, Hkv, D]; Q and dO
-  for dK/dV: pass q). WIDE_HEAD_SCHEDULES at head_dim > 128 with the split
+  for dK/dV: pass q). "grid" for 32-key tiles (dQ's WIDE_HEAD_DQ_TILE).
+  WIDE_HEAD_SCHEDULES at head_dim > 128 with the split
   kernels' tile (mosaic_split_backward.SPLIT_TILE's 64 x 64). "grid" where the persistent
   kernel would not fit in shared memory (two buffer pairs of major operands
   next to the ring) and for long rows, more than PERSISTENT_MAX_STREAM_BYTES of
@@ -147,6 +149,8 @@ def default_schedule(tile: TileConfig, streamed, kernel: str) -> str:
   (mosaic_attention.default_schedule), whose item order thrashes L2 there.
   """
   _, length, _, head_dim = streamed.shape
+  if tile.block_minor < WG_ROWS:  # 32-key dQ tiles: the grid kernel only
+    return "grid"
   if head_dim > 128 and splits(tile):
     return WIDE_HEAD_SCHEDULES[kernel]
   stream_bytes = 2 * length * head_dim * jnp.dtype(streamed.dtype).itemsize
@@ -170,6 +174,9 @@ def _pick_schedule(schedule, num_ctas, tile, streamed, kernel, items=None):
   if num_ctas is not None and (schedule != "persistent" or num_ctas < 1):
     raise ValueError(f"num_ctas must be None or >= 1, and only with schedule="
                      f"'persistent'; got num_ctas={num_ctas}, schedule={schedule!r}")
+  if tile.block_minor < WG_ROWS and schedule != "grid":
+    raise ValueError(f"tile.block_minor = {tile.block_minor} runs on schedule='grid' "
+                     f"only, got schedule={schedule!r}")
   if schedule == "split" and not splits(tile):
     raise ValueError(f"schedule='split' needs a {SPLIT_TILE.block_major} x "
                      f"{SPLIT_TILE.block_minor} tile, got ({tile.block_major}, "
@@ -181,12 +188,14 @@ def _pick_schedule(schedule, num_ctas, tile, streamed, kernel, items=None):
 
 
 def check_backward_inputs(q, k, plan, tile: TileConfig, *, kv_major: bool, rule=None,
-                          kv_doc=None, dense=None, interpret=False) -> None:
+                          kv_doc=None, dense=None, interpret=False,
+                          block_minors=BLOCK_MINORS) -> None:
   """Raises if the Mosaic backward cannot run these inputs.
 
   plan: the range plan, int32 [B, n_major, 4]; kv_major: the dK/dV kernel
-  (major tiles over keys). NotImplementedError for interpret mode, ValueError
-  for a general mask, tile lists or unsupported shapes.
+  (major tiles over keys); block_minors: as mosaic_common.check_supported's.
+  NotImplementedError for interpret mode, ValueError for a general mask, tile
+  lists or unsupported shapes.
   """
   if interpret:
     raise NotImplementedError("the Mosaic GPU backward kernels have no interpret mode")
@@ -194,7 +203,7 @@ def check_backward_inputs(q, k, plan, tile: TileConfig, *, kv_major: bool, rule=
     raise ValueError("the Mosaic GPU backward supports document masks only (segment "
                      "ids, positions, causal, sliding_window); a mask rule or dense "
                      "mask needs the Triton kernels (pallas_kernels.segment_attention)")
-  check_supported(q, k, tile, kv_major=kv_major)
+  check_supported(q, k, tile, kv_major=kv_major, block_minors=block_minors)
   major_len = k.shape[1] if kv_major else q.shape[1]
   expected = (q.shape[0], major_len // tile.block_major, 4)
   if plan.ndim != 3 or tuple(plan.shape) != expected:
@@ -276,7 +285,8 @@ def backward_dq(q, k, v, do, lse, delta, q_seg, kv_seg, q_pos, kv_pos, q_ranges,
   q_compares), e.g. once per batch), in place of q_compares; None: made here.
   """
   check_backward_inputs(q, k, q_ranges, tile, kv_major=False, rule=rule,
-                        kv_doc=kv_doc, dense=dense, interpret=interpret)
+                        kv_doc=kv_doc, dense=dense, interpret=interpret,
+                        block_minors=DQ_BLOCK_MINORS)
   check_row_words("q_compares", q_compares, q_ranges)
   schedule = _pick_schedule(schedule, num_ctas, tile, k, "dq", items)
   if schedule == "persistent":
@@ -291,7 +301,8 @@ def backward_dq(q, k, v, do, lse, delta, q_seg, kv_seg, q_pos, kv_pos, q_ranges,
   batch, tq, heads, head_dim = q.shape
   num_consumers = tile.block_major // WG_ROWS
   bk, stages = tile.block_minor, tile.num_stages
-  transforms = mma_transforms(q.dtype)
+  # 32-key tiles: dS [64, 32] @ K_j contracts 32 keys, a whole tile only at 64-byte swizzle.
+  transforms = mma_transforms(q.dtype, min(128, bk * q.dtype.itemsize))
   kernel = functools.partial(
       _dq_kernel, scale=float(scale), causal=causal, sliding_window=sliding_window,
       block_k=bk, num_stages=stages, num_consumers=num_consumers,
@@ -337,7 +348,8 @@ def backward_dq_and_delta(q, k, v, do, lse, out, dlse, q_seg, kv_seg, q_pos, kv_
   backward_dq.
   """
   check_backward_inputs(q, k, q_ranges, tile, kv_major=False, rule=rule,
-                        kv_doc=kv_doc, dense=dense, interpret=interpret)
+                        kv_doc=kv_doc, dense=dense, interpret=interpret,
+                        block_minors=DQ_BLOCK_MINORS)
   check_row_words("q_compares", q_compares, q_ranges)
   schedule = _pick_schedule(schedule, num_ctas, tile, k, "dq", items)
   if schedule == "persistent":

@@ -63,8 +63,9 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from pallas_kernels.config import COMPARE_SPLIT_BITS, TileConfig
 from pallas_kernels.segment_attention import EMPTY_LSE, LOG2E, MASKED_LOGIT
 
-__all__ = ["COMPARES", "CONSUMER_REGISTERS", "LN2", "PERSISTENT_MAX_SMEM_BYTES",
-           "PRODUCER_REGISTERS", "WG_ROWS", "WIDE_HEAD_TILE", "operand_rows_fit",
+__all__ = ["BLOCK_MINORS", "COMPARES", "CONSUMER_REGISTERS", "DQ_BLOCK_MINORS", "LN2",
+           "PERSISTENT_MAX_SMEM_BYTES", "PRODUCER_REGISTERS", "WG_ROWS", "WIDE_HEAD_DQ_TILE",
+           "WIDE_HEAD_TILE", "operand_rows_fit",
            "broadcast_cols", "broadcast_rows", "check_row_words", "check_supported", "col_vector",
            "consumer_warpgroups", "copy_kv_tile", "copy_q_tile", "doc_mask", "empty_row_stats",
            "launch", "launch_accumulating", "load_kv_rows", "mask_tile", "mma_accumulate",
@@ -76,22 +77,31 @@ LN2 = 1.0 / LOG2E
 WG_ROWS = 64  # rows of one wgmma M tile, owned by one consumer warpgroup
 _SUPPORTED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 _SUPPORTED_HEAD_DIMS = (64, 128, 256)
-_SUPPORTED_BLOCK_K = (64, 128)
+BLOCK_MINORS = (64, 128)  # tile.block_minor of every kernel
+DQ_BLOCK_MINORS = (32, 64, 128)
+"""block_minor of the grid dQ kernel: also 32-key tiles, whose [64, 32] scores leave
+room for a [64, 256] accumulator next to them (WIDE_HEAD_DQ_TILE)."""
 PERSISTENT_MAX_SMEM_BYTES = 220 * 1024
 """Largest operand shared memory (Q, K, V, dO) of a default persistent kernel (227 KiB in all)."""
 WIDE_HEAD_TILE = TileConfig(64, 64, num_stages=2)
-"""Every Mosaic kernel's default tile at head dim 256 (jpack.attention): wider ones do
-not fit shared memory with two stages, and the one-stage backward tilings measured
+"""The forward's and dK/dV's default tile at head dim 256 (jpack.attention): wider ones
+do not fit shared memory with two stages, and the one-stage backward tilings measured
 1.3-1.5x slower forward+backward on an H100 (experiments/perf_notes.md, entry 36)."""
+WIDE_HEAD_DQ_TILE = TileConfig(128, 32, num_stages=2)
+"""dQ's default tile at head dim 256: two consumers of 64 q rows, each with its own
+[64, 256] accumulator, sharing 32-key tiles; 1.56 ms against WIDE_HEAD_TILE's 2.11 on an
+H100 (perf notes entry 39)."""
 PRODUCER_REGISTERS = 40
 CONSUMER_REGISTERS = 232
 
 
-def check_supported(q, k, tile: TileConfig, *, kv_major: bool = False) -> None:
+def check_supported(q, k, tile: TileConfig, *, kv_major: bool = False,
+                    block_minors=BLOCK_MINORS) -> None:
   """Raises ValueError if a Mosaic kernel cannot run (q: [B, Tq, H, D], k: [B, Tk, Hkv, D]).
 
   kv_major: the tile's major axis runs over keys (the dK/dV kernel), so Tk
-  must be a multiple of block_major and Tq of block_minor.
+  must be a multiple of block_major and Tq of block_minor. block_minors: the
+  kernel's tile.block_minor choices (DQ_BLOCK_MINORS for the grid dQ kernel).
   """
   if q.dtype not in _SUPPORTED_DTYPES:
     raise ValueError(f"Mosaic GPU attention needs bfloat16 or float16, got {q.dtype}")
@@ -102,8 +112,8 @@ def check_supported(q, k, tile: TileConfig, *, kv_major: bool = False) -> None:
   if tile.block_major not in (WG_ROWS, 2 * WG_ROWS):
     raise ValueError(f"tile.block_major must be 64 or 128 (64 rows per consumer "
                      f"warpgroup), got {tile.block_major}")
-  if tile.block_minor not in _SUPPORTED_BLOCK_K:
-    raise ValueError(f"tile.block_minor must be one of {_SUPPORTED_BLOCK_K}, "
+  if tile.block_minor not in block_minors:
+    raise ValueError(f"tile.block_minor must be one of {block_minors}, "
                      f"got {tile.block_minor}")
   if tile.num_stages < 1:
     raise ValueError(f"tile.num_stages must be >= 1, got {tile.num_stages}")

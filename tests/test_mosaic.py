@@ -1163,6 +1163,11 @@ def _mosaic_bad_calls():
       dkdv=TileConfig(128, 32)), **mosaic),
          r"config: with implementation='mosaic', config.dkdv is a Mosaic kernel's "
          r"tile: tile.block_minor must be one of")
+  yield ("config forward 32-key tile", lambda: flash_attention(q, q, q, config=KernelConfig(
+      forward=TileConfig(128, 32), dq=mosaic_common.WIDE_HEAD_DQ_TILE,
+      dkdv=mosaic_backward.DEFAULT_DKDV_TILE), **mosaic),
+         r"config: with implementation='mosaic', config.forward is a Mosaic kernel's "
+         r"tile: tile.block_minor must be one of \(64, 128\)")
   yield ("pallas plan", lambda: flash_attention(q, q, q, plan=pallas_plan, **mosaic),
          r"plan: it was made for implementation='pallas', but this call runs "
          r"implementation='mosaic'")
@@ -1187,6 +1192,15 @@ def _mosaic_bad_calls():
 
 
 MOSAIC_BAD_CALLS = list(_mosaic_bad_calls())
+
+
+def test_api_mosaic_tiles_at_head_dim_256():
+  # dQ on 32-key tiles (two consumers with [64, 256] accumulators), the rest 64 x 64.
+  from jpack import attention
+  config = attention._mosaic_config(256)
+  assert config.dq == mosaic_common.WIDE_HEAD_DQ_TILE == TileConfig(128, 32, num_stages=2)
+  assert config.forward == config.dkdv == mosaic_common.WIDE_HEAD_TILE
+  assert attention._mosaic_config(128).dq == mosaic_backward.DEFAULT_DQ_TILE
 
 
 @pytest.mark.parametrize("call,match", [c[1:] for c in MOSAIC_BAD_CALLS],

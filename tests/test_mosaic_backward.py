@@ -37,6 +37,7 @@ from pallas_kernels.config import TileConfig
 TOL = 2e-2  # bfloat16 / float16 against the float32 reference
 DQ_TILE, DKDV_TILE = mosaic_backward.DEFAULT_DQ_TILE, mosaic_backward.DEFAULT_DKDV_TILE
 WIDE = mosaic_common.WIDE_HEAD_TILE  # the tiles at head_dim 256
+WIDE_DQ = mosaic_common.WIDE_HEAD_DQ_TILE  # jpack's dQ tile there (32-key tiles)
 
 
 def _plans(q_seg, kv_seg, q_pos, kv_pos, *, causal, window, dq_tile, dkdv_tile):
@@ -117,6 +118,9 @@ LOWER_CASES = [
               kv_heads=2, window=100, dq_tile=WIDE, dkdv_tile=WIDE),
     LowerCase("d256-one-stage", head_dim=256, dq_tile=TileConfig(64, 64, num_stages=1),
               dkdv_tile=TileConfig(64, 64, num_stages=1)),
+    LowerCase("d256-dq-128x32", head_dim=256, dq_tile=WIDE_DQ, dkdv_tile=WIDE),
+    LowerCase("dq-128x32-d64-gqa-window", head_dim=64, heads=8, kv_heads=2, window=100,
+              dq_tile=TileConfig(128, 32, num_stages=3), dkdv_tile=WIDE),
 ]
 
 
@@ -233,6 +237,20 @@ def test_split_needs_its_tile(kernel):
         x, x, x, x, stat, stat, ids, ids, ids, ids, jnp.zeros((1, 2, 4), jnp.int32),
         tile=TileConfig(128, 64), scale=0.1, causal=True, sliding_window=None,
         schedule="split")
+
+
+@pytest.mark.parametrize("schedule", ["persistent", "split"])
+def test_32_key_dq_tiles_run_on_the_grid_only(schedule):
+  x = jnp.zeros((1, 256, 2, 256), jnp.bfloat16)
+  stat = jnp.zeros((1, 2, 256), jnp.float32)
+  ids = jnp.ones((1, 256), jnp.int32)
+  args = (x, x, x, x, stat, stat, ids, ids, ids, ids, jnp.zeros((1, 2, 4), jnp.int32))
+  opts = dict(tile=WIDE_DQ, scale=0.1, causal=True, sliding_window=None)
+  with pytest.raises(ValueError, match="block_minor = 32 runs on schedule='grid' only"):
+    mosaic_backward.backward_dq(*args, schedule=schedule, **opts)
+  assert mosaic_backward.default_schedule(WIDE_DQ, x, "dq") == "grid"
+  with pytest.raises(ValueError, match="block_minor must be one of"):  # dK/dV: not 32
+    mosaic_backward.backward_dkdv(*args, **opts)
 
 
 def test_split_needs_a_head_dim_in_halves_of_whole_swizzle_tiles():
@@ -425,6 +443,13 @@ GPU_CASES = [
     BackwardCase("one-stage-d256", layout="with_empty_row", head_dim=256,
                  dq_tile=TileConfig(64, 64, num_stages=1),
                  dkdv_tile=TileConfig(64, 64, num_stages=1)),
+    # jpack's dQ tile at head_dim 256 (32 keys), with the dK/dV tile of the grid.
+    BackwardCase("packed-d256-dq-128x32", head_dim=256, dq_tile=WIDE_DQ, dkdv_tile=WIDE),
+    BackwardCase("empty-row-gqa-8:2-window-100-float16-d256-dq-128x32",
+                 layout="with_empty_row", heads=8, kv_heads=2, window=100, causal=False,
+                 dtype="float16", head_dim=256, dq_tile=WIDE_DQ, dkdv_tile=WIDE),
+    BackwardCase("padded-d64-dq-128x32-three-stages", layout="padded", head_dim=64,
+                 dq_tile=TileConfig(128, 32, num_stages=3), dkdv_tile=WIDE),
 ]
 BY_NAME = {c.name: c for c in GPU_CASES}
 
@@ -574,7 +599,8 @@ def _dq_and_delta(q, k, v, do, lse, out, dlse, q_seg, kv_seg, q_pos, kv_pos, *, 
 
 DQ_AND_DELTA_CASES = [(name, schedule) for name in (
     "packed-d128", "empty-row-d128", "gqa-8:2-d64", "one-consumer-64x64", "one-stage-gqa-8:2",
-    "float16", "chunk-q1024-kv3072", "three-stages-d64", "packed-d256")
+    "float16", "chunk-q1024-kv3072", "three-stages-d64", "packed-d256",
+    "packed-d256-dq-128x32")
     for schedule in _schedules(BY_NAME[name])]
 
 
