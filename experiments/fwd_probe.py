@@ -21,7 +21,7 @@ pallas_kernels/mosaic_persistent.py, e.g. `git show
 HEAD:pallas_kernels/mosaic_persistent.py`, against this checkout's
 mosaic_common), so that several versions of the kernel are timed in the same
 rounds and their outputs compared. Layouts, all
-B=4 (--batch), T=8192, H=16, D=128 bfloat16 (the main shape of
+B=4 (--batch), T=8192, H=16, D=128 (--head-dim) bfloat16 (the main shape of
 bench_attention.py):
   packed  lognormal documents of mean length 1024, causal (the main case);
   padded  packed, the last 700 tokens of each row padding (segment id 0);
@@ -323,7 +323,8 @@ def run_variant(name, schedule, tile, options, layout_name, inputs, args, first_
   """
   q, k, v, seg, pos = inputs
   seg_np, causal = layout(layout_name, args.seed, q.shape[0])
-  scale = 1.0 / np.sqrt(HEAD_DIM)
+  head_dim = q.shape[3]
+  scale = 1.0 / np.sqrt(head_dim)
   plan = masks.make_tile_plan(seg, seg, pos, pos, block_q=tile.block_major,
                               block_k=tile.block_minor, causal=causal, sliding_window=None)
   ranges = np.asarray(plan.q_ranges)
@@ -379,8 +380,8 @@ def run_variant(name, schedule, tile, options, layout_name, inputs, args, first_
     result.update(trace=trace, regions=summarize_trace(trace, warpgroups),
                   item_boundaries=item_boundaries(trace, warpgroups))
     return result, out, None
-  result.update(tiles=tiles, useful_flops=causal_doc_flops(seg_np, HEADS, HEAD_DIM, causal=causal),
-                executed_flops=4.0 * tiles * tile.block_major * tile.block_minor * HEAD_DIM)
+  result.update(tiles=tiles, useful_flops=causal_doc_flops(seg_np, HEADS, head_dim, causal=causal),
+                executed_flops=4.0 * tiles * tile.block_major * tile.block_minor * head_dim)
   return result, out, (fn, fn_args)
 
 
@@ -415,6 +416,7 @@ def main():
   p.add_argument("--profile-space", type=int, default=300,
                  help="profiled regions per warpgroup (shared memory: 16 bytes each)")
   p.add_argument("--batch", type=int, default=BATCH)
+  p.add_argument("--head-dim", type=int, default=HEAD_DIM, help="D (default 128)")
   p.add_argument("--seed", type=int, default=0, help="the packed layouts' documents")
   p.add_argument("--baseline", default=None,
                  help="versions of mosaic_persistent.py, comma-separated, for the variants "
@@ -429,7 +431,7 @@ def main():
   for d in (args.dump, args.profile):
     if d:
       os.makedirs(d, exist_ok=True)
-  shape = (args.batch, SEQ_LEN, HEADS, HEAD_DIM)
+  shape = (args.batch, SEQ_LEN, HEADS, args.head_dim)
   q, k, v = (jax.random.normal(key, shape, jnp.bfloat16)
              for key in jax.random.split(jax.random.key(0), 3))
   pos = jnp.broadcast_to(jnp.arange(SEQ_LEN, dtype=jnp.int32), (args.batch, SEQ_LEN))

@@ -456,10 +456,12 @@ BY_NAME = {c.name: c for c in GPU_CASES}
 
 def _schedules(case):
   """The backward schedules a case runs: the grid; the persistent one where it fits
-  shared memory; the split one where both tiles are its 64 x 64."""
+  shared memory (and dQ's tile is not of 32 keys); the split one where both tiles
+  are its 64 x 64."""
   q = jax.ShapeDtypeStruct((1, case.q_len, 1, case.head_dim), jnp.dtype(case.dtype))
   fits = (mosaic_backward.persistent_fits(case.dq_tile, q)
-          and mosaic_backward.persistent_fits(case.dkdv_tile, q))
+          and mosaic_backward.persistent_fits(case.dkdv_tile, q)
+          and case.dq_tile.block_minor >= 64)  # 32-key dQ tiles: the grid only
   splits = mosaic_backward.splits(case.dq_tile) and mosaic_backward.splits(case.dkdv_tile)
   return ("grid",) + ("persistent",) * fits + ("split",) * splits
 
