@@ -561,7 +561,7 @@ def _mosaic_work_items(plan: AttentionPlan, dtype, forward_dealing, backward_dea
       tiles,
       forward_items=(mosaic_persistent.work_items(
           tiles.forward.q_ranges, heads, tiles.forward.q_compares, spans=tiles.forward.q_spans,
-          dealing=forward_dealing,
+          dealing=forward_dealing, tail=mosaic_persistent.claimed_tail(d),
           coded_ids=(plan.ids.q_segment_ids, plan.ids.kv_segment_ids,
                      config.forward.block_minor)) if forward else None),
       dq_items=work(tiles.dq.q_ranges, heads, tiles.dq.q_compares) if dq else None,

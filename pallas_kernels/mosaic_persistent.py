@@ -121,7 +121,8 @@ from pallas_kernels.mosaic_common import (
     tile_compares, wait_for_free_slot, zeros_acc)
 from pallas_kernels.segment_attention import LOG2E
 
-__all__ = ["DEALINGS", "DEFAULT_NUM_SMS", "WorkItems", "cta_items", "item_table", "num_sms",
+__all__ = ["DEALINGS", "DEFAULT_NUM_SMS", "WorkItems", "claimed_tail", "cta_items", "item_table",
+           "num_sms",
            "persistent_forward", "persistent_schedule", "reading_positions",
            "resolve_work_items", "table_row", "work_items"]
 
@@ -154,6 +155,18 @@ the work before its light ones (a CPU model of the claims, perf_notes entry 27: 
 busiest CTA 0.6-1.6% above the mean on the benchmark's layouts, against 9-18% with
 windows alone and 2.5-8% dealt by load before _rebalance; larger windows cost L2
 locality, entry 13)."""
+
+
+WIDE_CLAIMED_TAIL = 0.1
+"""CLAIMED_TAIL at head_dim 256: with twice the K/V bytes per (batch, head) pair, a tail
+of 30% of the windows thrashes L2. The claimed forward at D = 256 on the benchmark's
+layout, against the "load" deal (H100, perf_notes entry 39): tail 0.1 1.007x, 0.0
+1.037x, 0.3 1.156x, 0.5 1.401x; at D = 128 0.3 stays the best (1.036x; 0.1 1.077x)."""
+
+
+def claimed_tail(head_dim: int) -> float:
+  """The share of windows claimed as one tail (CLAIMED_TAIL, WIDE_CLAIMED_TAIL) at head_dim."""
+  return CLAIMED_TAIL if head_dim <= 128 else WIDE_CLAIMED_TAIL
 
 
 RANK_MAX_PAIRS = 2**26
@@ -368,7 +381,7 @@ them one by one while they run (mosaic_claims; the forward kernel only)."""
 
 def reading_positions(ranges, heads: int, num_ctas: int,
                       window_rounds: int | None = WINDOW_ROUNDS, dealing: str = "snake",
-                      spans=None):
+                      spans=None, tail: float = CLAIMED_TAIL):
   """int32 [B * n * heads]: where item (b, h, row) sits in a persistent kernel's reading
   order, items enumerated (batch, head)-major, rows fastest.
 
@@ -397,24 +410,25 @@ def reading_positions(ranges, heads: int, num_ctas: int,
   forward 1-4% faster (perf_notes entry 30); the model counts the consumers'
   skipped half tiles since entry 31.
   "dynamic": position = rank, the order in which the CTAs claim the items,
-  with the last CLAIMED_TAIL of the windows merged into one.
+  with the last `tail` of the windows merged into one (claimed_tail).
   """
-  return _reading_positions(ranges, heads, num_ctas, window_rounds, dealing, spans)[0]
+  return _reading_positions(ranges, heads, num_ctas, window_rounds, dealing, spans,
+                            tail)[0]
 
 
 def _windows(n_items: int, n_rows: int, num_ctas: int, window_rounds: int | None,
-             dealing: str) -> tuple[int, int]:
+             dealing: str, tail: float = CLAIMED_TAIL) -> tuple[int, int]:
   """(window_items, tail_windows) of reading_positions' _ranks: windows of whole
-  (batch, head) pairs; dealt "dynamic", the last CLAIMED_TAIL of them merged into one
+  (batch, head) pairs; dealt "dynamic", the last `tail` of them merged into one
   (the heavy items of the tail first)."""
   window_items = (n_items if window_rounds is None else
                   max(1, -(-window_rounds * num_ctas // n_rows)) * n_rows)
-  tail = round(CLAIMED_TAIL * -(-n_items // window_items)) if dealing == "dynamic" else 0
-  return min(window_items, n_items), tail
+  tail_windows = round(tail * -(-n_items // window_items)) if dealing == "dynamic" else 0
+  return min(window_items, n_items), tail_windows
 
 
 def _reading_positions(ranges, heads: int, num_ctas: int, window_rounds: int | None,
-                       dealing: str, spans):
+                       dealing: str, spans, tail: float = CLAIMED_TAIL):
   """(reading_positions' int32 [B * n * heads], int32 []: how many items are busy)."""
   if dealing not in DEALINGS:
     raise ValueError(f"dealing must be one of {DEALINGS}, got {dealing!r}")
@@ -422,7 +436,8 @@ def _reading_positions(ranges, heads: int, num_ctas: int, window_rounds: int | N
   n_items = batch * n_rows * heads
   work = jnp.broadcast_to((ranges[..., 3] - ranges[..., 0])[:, None, :],
                           (batch, heads, n_rows)).reshape(-1)
-  window_items, tail_windows = _windows(n_items, n_rows, num_ctas, window_rounds, dealing)
+  window_items, tail_windows = _windows(n_items, n_rows, num_ctas, window_rounds, dealing,
+                                        tail)
   if dealing == "dynamic":
     return _ranks(work, window_items, tail_windows)
   rank, busy = _ranks(work, window_items)
@@ -504,7 +519,8 @@ class WorkItems:
 
 
 def work_items(ranges, heads: int, compares=None, num_ctas: int | None = None,
-               spans=None, dealing: str = "snake", coded_ids=None) -> WorkItems:
+               spans=None, dealing: str = "snake", coded_ids=None,
+               tail: float = CLAIMED_TAIL) -> WorkItems:
   """The work items of a persistent kernel over plan rows `ranges`: one per (row, head).
 
   ranges: int32 [B, n, 4] plan rows (q-major for the forward and dQ, kv-major
@@ -516,7 +532,9 @@ def work_items(ranges, heads: int, compares=None, num_ctas: int | None = None,
   are claimed at run time, by the forward kernel only); coded_ids: the
   forward's segment ids and kv tile (q_seg [B, Tq], kv_seg [B, Tk], block_k),
   for items that carry the key codes and coded compares (mosaic_codes), as
-  the forward needs; None for the backward's. On a GPU the items of dealings
+  the forward needs; None for the backward's; tail: dealt "dynamic", the
+  share of windows claimed as one (claimed_tail(head_dim) for the forward's).
+  On a GPU the items of dealings
   "snake" and "dynamic" are ranked and tabled by one Triton kernel
   (item_order.ranked_table: the same table, bit for bit, in one launch where
   XLA takes six).
@@ -533,16 +551,17 @@ def work_items(ranges, heads: int, compares=None, num_ctas: int | None = None,
     codes = key_codes(kv_seg)
   if dealing != "load" and _triton_table(ranges, heads):
     # One Triton kernel: the table below, bit for bit, without XLA's six small kernels.
-    window_items, tail = _windows(num_items, ranges.shape[1], num_ctas, WINDOW_ROUNDS, dealing)
+    window_items, tail_windows = _windows(num_items, ranges.shape[1], num_ctas,
+                                          WINDOW_ROUNDS, dealing, tail)
     zeros = jnp.zeros(ranges.shape[:2], jnp.int32)
     table, busy = item_order.ranked_table(
         ranges, zeros if compares is None else compares, zeros if spans is None else spans,
         heads=heads, window_items=window_items,
-        head=_head_items(num_items, window_items, tail),
+        head=_head_items(num_items, window_items, tail_windows),
         num_ctas=None if dealing == "dynamic" else num_ctas)
   else:
     positions, busy = _reading_positions(ranges, heads, num_ctas, WINDOW_ROUNDS, dealing,
-                                         spans)
+                                         spans, tail)
     table = item_table(ranges, positions, heads, compares, spans)
   return WorkItems(table, num_ctas, busy.reshape(1) if dealing == "dynamic" else None, codes)
 
@@ -557,8 +576,9 @@ def _triton_table(ranges, heads: int) -> bool:
 
 def resolve_work_items(items: WorkItems | None, ranges, heads: int, compares,
                        num_ctas: int | None, spans=None, *, dealing: str = "snake",
-                       can_claim: bool = False, coded_ids=None) -> WorkItems:
-  """`items` checked against a launch, or work_items(ranges, ..., dealing) when None.
+                       can_claim: bool = False, coded_ids=None,
+                       tail: float = CLAIMED_TAIL) -> WorkItems:
+  """`items` checked against a launch, or work_items(ranges, ..., dealing, tail) when None.
 
   can_claim: the kernel runs items dealt "dynamic" (the forward; the backward
   kernels read their share of the table). coded_ids: the forward's (q_seg,
@@ -571,7 +591,7 @@ def resolve_work_items(items: WorkItems | None, ranges, heads: int, compares,
   """
   if items is None:
     return work_items(ranges, heads, compares, num_ctas, spans, dealing=dealing,
-                      coded_ids=coded_ids)
+                      coded_ids=coded_ids, tail=tail)
   if not isinstance(items, WorkItems):
     raise TypeError(f"items must be a WorkItems (work_items), got {type(items).__name__}")
   expected = (ranges.shape[0] * ranges.shape[1] * heads, 9)
@@ -978,7 +998,8 @@ def persistent_forward(q, k, v, q_seg, kv_seg, q_pos, kv_pos, q_ranges, *, tile:
   opts = dict(scale=scale, causal=causal, sliding_window=sliding_window, block_k=bk,
               num_stages=stages, num_consumers=num_consumers, group=heads // k.shape[2])
   items = resolve_work_items(items, q_ranges, heads, q_compares, num_ctas, q_spans,
-                             dealing=dealing, can_claim=True, coded_ids=(q_seg, kv_seg, bk))
+                             dealing=dealing, can_claim=True, coded_ids=(q_seg, kv_seg, bk),
+                             tail=claimed_tail(head_dim))
   num_ctas = items.num_ctas
   pingpong = pingpong and num_consumers == 2
   if pingpong and stages < 2:

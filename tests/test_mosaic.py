@@ -299,12 +299,17 @@ def test_ranks_order_by_emptiness_window_and_descending_work(n, window_items, ta
   assert int(busy) == np.sum(work > 0)
 
 
-@pytest.mark.parametrize("batch, n_rows, heads, num_ctas", [
+TABLE_CASES = [(*shape, dealing, mosaic_persistent.CLAIMED_TAIL) for shape in [
     (1, 1, 1, 1), (2, 8, 3, 5), (3, 16, 5, 7), (4, 64, 16, 132), (3, 5, 2, 1000),
     (2, 150, 2, 132), (1, 300, 1, 40),  # rows of a batch in one block, in two
-    (40, 3, 2, 132)])  # batches in a loop
-@pytest.mark.parametrize("dealing", ["dynamic", "snake"])
-def test_the_triton_item_table_is_the_xla_one(batch, n_rows, heads, num_ctas, dealing):
+    (40, 3, 2, 132)]  # batches in a loop
+    for dealing in ("dynamic", "snake")] + [
+    (2, 128, 4, 132, "dynamic", mosaic_persistent.WIDE_CLAIMED_TAIL),  # head_dim 256's tail
+    (3, 16, 5, 7, "dynamic", 0.0)]
+
+
+@pytest.mark.parametrize("batch, n_rows, heads, num_ctas, dealing, tail", TABLE_CASES)
+def test_the_triton_item_table_is_the_xla_one(batch, n_rows, heads, num_ctas, dealing, tail):
   """item_order.ranked_table (what work_items runs on a GPU; here interpreted) gives
   bit for bit the table and busy count of the XLA ranks and scatter: work ties,
   work above the clip, empty rows and reversed ranges."""
@@ -316,18 +321,29 @@ def test_the_triton_item_table_is_the_xla_one(batch, n_rows, heads, num_ctas, de
   compares = jnp.asarray(rng.integers(0, 1000, (batch, n_rows)), jnp.int32)
   spans = jnp.asarray(rng.integers(-2**31, 2**31 - 1, (batch, n_rows)), jnp.int32)
   want = mosaic_persistent.work_items(ranges, heads, compares, num_ctas, spans,
-                                      dealing=dealing)
+                                      dealing=dealing, tail=tail)
   n = batch * n_rows * heads
-  window_items, tail = mosaic_persistent._windows(n, n_rows, num_ctas,
-                                                  mosaic_persistent.WINDOW_ROUNDS, dealing)
+  window_items, tail_windows = mosaic_persistent._windows(
+      n, n_rows, num_ctas, mosaic_persistent.WINDOW_ROUNDS, dealing, tail)
   table, busy = item_order.ranked_table(
       ranges, compares, spans, heads=heads, window_items=window_items,
-      head=mosaic_persistent._head_items(n, window_items, tail),
+      head=mosaic_persistent._head_items(n, window_items, tail_windows),
       num_ctas=None if dealing == "dynamic" else num_ctas, interpret=True)
   np.testing.assert_array_equal(table, want.table)
   assert int(busy[0]) == heads * int(np.sum(width > 0))
   if dealing == "dynamic":
     np.testing.assert_array_equal(busy, want.busy)
+
+
+def test_the_claimed_tail_is_shorter_at_head_dim_256():
+  # The benchmark's D = 256 layout: 4 x 16 (batch, head) pairs of 128 q tiles, 132 CTAs,
+  # windows of two pairs; the tail claims the last 10% of the 32 windows, not 30%.
+  assert mosaic_persistent.claimed_tail(64) == mosaic_persistent.claimed_tail(128) == 0.3
+  assert mosaic_persistent.claimed_tail(256) == mosaic_persistent.WIDE_CLAIMED_TAIL == 0.1
+  windows = lambda d: mosaic_persistent._windows(  # noqa: E731
+      8192, 128, 132, 1, "dynamic", mosaic_persistent.claimed_tail(d))
+  assert windows(256) == (256, 3) and windows(128) == (256, 10)
+  assert mosaic_persistent._windows(8192, 128, 132, 1, "snake", 0.1) == (256, 0)
 
 
 @pytest.mark.gpu
