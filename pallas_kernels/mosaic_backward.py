@@ -61,10 +61,12 @@ Registers: a consumer holds float32 accumulators of [64, D] (dQ; or dK and
 dV) plus two [64, block_minor] ones (S and dP): with D = 128 and two
 consumers (232 registers a thread), block_minor = 64 is the comfortable
 choice for dK/dV (64 + 64 + 32 + 32 accumulator registers); 128 fits for dQ.
-With D = 256, dK and dV alone take 256 registers a thread: the dK/dV kernel
-spills (4.3 KB of local memory a thread, ptxas) and is still faster than the
-Triton kernel there (perf notes entry 36); a dK/dV kernel that splits D
-between its warpgroups would not spill.
+With D = 256, dK and dV alone take 256 registers a thread: the grid dK/dV
+kernel spills (4.3 KB of local memory a thread, ptxas; perf notes entry 36),
+so there dK/dV runs the "split" kernel, whose two warpgroups split D
+(mosaic_split_backward), and dQ the grid kernel on 32-key tiles
+(mosaic_common.WIDE_HEAD_DQ_TILE: two consumers, each a [64, 256] accumulator
+next to [64, 32] scores; entry 39).
 """
 
 from __future__ import annotations
@@ -140,13 +142,16 @@ def default_schedule(tile: TileConfig, streamed, kernel: str) -> str:
 
   kernel: "dq" or "dkdv"; streamed: the operand whose tiles stream through
   the ring, with its partner (K and V for dQ: pass k [B, Tk, Hkv, D]; Q and dO
-  for dK/dV: pass q). "grid" for 32-key tiles (dQ's WIDE_HEAD_DQ_TILE).
-  WIDE_HEAD_SCHEDULES at head_dim > 128 with the split
-  kernels' tile (mosaic_split_backward.SPLIT_TILE's 64 x 64). "grid" where the persistent
-  kernel would not fit in shared memory (two buffer pairs of major operands
-  next to the ring) and for long rows, more than PERSISTENT_MAX_STREAM_BYTES of
-  streamed operands per head: the threshold of the persistent forward
-  (mosaic_attention.default_schedule), whose item order thrashes L2 there.
+  for dK/dV: pass q). In order:
+    - "grid" for 32-key tiles (dQ's mosaic_common.WIDE_HEAD_DQ_TILE);
+    - WIDE_HEAD_SCHEDULES at head_dim > 128 with the split kernels' 64 x 64 tile
+      (mosaic_split_backward.SPLIT_TILE);
+    - "grid" where the persistent kernel would not fit in shared memory (two
+      buffer pairs of major operands next to the ring) and for long rows, more
+      than PERSISTENT_MAX_STREAM_BYTES of streamed operands per head: the
+      threshold of the persistent forward (mosaic_attention.default_schedule),
+      whose item order thrashes L2 there;
+    - DEFAULT_SCHEDULES otherwise.
   """
   _, length, _, head_dim = streamed.shape
   if tile.block_minor < WG_ROWS:  # 32-key dQ tiles: the grid kernel only

@@ -1,14 +1,17 @@
 """Segment-masked flash attention, backward: the "split" Mosaic GPU kernels (wide heads).
 
 `mosaic_backward.backward_dq` and `backward_dkdv` with schedule="split" run
-these kernels, the default at head_dim 256. Same contract, inputs and outputs
-as the grid kernels (mosaic_backward); what differs is who owns what.
+these kernels; the dK/dV one is the default at head_dim 256
+(mosaic_backward.WIDE_HEAD_SCHEDULES: there dQ runs faster on the grid with
+32-key tiles, mosaic_common.WIDE_HEAD_DQ_TILE). Same contract, inputs and
+outputs as the grid kernels (mosaic_backward); what differs is who owns what.
 
 Why. A grid kernel's consumer warpgroup owns 64 major rows and all D columns
 of its accumulators: at D = 256, dK and dV alone are 256 float32 registers a
-thread, so the dK/dV kernel spills (perf notes entry 36) and dQ runs one
-consumer of 255 registers. Here a CTA owns 64 major rows, and its two
-consumer warpgroups split the work of each step between them:
+thread, so the dK/dV grid kernel spills (perf notes entry 36). Split, dK/dV
+takes 2.48 ms against the grid's 5.91 at the benchmark's shape (entry 39).
+Here a CTA owns 64 major rows, and its two consumer warpgroups split the work
+of each step between them:
 
   - the scores: consumer w computes the 32 minor columns [32w, 32w + 32) of
     S and dP (two [64, 32] wgmmas over all of D);
@@ -38,16 +41,18 @@ Synchronisation. The shared buffers are double-buffered by step parity, so
 one meeting per step suffices (a plgpu.Barrier of 2 arrivals, `rendezvous`):
 consumer w writes buffer t % 2 at step t only after the meeting of step t - 1,
 which the other consumer reached after its wgmmas of step t - 2 (which read
-that buffer) completed. After a row's last meeting nobody reads the major
-operands, so each consumer stages its output columns in them. The major
-operands (one copy, read by both consumers) are loaded by consumer 0 onto
-major_ready, which both wait; the producer streams the minor tiles through
-the ring as in the grid kernels (mosaic_common: stream_kv_tiles,
-stream_q_tiles).
+that buffer) completed. The major operands (one copy, read by both consumers)
+are loaded by consumer 0 onto a barrier that both wait, as two [64, D/2]
+halves: after a row's last meeting nobody reads them, so consumer w stages its
+output in half w and stores it with one TMA. dK/dV's kv ids share P^T's
+buffer (shared memory is full): both consumers read them into registers and
+meet once more before the first step writes P^T. The producer streams the
+minor tiles through the ring as in the grid kernels (mosaic_common:
+stream_kv_tiles, stream_q_tiles).
 
 Shared memory at D = 256, bf16, two stages: major operands 64 KiB, ring
-128 KiB, dS (and P) buffers 16 (32) KiB, ids and stats 2.5 KiB: dQ 211 KiB,
-dK/dV 227 KiB of the 227. Tiles: `SPLIT_TILE` only (64 major rows, 64-row
+128 KiB, dS (and P) buffers 16 (32) KiB, ids and stats 3 (2) KiB: dQ 211 KiB,
+dK/dV 226 KiB of the 227. Tiles: `SPLIT_TILE` only (64 major rows, 64-row
 minor tiles); D a multiple of 64.
 """
 
