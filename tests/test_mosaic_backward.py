@@ -227,28 +227,30 @@ def test_head_dim_256_defaults_to_the_split_dkdv_kernel():
     assert mosaic_backward.default_schedule(wide, q(128), kernel) != "split"
 
 
-@pytest.mark.parametrize("kernel", ["backward_dq", "backward_dkdv"])
-def test_split_needs_its_tile(kernel):
+def _wide_args(n_tiles):
+  """Arguments of backward_dq / backward_dkdv at head_dim 256 up to the plan (T = 256, a
+  plan of n_tiles rows): what the input checks see before any kernel is built."""
   x = jnp.zeros((1, 256, 2, 256), jnp.bfloat16)
   stat = jnp.zeros((1, 2, 256), jnp.float32)
   ids = jnp.ones((1, 256), jnp.int32)
+  return (x, x, x, x, stat, stat, ids, ids, ids, ids, jnp.zeros((1, n_tiles, 4), jnp.int32))
+
+
+@pytest.mark.parametrize("kernel", ["backward_dq", "backward_dkdv"])
+def test_split_needs_its_tile(kernel):
   with pytest.raises(ValueError, match="schedule='split' needs a 64 x 64 tile"):
     getattr(mosaic_backward, kernel)(
-        x, x, x, x, stat, stat, ids, ids, ids, ids, jnp.zeros((1, 2, 4), jnp.int32),
-        tile=TileConfig(128, 64), scale=0.1, causal=True, sliding_window=None,
-        schedule="split")
+        *_wide_args(2), tile=TileConfig(128, 64), scale=0.1, causal=True,
+        sliding_window=None, schedule="split")
 
 
 @pytest.mark.parametrize("schedule", ["persistent", "split"])
 def test_32_key_dq_tiles_run_on_the_grid_only(schedule):
-  x = jnp.zeros((1, 256, 2, 256), jnp.bfloat16)
-  stat = jnp.zeros((1, 2, 256), jnp.float32)
-  ids = jnp.ones((1, 256), jnp.int32)
-  args = (x, x, x, x, stat, stat, ids, ids, ids, ids, jnp.zeros((1, 2, 4), jnp.int32))
+  args = _wide_args(2)
   opts = dict(tile=WIDE_DQ, scale=0.1, causal=True, sliding_window=None)
   with pytest.raises(ValueError, match="block_minor = 32 runs on schedule='grid' only"):
     mosaic_backward.backward_dq(*args, schedule=schedule, **opts)
-  assert mosaic_backward.default_schedule(WIDE_DQ, x, "dq") == "grid"
+  assert mosaic_backward.default_schedule(WIDE_DQ, args[0], "dq") == "grid"
   with pytest.raises(ValueError, match="block_minor must be one of"):  # dK/dV: not 32
     mosaic_backward.backward_dkdv(*args, **opts)
 
