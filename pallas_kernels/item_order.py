@@ -31,8 +31,11 @@ from jax.experimental.pallas import triton as plgpu
 
 __all__ = ["BLOCK_ITEMS", "MAX_ITEM_ROW_PAIRS", "ranked_table"]
 
-BLOCK_ITEMS = 32
-"""Items per program."""
+BLOCK_ITEMS = 16
+"""Items per program: 16 (256 programs of 4 warps, two a scheduler's worth per SM) took
+6.3 us on the benchmark's layout against 8.2 for 32, 20.5 for 64, and 6.1 for 16 items
+on 8 warps (H100, ncu, experiments/item_table_probe.py; perf notes entry 39): one warp
+per scheduler left the latency-bound rank sums unhidden (entry 38)."""
 
 MAX_ROW_BLOCK = 256
 """Plan rows of one batch compared with a program's items per step."""
