@@ -89,7 +89,7 @@ from pallas_kernels.mosaic_persistent import WorkItems
 from pallas_kernels.mosaic_persistent_backward import (
     persistent_backward_dkdv, persistent_backward_dq)
 from pallas_kernels.mosaic_split_backward import (
-    SPLIT_TILE, split_backward_dkdv, split_backward_dq)
+    SPLIT_TILE, split_backward_dkdv, split_backward_dq, splits)
 from pallas_kernels.segment_attention import LOG2E, backward_delta
 
 __all__ = ["DEFAULT_DQ_TILE", "DEFAULT_DKDV_TILE", "DEFAULT_SCHEDULES", "SCHEDULES",
@@ -162,12 +162,6 @@ def default_schedule(tile: TileConfig, streamed, kernel: str) -> str:
   if not persistent_fits(tile, streamed) or stream_bytes > PERSISTENT_MAX_STREAM_BYTES:
     return "grid"
   return DEFAULT_SCHEDULES[kernel]
-
-
-def splits(tile: TileConfig) -> bool:
-  """Whether the split kernels run this tile (64 x 64, any number of stages)."""
-  return (tile.block_major, tile.block_minor) == (SPLIT_TILE.block_major,
-                                                  SPLIT_TILE.block_minor)
 
 
 def _pick_schedule(schedule, num_ctas, tile, streamed, kernel, items=None):

@@ -122,8 +122,7 @@ from pallas_kernels.mosaic_common import (
 from pallas_kernels.segment_attention import LOG2E
 
 __all__ = ["DEALINGS", "DEFAULT_NUM_SMS", "WorkItems", "claimed_tail", "cta_items", "item_table",
-           "num_sms",
-           "persistent_forward", "persistent_schedule", "reading_positions",
+           "num_sms", "persistent_forward", "persistent_schedule", "reading_positions",
            "resolve_work_items", "table_row", "work_items"]
 
 DEFAULT_NUM_SMS = 132

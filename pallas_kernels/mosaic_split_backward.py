@@ -74,7 +74,7 @@ from pallas_kernels.mosaic_common import (
 from pallas_kernels.segment_attention import LOG2E, _bwd_shift
 
 __all__ = ["SPLIT_TILE", "SWIZZLE", "check_split_tile", "split_backward_dkdv",
-           "split_backward_dq"]
+           "split_backward_dq", "splits"]
 
 SPLIT_TILE = TileConfig(WG_ROWS, WG_ROWS, num_stages=2)
 """The split kernels' tiling: 64 major rows per CTA, 64-row minor tiles, two stages."""
@@ -84,9 +84,15 @@ _HALF = WG_ROWS // _CONSUMERS  # the minor columns of one consumer's scores
 _BUFFERS = 2  # the shared dS (and P) buffers, by step parity
 
 
+def splits(tile: TileConfig) -> bool:
+  """Whether the split kernels run this tile (SPLIT_TILE's 64 x 64, any number of stages)."""
+  return (tile.block_major, tile.block_minor) == (SPLIT_TILE.block_major,
+                                                  SPLIT_TILE.block_minor)
+
+
 def check_split_tile(tile: TileConfig, head_dim: int) -> None:
   """ValueError unless the split kernels run this tile and head_dim."""
-  if (tile.block_major, tile.block_minor) != (SPLIT_TILE.block_major, SPLIT_TILE.block_minor):
+  if not splits(tile):
     raise ValueError(f"schedule='split' needs tile.block_major = tile.block_minor = "
                      f"{WG_ROWS}, got ({tile.block_major}, {tile.block_minor})")
   if head_dim % (_CONSUMERS * 32):
