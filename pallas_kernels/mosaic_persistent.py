@@ -117,13 +117,13 @@ from pallas_kernels.mosaic_codes import CODE_DIMS, coded_compares, key_codes, ro
 from pallas_kernels.mosaic_common import (
     NO_COMPARE, WG_ROWS, broadcast_rows, consumer_warpgroups, copy_kv_tile, copy_q_tile,
     empty_row_stats, launch, launch_accumulating, mask_tile, mma_accumulate, mma_transforms,
-    online_softmax, producer_warpgroup, rendezvous, row_vector, store_output, three_runs,
-    tile_compares, wait_for_free_slot, zeros_acc)
+    online_softmax, operand_rows_fit, producer_warpgroup, rendezvous, row_vector, store_output,
+    three_runs, tile_compares, wait_for_free_slot, zeros_acc)
 from pallas_kernels.segment_attention import LOG2E
 
 __all__ = ["DEALINGS", "DEFAULT_NUM_SMS", "WorkItems", "claimed_tail", "cta_items", "item_table",
-           "num_sms", "persistent_forward", "persistent_schedule", "reading_positions",
-           "resolve_work_items", "table_row", "work_items"]
+           "num_sms", "persistent_forward", "persistent_schedule", "q_buffer_pairs",
+           "reading_positions", "resolve_work_items", "table_row", "work_items"]
 
 DEFAULT_NUM_SMS = 132
 """SMs of an H100 SXM: the persistent grid when the device does not say (num_sms)."""
@@ -698,7 +698,7 @@ def _walk_items(work, carry, items_ref, num_ctas: int, claims, *, producer: bool
 def _persistent_forward_kernel(items_ref, q_ref, k_ref, v_ref, q_seg_ref,
                                q_pos_ref, kv_seg_ref, kv_pos_ref, codes_ref, *refs, scale, causal,
                                sliding_window, block_k, num_stages, num_consumers, group,
-                               num_ctas, pingpong, dynamic):
+                               num_ctas, pingpong, dynamic, q_pairs):
   """The persistent kernel (module docstring): serial or pingpong consumers.
 
   pingpong (two consumers only): the consumers take turns on the tensor cores
@@ -732,6 +732,9 @@ def _persistent_forward_kernel(items_ref, q_ref, k_ref, v_ref, q_seg_ref,
    *claimed_smem), barriers = scratch
   q_ready, q_free, kv_ready, kv_consumed, *rest = barriers
   claims = (*claim_refs, *claimed_smem, rest.pop()) if dynamic else None
+  # One Q buffer pair with two consumers: k_read / v_read hand the last step's
+  # K/V slot over for the output (_one_pair_outputs); nothing otherwise.
+  handoff = rest.pop(0) if q_pairs == 1 and num_consumers == 2 else None
   sched = rest  # the pingpong rendezvous, if any
   wg = lax.axis_index("wg")
   head_dim = q_ref.shape[3]
@@ -744,38 +747,22 @@ def _persistent_forward_kernel(items_ref, q_ref, k_ref, v_ref, q_seg_ref,
   half_k = block_k // 2 if block_k == 128 else None
 
   def q_buffer(n, consumer):
-    return lax.rem(n, jnp.int32(2)) * num_consumers + consumer
+    return lax.rem(n, jnp.int32(q_pairs)) * num_consumers + consumer
+
+  def q_signal(qs, consumer):
+    """Index of q_ready / q_free: per buffer pair with two pairs, else per consumer."""
+    return qs if q_pairs == 2 else consumer
 
   @producer_warpgroup(wg, num_consumers)
   def _producer():
 
     def item(n, row, t):
       b, qt, h, lo, full_lo, full_hi, hi, compares, _ = row
-      qs = lax.rem(n, jnp.int32(2))
+      qs = lax.rem(n, jnp.int32(2)) if q_pairs == 2 else None
 
-      @pl.when(hi > lo)  # an empty item loads nothing (its output needs no Q)
-      def _load_q():
-        # q_free[qs]: wait for every consumer's release of item n - 2 (the last
-        # user of this Q buffer); items 0 and 1 find their buffer fresh.
-        @pl.when(n >= 2)
-        def _wait_q_buffer():
-          plgpu.barrier_wait(q_free.at[qs])
+      busy = hi > lo  # an empty item loads nothing (its output needs no Q)
 
-        # q_ready[qs]: 3 copies per consumer (Q, q ids, q positions) per item.
-        for c in range(num_consumers):
-          rows = pl.ds(qt * block_q + c * WG_ROWS, WG_ROWS)
-          buf = q_buffer(n, c)
-          with jax.named_scope("p_load_q"):
-            copy_q_tile((q_ref, q_seg_ref, q_pos_ref), q_bufs.at[buf], q_ids_smem, buf,
-                        q_ready.at[qs], b=b, rows=rows, h=h)
-
-      if claims:  # after the wait for q_free: see the module docstring
-        with jax.named_scope("p_claim"):
-          claim(*claims[1:], n + 2)
-
-      kv_head = lax.div(h, jnp.int32(group))
-
-      def load(j, t):
+      def load(j, t, kv_head):
         # kv_ready[slot]: 5 arrivals per step; kv_consumed[slot]: waited for step
         # t - num_stages (the slot's previous use, possibly of an earlier item).
         with jax.named_scope("p_wait_slot"):
@@ -794,7 +781,41 @@ def _persistent_forward_kernel(items_ref, q_ref, k_ref, v_ref, q_seg_ref,
           pl.when(~coded)(lambda: plgpu.barrier_arrive(kv_ready.at[slot]))
         return t + 1
 
-      return lax.fori_loop(lo, hi, load, t)
+      kv_start = lo
+      if q_pairs == 1:
+        # The item's first K/V tile before its Q, whose buffers the consumers
+        # release only at the previous item's last step (module docstring).
+        kv_head = lax.div(h, jnp.int32(group))
+        @pl.when(busy)
+        def _load_first_kv():
+          load(lo, t, kv_head)
+
+        t, kv_start = jnp.where(busy, t + 1, t), lo + 1
+
+      @pl.when(busy)
+      def _load_q():
+        # q_free: wait for the release of the buffer's previous item (n - 2 with
+        # two pairs, n - 1 with one); the first items find their buffer fresh.
+        if q_pairs == 2:
+          pl.when(n >= 2)(lambda: plgpu.barrier_wait(q_free.at[qs]))
+
+        # q_ready: 3 copies per consumer (Q, q ids, q positions) per item.
+        for c in range(num_consumers):
+          if q_pairs == 1:
+            pl.when(n >= 1)(lambda c=c: plgpu.barrier_wait(q_free.at[c]))
+          rows = pl.ds(qt * block_q + c * WG_ROWS, WG_ROWS)
+          buf = q_buffer(n, c)
+          with jax.named_scope("p_load_q"):
+            copy_q_tile((q_ref, q_seg_ref, q_pos_ref), q_bufs.at[buf], q_ids_smem, buf,
+                        q_ready.at[q_signal(qs, c)], b=b, rows=rows, h=h)
+
+      if claims:  # after the wait for q_free: see the module docstring
+        with jax.named_scope("p_claim"):
+          claim(*claims[1:], n + 2)
+
+      if q_pairs == 2:
+        kv_head = lax.div(h, jnp.int32(group))
+      return lax.fori_loop(kv_start, hi, functools.partial(load, kv_head=kv_head), t)
 
     walk(item, jnp.int32(0), producer=True)
 
@@ -815,6 +836,8 @@ def _persistent_forward_kernel(items_ref, q_ref, k_ref, v_ref, q_seg_ref,
 
     def flush(pending):
       """Store the output of the item that `pending` holds, if any (not awaited)."""
+      if not pending:  # one Q buffer pair: every item stores its own output
+        return
       acc, m, l, buf, b, qt, h, has = pending
 
       @pl.when(has == 1)
@@ -822,10 +845,42 @@ def _persistent_forward_kernel(items_ref, q_ref, k_ref, v_ref, q_seg_ref,
         with jax.named_scope("c_store"):
           store_output(acc, m, l, *out_refs(buf, b, qt, h))
 
+    def store_from_slot(acc, m, l, slot, b, qt, h):
+      """One Q buffer pair: the item's output, staged in its last step's K/V slot
+      (consumer 0 in K, consumer 1 in V, once the other is done with it: the
+      handoff), stored; the slot is released once the store has read it."""
+      rows = pl.ds(qt * block_q + wg * WG_ROWS, WG_ROWS)
+
+      def store_from(kv_smem):
+        with jax.named_scope("c_store"):
+          store_output(acc, m, l, kv_smem.at[slot, pl.ds(0, WG_ROWS)], lse_smem.at[wg],
+                       o_ref.at[b, rows, h], lse_ref.at[b, h, rows])
+
+      if handoff is None:
+        store_from(k_smem)
+      else:
+        k_read, v_read = handoff.at[0], handoff.at[1]
+
+        @pl.when(wg == 0)
+        def _in_k():
+          with jax.named_scope("c_wait_handoff"):
+            plgpu.barrier_wait(k_read)  # consumer 1's last QK^T is done
+          plgpu.barrier_arrive(v_read)  # and so is this consumer's PV
+          store_from(k_smem)
+
+        @pl.when(wg == 1)
+        def _in_v():
+          with jax.named_scope("c_wait_handoff"):
+            plgpu.barrier_wait(v_read)
+          store_from(v_smem)
+
+      plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+      plgpu.barrier_arrive(kv_consumed.at[slot])  # the last step's, held back until now
+
     def item(n, row, state):
       t0, pending = state
       b, qt, h, lo, full_lo, full_hi, hi, compares, spans = row
-      qs = lax.rem(n, jnp.int32(2))
+      qs = lax.rem(n, jnp.int32(2)) if q_pairs == 2 else None
       buf = q_buffer(n, wg)
       q_smem = q_bufs.at[buf]
       # This consumer's kv tiles: [first, last], the first on its second half
@@ -844,9 +899,21 @@ def _persistent_forward_kernel(items_ref, q_ref, k_ref, v_ref, q_seg_ref,
           plgpu.wait_smem_to_gmem(0, wait_read_only=True)
           plgpu.barrier_arrive(q_free.at[1 - qs])
 
+      def done_with_q(j):
+        """One Q buffer pair: after the item's last QK^T, release this consumer's Q
+        buffer (and consumer 1 hands the last K buffer to consumer 0)."""
+        if q_pairs == 2:
+          return
+
+        @pl.when(j == hi - 1)
+        def _release():
+          plgpu.barrier_arrive(q_free.at[wg])
+          if handoff is not None:
+            pl.when(wg == 1)(lambda: plgpu.barrier_arrive(handoff.at[0]))
+
       def attend(pending):
         with jax.named_scope("c_wait_q"):
-          plgpu.barrier_wait(q_ready.at[qs])  # once per item, every consumer
+          plgpu.barrier_wait(q_ready.at[q_signal(qs, wg)])  # once per item, every consumer
         q_ids = tuple(row_vector(q_ids_smem.at[buf, i][...]) for i in range(2))
         q_codes = row_operand(q_ids[0])  # the codes' operand A (mosaic_codes)
 
@@ -870,12 +937,18 @@ def _persistent_forward_kernel(items_ref, q_ref, k_ref, v_ref, q_seg_ref,
                   (j == first) & ((front & 1) == 1), 1,
                   jnp.where((j == last) & ((back & 1) == 1), 2, 3)))
             carry = lax.switch(kind.astype(jnp.int32), kinds, j, carry, slot, masked)
-          plgpu.barrier_arrive(kv_consumed.at[slot])  # once per step, every consumer
+          # once per step, every consumer (the item's last step in store_from_slot
+          # with one Q buffer pair)
+          if q_pairs == 2:
+            plgpu.barrier_arrive(kv_consumed.at[slot])
+          else:
+            pl.when(j != hi - 1)(lambda: plgpu.barrier_arrive(kv_consumed.at[slot]))
           return carry
 
         def skip(j, carry, slot, masked, *, first_step):
           """A tile none of this consumer's rows attend: the step's meetings only."""
-          del j, slot, masked
+          del slot, masked
+          done_with_q(j)
           if first_step:
             flush(pending)
           meet()
@@ -892,7 +965,6 @@ def _persistent_forward_kernel(items_ref, q_ref, k_ref, v_ref, q_seg_ref,
           other consumer finishes its softmax) and, after the softmax, releases
           the previous item's Q buffer.
           """
-          del j
           acc, m, l = carry
           start, width = keys
           part = lambda ref: ref if width == block_k else ref.at[pl.ds(start, width)]  # noqa: E731
@@ -914,6 +986,7 @@ def _persistent_forward_kernel(items_ref, q_ref, k_ref, v_ref, q_seg_ref,
 
           with jax.named_scope("c_qk"):
             s = pl.run_scoped(qk, plgpu.ACC((WG_ROWS, width), jnp.float32))
+          done_with_q(j)
 
           with jax.named_scope("c_softmax" if masked is False else "c_softmax_masked"):
             if masked is not False:
@@ -939,21 +1012,27 @@ def _persistent_forward_kernel(items_ref, q_ref, k_ref, v_ref, q_seg_ref,
                    else tile_compares(lo, lo, hi, compares))
         first_masked = jnp.where((lo >= full_lo) & (lo < full_hi), NO_COMPARE, compare)
         carry = visit(lo, (zeros_acc(o_shape), *empty_row_stats()), masked=first_masked,
-                      first_step=True)
+                      first_step=q_pairs == 2)
         acc, m, l = three_runs(lo, full_lo, full_hi, hi, visit, carry, compares=compares,
                                start=lo + 1)
         # Rows of padding (segment id 0) attended the keys of padding (mask_tile's
         # padding_rows=False): l = 0 stores them as rows that saw nothing.
         l = jnp.where(q_ids[0] != 0, l, 0.0)
+        if q_pairs == 1:
+          store_from_slot(acc, m, l, lax.rem(t0 + (hi - 1 - lo), stages), b, qt, h)
+          return ()
         return acc, m, l, buf, b, qt, h, jnp.int32(1)
 
       def write_empty(pending):
         # Empty items come last (reading_positions) and have no Q: the
         # buffer's last reader was this consumer's own store of item n - 2,
-        # issued during item n - 1.
+        # issued during item n - 1 (with one pair: its last QK^T, and its lse
+        # buffer's this consumer's earlier store).
         flush(pending)
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
         store_output(zeros_acc(o_shape), *empty_row_stats(), *out_refs(buf, b, qt, h))
+        if q_pairs == 1:
+          return ()
         return (zeros_acc(o_shape), *empty_row_stats(), buf, b, qt, h, jnp.int32(0))
 
       # The item's output is stored in the next item's first step (or after the
@@ -964,7 +1043,7 @@ def _persistent_forward_kernel(items_ref, q_ref, k_ref, v_ref, q_seg_ref,
 
     # pending: (acc, m, l, buf, b, qt, h, has) of the item whose output is not
     # stored yet; has = 0: none.
-    nothing = (zeros_acc(o_shape), *empty_row_stats(), *(jnp.int32(0),) * 5)
+    nothing = (zeros_acc(o_shape), *empty_row_stats(), *(jnp.int32(0),) * 5) if q_pairs == 2 else ()
     _, pending = walk(item, (jnp.int32(0), nothing), producer=False)
     flush(pending)
     if sched:
@@ -972,10 +1051,18 @@ def _persistent_forward_kernel(items_ref, q_ref, k_ref, v_ref, q_seg_ref,
     plgpu.wait_smem_to_gmem(0)
 
 
+def q_buffer_pairs(tile: TileConfig, q) -> int:
+  """The persistent forward's Q buffer pairs: 2 where two pairs of block_major rows
+  fit beside the K/V ring (q: [B, Tq, H, D]; PERSISTENT_MAX_SMEM_BYTES), else 1."""
+  return 2 if operand_rows_fit(2 * tile.block_major + 2 * tile.num_stages * tile.block_minor,
+                               q) else 1
+
+
 def persistent_forward(q, k, v, q_seg, kv_seg, q_pos, kv_pos, q_ranges, *, tile: TileConfig,
                        scale, causal, sliding_window, num_ctas: int | None = None,
                        pingpong: bool = False, q_compares=None, q_spans=None,
-                       items: WorkItems | None = None, dealing: str = "dynamic"):
+                       items: WorkItems | None = None, dealing: str = "dynamic",
+                       q_pairs: int | None = None):
   """forward(..., schedule="persistent[-pingpong]"): the item table, then the kernel.
 
   Arguments and outputs as mosaic_attention.forward, which checks them.
@@ -988,7 +1075,9 @@ def persistent_forward(q, k, v, q_seg, kv_seg, q_pos, kv_pos, q_ranges, *, tile:
   (jpack.masks.group_spans: the kv tiles, or halves of them with block_k =
   128, that each consumer's rows cannot attend), or None. items: the work
   items made beforehand (work_items(q_ranges, H, q_compares, spans=q_spans)), or None
-  to make them here, dealt by `dealing` (DEALINGS).
+  to make them here, dealt by `dealing` (DEALINGS). q_pairs: Q buffer pairs, 2
+  (the next item's Q loads during this one) or 1 (after this one's last QK^T,
+  its output staged in a K/V slot: module docstring); None: q_buffer_pairs(tile, q).
   """
   batch, tq, heads, head_dim = q.shape
   num_consumers = tile.block_major // WG_ROWS
@@ -1000,29 +1089,41 @@ def persistent_forward(q, k, v, q_seg, kv_seg, q_pos, kv_pos, q_ranges, *, tile:
                              dealing=dealing, can_claim=True, coded_ids=(q_seg, kv_seg, bk),
                              tail=claimed_tail(head_dim))
   num_ctas = items.num_ctas
+  if q_pairs is None:
+    q_pairs = q_buffer_pairs(tile, q)
+  if q_pairs not in (1, 2):
+    raise ValueError(f"q_pairs must be 1 or 2, got {q_pairs!r}")
   pingpong = pingpong and num_consumers == 2
   if pingpong and stages < 2:
     raise ValueError(f"schedule='persistent-pingpong' needs tile.num_stages >= 2 (one "
                      f"stage would deadlock its two consumers), got {stages}")
   kernel = functools.partial(_persistent_forward_kernel, num_ctas=num_ctas,
-                             pingpong=pingpong, dynamic=items.dynamic, **opts)
+                             pingpong=pingpong, dynamic=items.dynamic, q_pairs=q_pairs,
+                             **opts)
+  # q_ready: Q, q ids, q positions, 3 copies per consumer per item, and q_free:
+  # one arrival per consumer per item n >= 1, for each of the two buffer pairs
+  # or, with one pair, for each consumer.
+  q_barriers = (2, num_consumers) if q_pairs == 2 else (num_consumers, 1)
   barriers = (
-      # q_ready[qs]: Q, q ids, q positions per consumer (3 * num_consumers copies
-      # per item); q_free[qs]: one arrival per consumer per item n >= 1.
-      plgpu.Barrier(num_arrivals=3 * num_consumers, num_barriers=2),
-      plgpu.Barrier(num_arrivals=num_consumers, num_barriers=2),
+      plgpu.Barrier(num_arrivals=3 * q_barriers[1], num_barriers=q_barriers[0]),
+      plgpu.Barrier(num_arrivals=q_barriers[1], num_barriers=q_barriers[0]),
       # kv_ready[s]: K, V, kv ids, kv positions and the key codes or a plain
       # arrival (5 per step);
       # kv_consumed[s]: one arrival per consumer per step.
       plgpu.Barrier(num_arrivals=5, num_barriers=stages),
       plgpu.Barrier(num_arrivals=num_consumers, num_barriers=stages),
   )
+  if q_pairs == 1 and num_consumers == 2:
+    # The handoff of the last step's slot: k_read (consumer 1's last QK^T done)
+    # and v_read (consumer 0's last PV done), one arrival per busy item.
+    barriers += (plgpu.Barrier(num_arrivals=1, num_barriers=2),)
   if pingpong:
     barriers += (plgpu.Barrier(num_arrivals=2),)  # the consumers' rendezvous
+  q_buffers = q_pairs * num_consumers
   scratch = (
-      plgpu.SMEM((2 * num_consumers, WG_ROWS, head_dim), q.dtype, transforms=transforms),
-      plgpu.SMEM((2 * num_consumers, 2, WG_ROWS), jnp.int32),
-      plgpu.SMEM((2 * num_consumers, WG_ROWS), jnp.float32),
+      plgpu.SMEM((q_buffers, WG_ROWS, head_dim), q.dtype, transforms=transforms),
+      plgpu.SMEM((q_buffers, 2, WG_ROWS), jnp.int32),
+      plgpu.SMEM((q_buffers, WG_ROWS), jnp.float32),
       plgpu.SMEM((stages, bk, head_dim), k.dtype, transforms=transforms),
       plgpu.SMEM((stages, bk, head_dim), v.dtype, transforms=transforms),
       plgpu.SMEM((stages, 2, bk), jnp.int32),
