@@ -5,7 +5,8 @@
 Lowers (no GPU needed) every case of the lowering tests of the backward modules
 (tests/test_mosaic_backward.py: dQ, dQ with delta, dK/dV; grid, persistent, split;
 tests/test_mosaic_fused_backward.py) and the forward schedules on one packed
-layout, and prints one line per kernel: its name and a hash of its StableHLO
+layout (at D = 128 on the default tile; the persistent ones also with one Q buffer
+pair; at D = 256 on mosaic_common.WIDE_HEAD_FORWARD_TILE), and prints one line per kernel: its name and a hash of its StableHLO
 without debug info (the Mosaic GPU module is serialized inside it). Run it at two
 commits and diff the outputs: a kernel whose line is unchanged is the same
 program, so GPU tests passed by it at the older commit hold at the newer one.
@@ -28,7 +29,7 @@ import test_mosaic  # noqa: E402
 import test_mosaic_backward  # noqa: E402
 import test_mosaic_fused_backward  # noqa: E402
 from experiments import layouts  # noqa: E402
-from pallas_kernels import mosaic_attention  # noqa: E402
+from pallas_kernels import mosaic_attention, mosaic_common  # noqa: E402
 
 FORWARD_SCHEDULES = ("serial", "pipelined", "pingpong", "persistent", "persistent-pingpong")
 
@@ -42,20 +43,27 @@ def fingerprint(lower) -> str:
   return hashlib.sha1(text.encode()).hexdigest()[:12]
 
 
-def forward_lowering(schedule: str):
-  batch, length, heads, head_dim = 1, 1024, 2, 128
+def forward_lowering(schedule: str, head_dim=128, tile=mosaic_attention.DEFAULT_TILE,
+                     q_pairs=None):
+  batch, length, heads = 1, 1024, 2
   seg = jnp.asarray(layouts.packed_segment_ids(batch, length, seed=0, mean_len=300))
   pos = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
   x = jax.ShapeDtypeStruct((batch, length, heads, head_dim), jnp.bfloat16)
   fn = jax.jit(lambda q, k, v, s, p: test_mosaic.mosaic_forward(
       q, k, v, s, s, p, p, causal=True, window=None, scale=head_dim**-0.5,
-      tile=mosaic_attention.DEFAULT_TILE, schedule=schedule))
+      tile=tile, schedule=schedule, q_pairs=q_pairs))
   return lambda: fn.trace(x, x, x, seg, pos).lower(lowering_platforms=("cuda",))
 
 
 def main() -> None:
   for schedule in FORWARD_SCHEDULES:
     print("forward", schedule, fingerprint(forward_lowering(schedule)), flush=True)
+  for schedule in FORWARD_SCHEDULES[3:]:
+    print("forward q_pairs=1", schedule, fingerprint(forward_lowering(schedule, q_pairs=1)),
+          flush=True)
+  for schedule in FORWARD_SCHEDULES:
+    print("forward d256", schedule, fingerprint(forward_lowering(
+        schedule, 256, mosaic_common.WIDE_HEAD_FORWARD_TILE)), flush=True)
   backward = test_mosaic_backward
   for case in backward.LOWER_CASES:
     for kernel in ("dq", "dq-and-delta", "dkdv"):

@@ -397,13 +397,13 @@ def _kernels(implementation) -> _Kernels:
 
 
 def _mosaic_config(head_dim) -> KernelConfig:
-  """The Mosaic kernels' default tiles: at head_dim 256 mosaic_common.WIDE_HEAD_TILE,
-  and WIDE_HEAD_DQ_TILE for dQ; else their modules' DEFAULT_TILE, DEFAULT_DQ_TILE and
-  DEFAULT_DKDV_TILE."""
+  """The Mosaic kernels' default tiles: at head_dim 256 mosaic_common's
+  WIDE_HEAD_FORWARD_TILE, WIDE_HEAD_DQ_TILE and WIDE_HEAD_TILE (dK/dV); else their
+  modules' DEFAULT_TILE, DEFAULT_DQ_TILE and DEFAULT_DKDV_TILE."""
   from pallas_kernels import mosaic_attention, mosaic_backward, mosaic_common
   if head_dim > 128:
-    tile = mosaic_common.WIDE_HEAD_TILE
-    return KernelConfig(forward=tile, dq=mosaic_common.WIDE_HEAD_DQ_TILE, dkdv=tile)
+    return KernelConfig(forward=mosaic_common.WIDE_HEAD_FORWARD_TILE,
+                        dq=mosaic_common.WIDE_HEAD_DQ_TILE, dkdv=mosaic_common.WIDE_HEAD_TILE)
   return KernelConfig(forward=mosaic_attention.DEFAULT_TILE,
                       dq=mosaic_backward.DEFAULT_DQ_TILE,
                       dkdv=mosaic_backward.DEFAULT_DKDV_TILE)
@@ -690,9 +690,9 @@ def flash_attention(
       EMPTY_LSE for rows that attend to nothing.
     config: kernel tiling (default: KernelConfig.for_head_dim(D); for
       "mosaic", the Mosaic kernels' tiles mosaic_attention.DEFAULT_TILE,
-      mosaic_backward.DEFAULT_DQ_TILE and DEFAULT_DKDV_TILE, or
-      mosaic_common.WIDE_HEAD_TILE and WIDE_HEAD_DQ_TILE at head_dim 256:
-      block_major 64 or 128, block_minor 64 or 128, or 32 for dq).
+      mosaic_backward.DEFAULT_DQ_TILE and DEFAULT_DKDV_TILE, or mosaic_common's
+      WIDE_HEAD_FORWARD_TILE, WIDE_HEAD_DQ_TILE and WIDE_HEAD_TILE at head_dim
+      256: block_major 64 or 128, block_minor 64 or 128, or 32 for dq).
     interpret: run the Pallas kernel in the Pallas interpreter (CPU tests;
       "pallas" only).
 

@@ -63,8 +63,8 @@ from pallas_kernels.mosaic_persistent import WorkItems, persistent_forward
 from pallas_kernels.segment_attention import LOG2E
 
 __all__ = ["DEFAULT_SCHEDULE", "DEFAULT_TILE", "GRID_SCHEDULE", "MIN_SCALE",
-           "PERSISTENT_MAX_KV_BYTES", "SCHEDULES", "check_supported", "default_schedule",
-           "forward"]
+           "PERSISTENT_MAX_KV_BYTES", "SCHEDULES", "WIDE_HEAD_SCHEDULE", "check_supported",
+           "default_schedule", "forward"]
 
 DEFAULT_TILE = TileConfig(128, 128, num_stages=2)
 """Two consumer warpgroups, 128-key tiles, double-buffered (untuned starting point)."""
@@ -75,6 +75,9 @@ DEFAULT_SCHEDULE = "persistent-pingpong"
 """The fastest measured on an H100 at T = 8192 (experiments/perf_notes.md, entry 16)."""
 GRID_SCHEDULE = "pingpong"
 """The default where DEFAULT_SCHEDULE is not (default_schedule)."""
+WIDE_HEAD_SCHEDULE = "persistent"
+"""DEFAULT_SCHEDULE's place at head dim 256: with one Q buffer pair the two consumers
+run faster apart than taking turns (0.85 against 0.99 ms on an H100, perf notes entry 41)."""
 MIN_SCALE = 1e-20
 """Smallest logit scale `forward` takes (mosaic_common.online_softmax: masked logits)."""
 PERSISTENT_MAX_KV_BYTES = 16 * 2**20
@@ -82,7 +85,8 @@ PERSISTENT_MAX_KV_BYTES = 16 * 2**20
 
 
 def default_schedule(tile: TileConfig, k) -> str:
-  """The schedule `forward` runs when none is named: DEFAULT_SCHEDULE, or GRID_SCHEDULE.
+  """The schedule `forward` runs when none is named: DEFAULT_SCHEDULE (WIDE_HEAD_SCHEDULE
+  at head_dim > 128), or GRID_SCHEDULE.
 
   k: [B, Tk, Hkv, D]. GRID_SCHEDULE for one-stage tiles (DEFAULT_SCHEDULE
   needs 2 stages) and for long rows: the persistent kernel takes its items
@@ -99,14 +103,14 @@ def default_schedule(tile: TileConfig, k) -> str:
   if (tile.num_stages < 2 or kv_bytes > PERSISTENT_MAX_KV_BYTES
       or not _persistent_fits(tile, k)):
     return GRID_SCHEDULE
-  return DEFAULT_SCHEDULE
+  return WIDE_HEAD_SCHEDULE if head_dim > 128 else DEFAULT_SCHEDULE
 
 
 def _persistent_fits(tile: TileConfig, k) -> bool:
-  """Whether the persistent forward's operands fit in PERSISTENT_MAX_SMEM_BYTES:
-  two Q buffers (the next item's loads during this one's) of block_major rows
-  next to the K/V ring (k: [B, Tk, Hkv, D])."""
-  return operand_rows_fit(2 * tile.block_major + 2 * tile.num_stages * tile.block_minor, k)
+  """Whether the persistent forward's operands fit in PERSISTENT_MAX_SMEM_BYTES: at
+  least one pair of Q buffers of block_major rows next to the K/V ring (k: [B, Tk,
+  Hkv, D]; mosaic_persistent.q_buffer_pairs)."""
+  return operand_rows_fit(tile.block_major + 2 * tile.num_stages * tile.block_minor, k)
 
 
 def _load_consumer_q(gmem, qo_smem, q_ids_smem, q_ready, *, qt, b, h, wg, num_consumers):
@@ -446,7 +450,7 @@ def _split_forward_kernel(ranges_ref, q_ref, k_ref, v_ref, q_seg_ref, q_pos_ref,
 def forward(q, k, v, q_seg, kv_seg, q_pos, kv_pos, q_ranges, *, tile: TileConfig,
             scale, causal, sliding_window, interpret=False,
             schedule: str | None = None, num_ctas: int | None = None, q_compares=None,
-            q_spans=None, items: WorkItems | None = None):
+            q_spans=None, items: WorkItems | None = None, q_pairs: int | None = None):
   """Returns (out [B, Tq, H, D] in q.dtype, lse float32 [B, H, Tq]).
 
   Same arguments as `segment_attention.forward`; `interpret` must be False
@@ -468,6 +472,8 @@ def forward(q, k, v, q_seg, kv_seg, q_pos, kv_pos, q_ranges, *, tile: TileConfig
   (mosaic_persistent.work_items(q_ranges, H, q_compares, spans=q_spans),
   e.g. once per batch for many layers), in place of q_compares and q_spans;
   None: made in the call, to be claimed at run time (dealing "dynamic").
+  q_pairs: the persistent schedules only, Q buffer pairs (1 or 2,
+  mosaic_persistent.persistent_forward; same outputs); None: as many as fit.
   """
   if interpret:
     raise NotImplementedError("the Mosaic GPU attention kernel has no interpret mode")
@@ -485,6 +491,9 @@ def forward(q, k, v, q_seg, kv_seg, q_pos, kv_pos, q_ranges, *, tile: TileConfig
   if items is not None and not persistent:
     raise ValueError(f"items (work items of a persistent kernel) need a persistent "
                      f"schedule, got schedule={schedule!r}")
+  if q_pairs is not None and (not persistent or q_pairs not in (1, 2)):
+    raise ValueError(f"q_pairs must be None, 1 or 2, and only with a persistent schedule; "
+                     f"got q_pairs={q_pairs!r}, schedule={schedule!r}")
   check_supported(q, k, tile)
   check_row_words("q_compares", q_compares, q_ranges)
   check_row_words("q_spans", q_spans, q_ranges)
@@ -492,7 +501,8 @@ def forward(q, k, v, q_seg, kv_seg, q_pos, kv_pos, q_ranges, *, tile: TileConfig
     return persistent_forward(q, k, v, q_seg, kv_seg, q_pos, kv_pos, q_ranges, tile=tile,
                               scale=scale, causal=causal, sliding_window=sliding_window,
                               num_ctas=num_ctas, pingpong=schedule == "persistent-pingpong",
-                              q_compares=q_compares, q_spans=q_spans, items=items)
+                              q_compares=q_compares, q_spans=q_spans, items=items,
+                              q_pairs=q_pairs)
   batch, tq, heads, head_dim = q.shape
   group = heads // k.shape[2]
   num_consumers = tile.block_major // WG_ROWS

@@ -65,7 +65,7 @@ from pallas_kernels.segment_attention import EMPTY_LSE, LOG2E, MASKED_LOGIT
 
 __all__ = ["BLOCK_MINORS", "COMPARES", "CONSUMER_REGISTERS", "DQ_BLOCK_MINORS", "LN2",
            "PERSISTENT_MAX_SMEM_BYTES", "PRODUCER_REGISTERS", "WG_ROWS", "WIDE_HEAD_DQ_TILE",
-           "WIDE_HEAD_TILE", "operand_rows_fit",
+           "WIDE_HEAD_FORWARD_TILE", "WIDE_HEAD_TILE", "operand_rows_fit",
            "broadcast_cols", "broadcast_rows", "check_row_words", "check_supported", "col_vector",
            "consumer_warpgroups", "copy_kv_tile", "copy_q_tile", "doc_mask", "empty_row_stats",
            "launch", "launch_accumulating", "load_kv_rows", "mask_tile", "mma_accumulate",
@@ -84,9 +84,13 @@ room for a [64, 256] accumulator next to them (WIDE_HEAD_DQ_TILE)."""
 PERSISTENT_MAX_SMEM_BYTES = 220 * 1024
 """Largest operand shared memory (Q, K, V, dO) of a default persistent kernel (227 KiB in all)."""
 WIDE_HEAD_TILE = TileConfig(64, 64, num_stages=2)
-"""The forward's and dK/dV's default tile at head dim 256 (jpack.attention): wider ones
+"""dK/dV's default tile at head dim 256 (jpack.attention; the split kernels): wider ones
 do not fit shared memory with two stages, and the one-stage backward tilings measured
 1.3-1.5x slower forward+backward on an H100 (experiments/perf_notes.md, entry 36)."""
+WIDE_HEAD_FORWARD_TILE = TileConfig(128, 64, num_stages=2)
+"""The forward's default tile at head dim 256: two consumers of 64 rows, which fit
+beside the two-stage K/V ring with one Q buffer pair (mosaic_persistent.q_buffer_pairs);
+0.83x the time of WIDE_HEAD_TILE's one consumer on an H100 (perf notes entry 41)."""
 WIDE_HEAD_DQ_TILE = TileConfig(128, 32, num_stages=2)
 """dQ's default tile at head dim 256: two consumers of 64 q rows, each with its own
 [64, 256] accumulator, sharing 32-key tiles; 1.56 ms against WIDE_HEAD_TILE's 2.11 on an

@@ -50,7 +50,19 @@ through its own buffer of pair n % 2 once its own earlier stores from that
 buffer have read it (nothing else touches the buffer any more: no busy item
 follows).
 
-Synchronisation, per barrier (who arrives, how often):
+One Q buffer pair (q_pairs=1, q_buffer_pairs: where two pairs of 128 x 256 do
+not fit beside the K/V ring, as at head dim 256). Each consumer releases its Q
+buffer right after the item's last QK^T (done_with_q), and the producer loads
+the next item's first K/V tile, then its Q (each consumer's once that
+consumer released it), then the rest. The output cannot wait in the Q buffer:
+each consumer stages it in the K/V slot of the item's last step, consumer 0
+in K once consumer 1's last QK^T is done (k_read), consumer 1 in V once
+consumer 0's last PV is done (v_read), stores it at the item's end and waits
+for the store to read it before its arrival on that step's kv_consumed,
+which it holds back until then. Consumer 0 waits k_read before it arrives on
+v_read, so neither handoff barrier runs a phase ahead of its waiter.
+
+Synchronisation, per barrier (who arrives, how often; with two Q buffer pairs):
   q_ready[qs]:  the producer's TMA of busy item n's Q, q ids and q positions,
                 one copy of each per consumer: 3 * num_consumers arrivals per
                 busy item. Every consumer waits it once per busy item.
@@ -156,11 +168,12 @@ windows alone and 2.5-8% dealt by load before _rebalance; larger windows cost L2
 locality, entry 13)."""
 
 
-WIDE_CLAIMED_TAIL = 0.1
+WIDE_CLAIMED_TAIL = 0.2
 """CLAIMED_TAIL at head_dim 256: with twice the K/V bytes per (batch, head) pair, a tail
 of 30% of the windows thrashes L2. The claimed forward at D = 256 on the benchmark's
-layout, against the "load" deal (H100, perf_notes entry 39): tail 0.1 1.007x, 0.0
-1.037x, 0.3 1.156x, 0.5 1.401x; at D = 128 0.3 stays the best (1.036x; 0.1 1.077x)."""
+layout (128 x 64 tiles), against the "load" deal (H100, perf_notes entry 41): tail 0.2
+1.024x, 0.1 1.042x, 0.3 1.048x, 0.0 1.059x (on 64 x 64 tiles, entry 39: 0.1 1.007x,
+0.3 1.156x); at D = 128 0.3 stays the best (1.036x; 0.1 1.077x)."""
 
 
 def claimed_tail(head_dim: int) -> float:

@@ -53,12 +53,13 @@ schedules = pytest.mark.parametrize("schedule", SCHEDULES)
 
 
 @functools.partial(jax.jit, static_argnames=("causal", "window", "scale", "tile",
-                                             "schedule", "num_ctas", "dealing"))
+                                             "schedule", "num_ctas", "dealing", "q_pairs"))
 def mosaic_forward(q, k, v, q_seg, kv_seg, q_pos, kv_pos, *, causal, window, scale,
-                   tile, schedule=None, num_ctas=None, dealing=None):
+                   tile, schedule=None, num_ctas=None, dealing=None, q_pairs=None):
   """(out, lse) of the Mosaic kernel, with its tile plan (ranges, q_compares, q_spans);
   lengths multiples of the tile. dealing: make the persistent kernel's work items
-  beforehand, dealt so (mosaic_persistent.DEALINGS); None: the kernel makes them."""
+  beforehand, dealt so (mosaic_persistent.DEALINGS); None: the kernel makes them.
+  q_pairs: the persistent kernel's Q buffer pairs (None: as many as fit)."""
   plan = masks.make_tile_plan(q_seg, kv_seg, q_pos, kv_pos, block_q=tile.block_major,
                               block_k=tile.block_minor, causal=causal,
                               sliding_window=window)
@@ -70,7 +71,7 @@ def mosaic_forward(q, k, v, q_seg, kv_seg, q_pos, kv_pos, *, causal, window, sca
   return mosaic_attention.forward(q, k, v, q_seg, kv_seg, q_pos, kv_pos, plan.q_ranges,
                                   tile=tile, scale=scale, causal=causal,
                                   sliding_window=window, schedule=schedule,
-                                  num_ctas=num_ctas, **words)
+                                  num_ctas=num_ctas, q_pairs=q_pairs, **words)
 
 
 # ----------------------------------------------------------------------------
@@ -108,6 +109,9 @@ LOWER_CASES = [
     LowerCase("d256", head_dim=256, tile=mosaic_common.WIDE_HEAD_TILE),
     LowerCase("d256-gqa-window-float16", dtype="float16", head_dim=256, kv_heads=2,
               window=100, tile=mosaic_common.WIDE_HEAD_TILE),
+    LowerCase("d256-128x64", head_dim=256, tile=mosaic_common.WIDE_HEAD_FORWARD_TILE),
+    LowerCase("d256-128x64-gqa-window-float16", dtype="float16", head_dim=256, kv_heads=2,
+              window=100, tile=mosaic_common.WIDE_HEAD_FORWARD_TILE),
 ]
 
 
@@ -131,9 +135,10 @@ def _assert_lowers(lower, schedule, tile):
 # (tiles, stages, consumers, head dims), since masks and dtypes are shared code.
 # Each lowering takes about a second on CPU, and CI has 20 minutes.
 STRUCTURE_CASES = ("default", "128x64-3-stages", "d64-64x128",
-                   "one-consumer-gqa-window-float16", "d256")
+                   "one-consumer-gqa-window-float16", "d256", "d256-128x64")
 LOWERINGS = [(case, schedule) for schedule in SCHEDULES for case in LOWER_CASES
-             if schedule in (mosaic_attention.DEFAULT_SCHEDULE, mosaic_attention.GRID_SCHEDULE)
+             if schedule in (mosaic_attention.DEFAULT_SCHEDULE, mosaic_attention.GRID_SCHEDULE,
+                             mosaic_attention.WIDE_HEAD_SCHEDULE)
              or case.name in STRUCTURE_CASES]
 
 
@@ -159,9 +164,11 @@ PERSISTENT = [s for s in SCHEDULES if s.startswith("persistent")]
 
 
 # One consumer (64-row tiles) has no pingpong: both schedules are the same kernel.
+# The head-dim-256 case has one Q buffer pair (mosaic_persistent.q_buffer_pairs).
 CTA_CASES = [(case, schedule) for case in (
     LowerCase("default"), LowerCase("one-consumer-64x64", tile=TileConfig(64, 64, num_stages=2)),
-    LowerCase("one-stage-gqa", kv_heads=1, tile=TileConfig(128, 64, num_stages=1)))
+    LowerCase("one-stage-gqa", kv_heads=1, tile=TileConfig(128, 64, num_stages=1)),
+    LowerCase("d256-128x64", head_dim=256, tile=mosaic_common.WIDE_HEAD_FORWARD_TILE))
     for schedule in PERSISTENT
     if case.tile.block_major > 64 or schedule == "persistent"]
 
@@ -336,14 +343,15 @@ def test_the_triton_item_table_is_the_xla_one(batch, n_rows, heads, num_ctas, de
 
 
 def test_the_claimed_tail_is_shorter_at_head_dim_256():
-  # The benchmark's D = 256 layout: 4 x 16 (batch, head) pairs of 128 q tiles, 132 CTAs,
-  # windows of two pairs; the tail claims the last 10% of the 32 windows, not 30%.
+  # The benchmark's layout: 4 x 16 (batch, head) pairs of 64 q tiles (128 rows), 132
+  # CTAs, windows of three pairs; the tail claims the last 20% of the 22 windows at
+  # D = 256, 30% at D <= 128.
   assert mosaic_persistent.claimed_tail(64) == mosaic_persistent.claimed_tail(128) == 0.3
-  assert mosaic_persistent.claimed_tail(256) == mosaic_persistent.WIDE_CLAIMED_TAIL == 0.1
+  assert mosaic_persistent.claimed_tail(256) == mosaic_persistent.WIDE_CLAIMED_TAIL == 0.2
   windows = lambda d: mosaic_persistent._windows(  # noqa: E731
-      8192, 128, 132, 1, "dynamic", mosaic_persistent.claimed_tail(d))
-  assert windows(256) == (256, 3) and windows(128) == (256, 10)
-  assert mosaic_persistent._windows(8192, 128, 132, 1, "snake", 0.1) == (256, 0)
+      4096, 64, 132, 1, "dynamic", mosaic_persistent.claimed_tail(d))
+  assert windows(256) == (192, 4) and windows(128) == (192, 7)
+  assert mosaic_persistent._windows(4096, 64, 132, 1, "snake", 0.2) == (192, 0)
 
 
 @pytest.mark.gpu
@@ -719,17 +727,36 @@ def test_tiles_beyond_shared_memory_fail_to_lower(schedule):
 def test_default_schedule_is_the_grid_where_the_persistent_kernel_does_not_fit():
   q = lambda d: jax.ShapeDtypeStruct((1, 256, 2, d), jnp.bfloat16)  # noqa: E731
   ids = jax.ShapeDtypeStruct((1, 256), jnp.int32)
-  wide = TileConfig(128, 64, num_stages=2)  # two 128 x 256 Q buffers: 128 KiB
-  assert mosaic_attention.default_schedule(wide, q(256)) == mosaic_attention.GRID_SCHEDULE
+  wide = TileConfig(128, 64, num_stages=2)  # one pair of 128 x 256 Q buffers: 64 KiB
+  widest = TileConfig(128, 128, num_stages=2)  # a 256 KiB K/V ring at head_dim 256
+  assert mosaic_attention.default_schedule(widest, q(256)) == mosaic_attention.GRID_SCHEDULE
+  assert (mosaic_attention.default_schedule(wide, q(256))
+          == mosaic_attention.WIDE_HEAD_SCHEDULE == "persistent")
   assert mosaic_attention.default_schedule(wide, q(128)) == mosaic_attention.DEFAULT_SCHEDULE
   assert (mosaic_attention.default_schedule(mosaic_common.WIDE_HEAD_TILE, q(256))
-          == mosaic_attention.DEFAULT_SCHEDULE)
-  lower = lambda schedule: mosaic_forward.trace(  # noqa: E731
+          == mosaic_attention.WIDE_HEAD_SCHEDULE)
+  # Two pairs of Q buffers where they fit beside the ring, else one.
+  assert mosaic_persistent.q_buffer_pairs(wide, q(256)) == 1
+  assert mosaic_persistent.q_buffer_pairs(wide, q(128)) == 2
+  assert mosaic_persistent.q_buffer_pairs(mosaic_common.WIDE_HEAD_TILE, q(256)) == 2
+  lower = lambda schedule, tile, q_pairs=None: mosaic_forward.trace(  # noqa: E731
       q(256), q(256), q(256), ids, ids, ids, ids, causal=True, window=None, scale=0.1,
-      tile=wide, schedule=schedule).lower(lowering_platforms=("cuda",))
+      tile=tile, schedule=schedule, q_pairs=q_pairs).lower(lowering_platforms=("cuda",))
   with pytest.raises(ValueError, match="shared memory"):
-    lower(mosaic_attention.DEFAULT_SCHEDULE)
-  assert "mosaic_gpu" in lower(None).as_text()
+    lower(mosaic_attention.WIDE_HEAD_SCHEDULE, wide, q_pairs=2)
+  with pytest.raises(ValueError, match="shared memory"):
+    lower(mosaic_attention.WIDE_HEAD_SCHEDULE, widest)
+  assert "mosaic_gpu" in lower(None, wide).as_text()
+
+
+@pytest.mark.parametrize("schedule, q_pairs", [("pingpong", 1), ("persistent", 3),
+                                               ("persistent-pingpong", 0)])
+def test_q_pairs_needs_a_persistent_schedule_and_one_or_two(schedule, q_pairs):
+  x = jax.ShapeDtypeStruct((1, 256, 2, 64), jnp.bfloat16)
+  ids = jax.ShapeDtypeStruct((1, 256), jnp.int32)
+  with pytest.raises(ValueError, match="q_pairs must be None, 1 or 2"):
+    mosaic_forward.trace(x, x, x, ids, ids, ids, ids, causal=True, window=None, scale=0.1,
+                         tile=SMALL_TILE, schedule=schedule, q_pairs=q_pairs)
 
 
 def test_interpret_mode_is_refused():
@@ -776,15 +803,21 @@ GPU_CASES = [
                tile=mosaic_common.WIDE_HEAD_TILE),
     MosaicCase("window-100-bidirectional-float16-d256", window=100, causal=False,
                dtype="float16", head_dim=256, tile=mosaic_common.WIDE_HEAD_TILE),
+    # The forward's tile at head_dim 256: one Q buffer pair in the persistent kernel.
+    MosaicCase("packed-d256-128x64", head_dim=256, tile=mosaic_common.WIDE_HEAD_FORWARD_TILE),
+    MosaicCase("padded-gqa-4:1-d256-128x64", layout="padded", heads=4, kv_heads=1,
+               head_dim=256, tile=mosaic_common.WIDE_HEAD_FORWARD_TILE),
+    MosaicCase("window-100-bidirectional-float16-d256-128x64", window=100, causal=False,
+               dtype="float16", head_dim=256, tile=mosaic_common.WIDE_HEAD_FORWARD_TILE),
 ]
 BY_NAME = {c.name: c for c in GPU_CASES}
 gpu_cases = pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: c.name)
 
 
 @functools.lru_cache(maxsize=None)
-def run_case(name, schedule, num_ctas=None, dealing=None):
+def run_case(name, schedule, num_ctas=None, dealing=None, q_pairs=None):
   """(kernel, reference, layout): dicts of float32 numpy out [B, Tq, H, D], lse [B, H, Tq];
-  dealing as in mosaic_forward."""
+  dealing and q_pairs as in mosaic_forward."""
   case = BY_NAME[name]
   layout = case.make_layout()
   seed = zlib.crc32(name.encode()) & 0x7FFFFFFF
@@ -794,7 +827,8 @@ def run_case(name, schedule, num_ctas=None, dealing=None):
   scale = case.scale or 1.0 / np.sqrt(case.head_dim)
   out, lse = mosaic_forward(q, k, v, *layout.arrays(), causal=case.causal,
                             window=case.window, scale=scale, tile=case.tile,
-                            schedule=schedule, num_ctas=num_ctas, dealing=dealing)
+                            schedule=schedule, num_ctas=num_ctas, dealing=dealing,
+                            q_pairs=q_pairs)
   f32 = lambda x: x.astype(jnp.float32)
   want_out, want_lse = reference_attention(
       f32(q), f32(k), f32(v), **layout.kwargs(), causal=case.causal,
@@ -881,6 +915,29 @@ def test_claimed_items_give_bitwise_the_outputs_of_dealt_items(name, num_ctas, s
   assert_close("out", claimed["out"], want["out"], TOL)
 
 
+# One Q buffer pair (the persistent kernel's shared memory at head_dim 256) forced
+# where two fit: each item's output staged in its last K/V slot, the next Q loaded
+# after the last QK^T. The arithmetic is that of two pairs, so the outputs are
+# bitwise theirs: with items claimed in the call, on 3 CTAs (many items each, so
+# the handoffs and held-back slots cycle) and on more CTAs than items.
+ONE_PAIR_RUNS = [(None, None), (3, "load"), (1000, "load")]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("schedule", PERSISTENT)
+@pytest.mark.parametrize("num_ctas, dealing", ONE_PAIR_RUNS)
+@pytest.mark.parametrize("name", ["packed-d128", "empty-row-d128", "gqa-4:1",
+                                  "window-100-bidirectional", "chunk-q1024-kv3072",
+                                  "tile-64x64-1-stage", "tile-128x64-3-stages"])
+def test_one_q_pair_gives_bitwise_the_outputs_of_two(name, num_ctas, dealing, schedule):
+  two, want, _ = run_case(name, schedule, num_ctas, dealing, q_pairs=2)
+  one, _, _ = run_case(name, schedule, num_ctas, dealing, q_pairs=1)
+  for key in ("out", "lse"):
+    np.testing.assert_array_equal(one[key], two[key], err_msg=key)
+  assert_close("out", one["out"], want["out"], TOL)
+  assert_finite("out", one["out"])
+
+
 @pytest.mark.gpu
 def test_claimed_items_restart_in_every_call():
   """Each call's counter starts at zero: two kernels in one jitted function (their
@@ -923,14 +980,14 @@ SMALL_TILE = TileConfig(64, 64, num_stages=2)
 
 
 def _check_layout(layout: Layout, seed, *, causal, schedule, window=None, heads=4,
-                  kv_heads=2, head_dim=64, tile=SMALL_TILE):
+                  kv_heads=2, head_dim=64, tile=SMALL_TILE, q_pairs=None):
   q_len, kv_len = layout.q_segment_ids.shape[1], layout.kv_segment_ids.shape[1]
   q, k, v, _, _ = random_inputs(seed, batch=B, q_len=q_len, kv_len=kv_len, heads=heads,
                                 kv_heads=kv_heads, head_dim=head_dim,
                                 dtype=jnp.bfloat16)
   scale = 1.0 / np.sqrt(head_dim)
   out, lse = mosaic_forward(q, k, v, *layout.arrays(), causal=causal, window=window,
-                            scale=scale, tile=tile, schedule=schedule)
+                            scale=scale, tile=tile, schedule=schedule, q_pairs=q_pairs)
   f32 = lambda x: x.astype(jnp.float32)
   want_out, want_lse = reference_attention(
       f32(q), f32(k), f32(v), **layout.kwargs(), causal=causal, sliding_window=window,
@@ -973,6 +1030,23 @@ def test_two_consumer_layouts_match_reference(schedule, layout, seed):
   stages = 2 if schedule == "persistent-pingpong" else 1
   _check_layout(layout, seed, causal=True, schedule=schedule,
                 tile=TileConfig(128, 64, num_stages=stages))
+
+
+# One Q buffer pair (as at head_dim 256): one consumer on one stage, two consumers
+# apart, and taking turns on 128-key tiles (whose half tiles the spans skip).
+ONE_PAIR_KERNELS = [("persistent", TileConfig(64, 64, num_stages=1)),
+                    ("persistent", TileConfig(128, 64, num_stages=2)),
+                    ("persistent-pingpong", TileConfig(128, 128, num_stages=2))]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("schedule, tile", ONE_PAIR_KERNELS,
+                         ids=[f"{s}-{t.block_major}x{t.block_minor}x{t.num_stages}"
+                              for s, t in ONE_PAIR_KERNELS])
+@settings(max_examples=10)
+@given(layout=self_layouts(B, T, ALL_KINDS), seed=SEEDS)
+def test_one_q_pair_layouts_match_reference(schedule, tile, layout, seed):
+  _check_layout(layout, seed, causal=True, schedule=schedule, tile=tile, q_pairs=1)
 
 
 # ----------------------------------------------------------------------------
@@ -1211,11 +1285,13 @@ MOSAIC_BAD_CALLS = list(_mosaic_bad_calls())
 
 
 def test_api_mosaic_tiles_at_head_dim_256():
-  # dQ on 32-key tiles (two consumers with [64, 256] accumulators), the rest 64 x 64.
+  # The forward on 128 x 64 tiles (one Q buffer pair), dQ on 32-key tiles (two consumers
+  # with [64, 256] accumulators), dK/dV on 64 x 64 (the split kernels).
   from jpack import attention
   config = attention._mosaic_config(256)
   assert config.dq == mosaic_common.WIDE_HEAD_DQ_TILE == TileConfig(128, 32, num_stages=2)
-  assert config.forward == config.dkdv == mosaic_common.WIDE_HEAD_TILE
+  assert config.forward == mosaic_common.WIDE_HEAD_FORWARD_TILE == TileConfig(128, 64, num_stages=2)
+  assert config.dkdv == mosaic_common.WIDE_HEAD_TILE == TileConfig(64, 64, num_stages=2)
   assert attention._mosaic_config(128).dq == mosaic_backward.DEFAULT_DQ_TILE
 
 
