@@ -36,7 +36,8 @@ outputs; they differ only in how a consumer orders its work:
                (_split_forward_kernel). The default for one-stage tiles and
                long rows (default_schedule).
   "persistent" the serial loop in a persistent grid of CTAs walking a list of
-               work items (mosaic_persistent).
+               work items (mosaic_persistent). The default at head dim 256
+               (WIDE_HEAD_SCHEDULE).
   "persistent-pingpong"
                the persistent kernel with pingpong consumers. The default
                (DEFAULT_SCHEDULE) otherwise.
