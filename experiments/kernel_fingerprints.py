@@ -6,7 +6,8 @@ Lowers (no GPU needed) every case of the lowering tests of the backward modules
 (tests/test_mosaic_backward.py: dQ, dQ with delta, dK/dV; grid, persistent, split;
 tests/test_mosaic_fused_backward.py) and the forward schedules on one packed
 layout (at D = 128 on the default tile; the persistent ones also with one Q buffer
-pair; at D = 256 on mosaic_common.WIDE_HEAD_FORWARD_TILE), and prints one line per kernel: its name and a hash of its StableHLO
+pair; at D = 256 on mosaic_common.WIDE_HEAD_FORWARD_TILE, the persistent one also with
+its items dealt beforehand), and prints one line per kernel: its name and a hash of its StableHLO
 without debug info (the Mosaic GPU module is serialized inside it). Run it at two
 commits and diff the outputs: a kernel whose line is unchanged is the same
 program, so GPU tests passed by it at the older commit hold at the newer one.
@@ -44,14 +45,14 @@ def fingerprint(lower) -> str:
 
 
 def forward_lowering(schedule: str, head_dim=128, tile=mosaic_attention.DEFAULT_TILE,
-                     q_pairs=None):
+                     q_pairs=None, dealing=None):
   batch, length, heads = 1, 1024, 2
   seg = jnp.asarray(layouts.packed_segment_ids(batch, length, seed=0, mean_len=300))
   pos = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
   x = jax.ShapeDtypeStruct((batch, length, heads, head_dim), jnp.bfloat16)
   fn = jax.jit(lambda q, k, v, s, p: test_mosaic.mosaic_forward(
       q, k, v, s, s, p, p, causal=True, window=None, scale=head_dim**-0.5,
-      tile=tile, schedule=schedule, q_pairs=q_pairs))
+      tile=tile, schedule=schedule, q_pairs=q_pairs, dealing=dealing))
   return lambda: fn.trace(x, x, x, seg, pos).lower(lowering_platforms=("cuda",))
 
 
@@ -64,6 +65,8 @@ def main() -> None:
   for schedule in FORWARD_SCHEDULES:
     print("forward d256", schedule, fingerprint(forward_lowering(
         schedule, 256, mosaic_common.WIDE_HEAD_FORWARD_TILE)), flush=True)
+  print("forward d256 persistent dealt by load", fingerprint(forward_lowering(
+      "persistent", 256, mosaic_common.WIDE_HEAD_FORWARD_TILE, dealing="load")), flush=True)
   backward = test_mosaic_backward
   for case in backward.LOWER_CASES:
     for kernel in ("dq", "dq-and-delta", "dkdv"):

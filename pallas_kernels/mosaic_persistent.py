@@ -57,10 +57,16 @@ the next item's first K/V tile, then its Q (each consumer's once that
 consumer released it), then the rest. The output cannot wait in the Q buffer:
 each consumer stages it in the K/V slot of the item's last step, consumer 0
 in K once consumer 1's last QK^T is done (k_read), consumer 1 in V once
-consumer 0's last PV is done (v_read), stores it at the item's end and waits
-for the store to read it before its arrival on that step's kv_consumed,
-which it holds back until then. Consumer 0 waits k_read before it arrives on
-v_read, so neither handoff barrier runs a phase ahead of its waiter.
+consumer 0's last PV is done (v_read); consumer 0 waits k_read before it
+arrives on v_read, so neither handoff barrier runs a phase ahead of its
+waiter. Each consumer stores its output at the item's end and waits for the
+store to read the slot before its arrival on that step's kv_consumed, which
+it holds back until then; with items dealt ahead (not claimed) that wait and
+arrival come in the next item's first step, after its QK^T issue, or after
+the walk (defer_store: 2% faster there, 2.5% slower with claims, perf notes
+entry 41). The claims stay safe: the producer claims item n + 2 after the
+release of item n - 1, made in its last step, after every consumer read the
+indices up to n.
 
 Synchronisation, per barrier (who arrives, how often; with two Q buffer pairs):
   q_ready[qs]:  the producer's TMA of busy item n's Q, q ids and q positions,
@@ -746,9 +752,13 @@ def _persistent_forward_kernel(items_ref, q_ref, k_ref, v_ref, q_seg_ref,
   q_ready, q_free, kv_ready, kv_consumed, *rest = barriers
   claims = (*claim_refs, *claimed_smem, rest.pop()) if dynamic else None
   # One Q buffer pair with two consumers: k_read / v_read hand the last step's
-  # K/V slot over for the output (_one_pair_outputs); nothing otherwise.
+  # K/V slot over for the output (store_from_slot); nothing otherwise.
   handoff = rest.pop(0) if q_pairs == 1 and num_consumers == 2 else None
   sched = rest  # the pingpong rendezvous, if any
+  # One Q buffer pair, items dealt ahead: an item's store is awaited in the next item's
+  # first step, under its QK^T; claimed items await it at the item's end (module
+  # docstring: each the faster of the two there).
+  defer_store = q_pairs == 1 and not dynamic
   wg = lax.axis_index("wg")
   head_dim = q_ref.shape[3]
   block_q = num_consumers * WG_ROWS
@@ -799,6 +809,7 @@ def _persistent_forward_kernel(items_ref, q_ref, k_ref, v_ref, q_seg_ref,
         # The item's first K/V tile before its Q, whose buffers the consumers
         # release only at the previous item's last step (module docstring).
         kv_head = lax.div(h, jnp.int32(group))
+
         @pl.when(busy)
         def _load_first_kv():
           load(lo, t, kv_head)
@@ -848,8 +859,19 @@ def _persistent_forward_kernel(items_ref, q_ref, k_ref, v_ref, q_seg_ref,
       return q_bufs.at[buf], lse_smem.at[buf], o_ref.at[b, rows, h], lse_ref.at[b, h, rows]
 
     def flush(pending):
-      """Store the output of the item that `pending` holds, if any (not awaited)."""
-      if not pending:  # one Q buffer pair: every item stores its own output
+      """Store the output of the item that `pending` holds, if any (not awaited). With
+      one Q buffer pair every item stores its own output (store_from_slot), and
+      pending is () or, with defer_store, (slot, has): wait for the last store to
+      have read its slot, then release the slot."""
+      if q_pairs == 1:
+        if defer_store:
+          slot, has = pending
+
+          @pl.when(has == 1)
+          def _release_slot():
+            with jax.named_scope("c_wait_store"):
+              plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+            plgpu.barrier_arrive(kv_consumed.at[slot])  # the last step's, held back
         return
       acc, m, l, buf, b, qt, h, has = pending
 
@@ -861,7 +883,8 @@ def _persistent_forward_kernel(items_ref, q_ref, k_ref, v_ref, q_seg_ref,
     def store_from_slot(acc, m, l, slot, b, qt, h):
       """One Q buffer pair: the item's output, staged in its last step's K/V slot
       (consumer 0 in K, consumer 1 in V, once the other is done with it: the
-      handoff), stored; the slot is released once the store has read it."""
+      handoff), stored; the slot is released once the store has read it (here, or
+      with defer_store by flush in the next item's first step or after the walk)."""
       rows = pl.ds(qt * block_q + wg * WG_ROWS, WG_ROWS)
 
       def store_from(kv_smem):
@@ -887,8 +910,9 @@ def _persistent_forward_kernel(items_ref, q_ref, k_ref, v_ref, q_seg_ref,
             plgpu.barrier_wait(v_read)
           store_from(v_smem)
 
-      plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-      plgpu.barrier_arrive(kv_consumed.at[slot])  # the last step's, held back until now
+      if not defer_store:
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+        plgpu.barrier_arrive(kv_consumed.at[slot])  # the last step's, held back until now
 
     def item(n, row, state):
       t0, pending = state
@@ -965,7 +989,7 @@ def _persistent_forward_kernel(items_ref, q_ref, k_ref, v_ref, q_seg_ref,
           if first_step:
             flush(pending)
           meet()
-          if first_step:
+          if first_step and q_pairs == 2:
             release_previous_item()
           meet()
           return carry
@@ -1008,7 +1032,7 @@ def _persistent_forward_kernel(items_ref, q_ref, k_ref, v_ref, q_seg_ref,
                             padding_rows=False, ids_coded=True)
             p, m_new, l, alpha = online_softmax(s, m, l, logit_scale=logit_scale)
             acc = acc * broadcast_rows(alpha, acc.shape)
-          if first_step:
+          if first_step and q_pairs == 2:
             release_previous_item()
           if sched:
             acc, l, m_new, p = lax.optimization_barrier((acc, l, m_new, p))
@@ -1025,15 +1049,16 @@ def _persistent_forward_kernel(items_ref, q_ref, k_ref, v_ref, q_seg_ref,
                    else tile_compares(lo, lo, hi, compares))
         first_masked = jnp.where((lo >= full_lo) & (lo < full_hi), NO_COMPARE, compare)
         carry = visit(lo, (zeros_acc(o_shape), *empty_row_stats()), masked=first_masked,
-                      first_step=q_pairs == 2)
+                      first_step=q_pairs == 2 or defer_store)
         acc, m, l = three_runs(lo, full_lo, full_hi, hi, visit, carry, compares=compares,
                                start=lo + 1)
         # Rows of padding (segment id 0) attended the keys of padding (mask_tile's
         # padding_rows=False): l = 0 stores them as rows that saw nothing.
         l = jnp.where(q_ids[0] != 0, l, 0.0)
         if q_pairs == 1:
-          store_from_slot(acc, m, l, lax.rem(t0 + (hi - 1 - lo), stages), b, qt, h)
-          return ()
+          last_slot = lax.rem(t0 + (hi - 1 - lo), stages)
+          store_from_slot(acc, m, l, last_slot, b, qt, h)
+          return (last_slot, jnp.int32(1)) if defer_store else ()
         return acc, m, l, buf, b, qt, h, jnp.int32(1)
 
       def write_empty(pending):
@@ -1045,7 +1070,7 @@ def _persistent_forward_kernel(items_ref, q_ref, k_ref, v_ref, q_seg_ref,
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
         store_output(zeros_acc(o_shape), *empty_row_stats(), *out_refs(buf, b, qt, h))
         if q_pairs == 1:
-          return ()
+          return (jnp.int32(0), jnp.int32(0)) if defer_store else ()
         return (zeros_acc(o_shape), *empty_row_stats(), buf, b, qt, h, jnp.int32(0))
 
       # The item's output is stored in the next item's first step (or after the
@@ -1055,8 +1080,12 @@ def _persistent_forward_kernel(items_ref, q_ref, k_ref, v_ref, q_seg_ref,
       return t0 + jnp.maximum(hi - lo, 0), pending
 
     # pending: (acc, m, l, buf, b, qt, h, has) of the item whose output is not
-    # stored yet; has = 0: none.
-    nothing = (zeros_acc(o_shape), *empty_row_stats(), *(jnp.int32(0),) * 5) if q_pairs == 2 else ()
+    # stored yet; with one Q buffer pair (flush) () or (slot, has) of the item whose
+    # store has not been awaited; has = 0: none.
+    if q_pairs == 2:
+      nothing = (zeros_acc(o_shape), *empty_row_stats(), *(jnp.int32(0),) * 5)
+    else:
+      nothing = (jnp.int32(0), jnp.int32(0)) if defer_store else ()
     _, pending = walk(item, (jnp.int32(0), nothing), producer=False)
     flush(pending)
     if sched:
@@ -1113,13 +1142,13 @@ def persistent_forward(q, k, v, q_seg, kv_seg, q_pos, kv_pos, q_ranges, *, tile:
   kernel = functools.partial(_persistent_forward_kernel, num_ctas=num_ctas,
                              pingpong=pingpong, dynamic=items.dynamic, q_pairs=q_pairs,
                              **opts)
-  # q_ready: Q, q ids, q positions, 3 copies per consumer per item, and q_free:
-  # one arrival per consumer per item n >= 1, for each of the two buffer pairs
-  # or, with one pair, for each consumer.
-  q_barriers = (2, num_consumers) if q_pairs == 2 else (num_consumers, 1)
+  # q_ready: Q, q ids, q positions (3 copies) of each consumer a barrier serves, per
+  # item; q_free: one arrival per consumer it serves, per item n >= 1. A barrier per
+  # buffer pair, serving every consumer, or with one pair a barrier per consumer.
+  q_signals, served = (2, num_consumers) if q_pairs == 2 else (num_consumers, 1)
   barriers = (
-      plgpu.Barrier(num_arrivals=3 * q_barriers[1], num_barriers=q_barriers[0]),
-      plgpu.Barrier(num_arrivals=q_barriers[1], num_barriers=q_barriers[0]),
+      plgpu.Barrier(num_arrivals=3 * served, num_barriers=q_signals),
+      plgpu.Barrier(num_arrivals=served, num_barriers=q_signals),
       # kv_ready[s]: K, V, kv ids, kv positions and the key codes or a plain
       # arrival (5 per step);
       # kv_consumed[s]: one arrival per consumer per step.

@@ -243,14 +243,16 @@ def test_keys_no_query_sees_get_zero_dk_dv(case, implementation):
   assert np.all(got["dv"].transpose(0, 2, 1, 3)[unseen] == 0.0)
 
 
-@pytest.mark.parametrize("implementation", ["pallas", "mosaic"])
-def test_a_plan_made_once_gives_what_each_call_computes_alone(implementation):
+@pytest.mark.parametrize("implementation, head_dim", [("pallas", 128), ("mosaic", 128),
+                                                     ("mosaic", 256)])
+def test_a_plan_made_once_gives_what_each_call_computes_alone(implementation, head_dim):
   """Two layers sharing one make_attention_plan (with the Mosaic plan: the
-  persistent kernels' work items made with it) give bitwise the outputs and
-  gradients of calls that plan for themselves."""
+  persistent kernels' work items made with it, dealt by load where the calls claim
+  theirs) give bitwise the outputs and gradients of calls that plan for themselves."""
   if implementation == "mosaic" and not attention._is_hopper():
     pytest.skip("implementation='mosaic' needs a Hopper (sm90) GPU")
-  case = GpuCase("plan-reuse", heads=8, kv_heads=2, q_len=4096, kv_len=4096)
+  case = GpuCase("plan-reuse", heads=8, kv_heads=2, q_len=4096, kv_len=4096,
+                 head_dim=head_dim)
   layout = case.make_layout()
   q, k, v, do, _ = random_inputs(7, batch=case.batch, q_len=case.q_len,
                                  kv_len=case.kv_len, heads=case.heads,
