@@ -918,8 +918,10 @@ def test_claimed_items_give_bitwise_the_outputs_of_dealt_items(name, num_ctas, s
 # One Q buffer pair (the persistent kernel's shared memory at head_dim 256) forced
 # where two fit: each item's output staged in its last K/V slot, the next Q loaded
 # after the last QK^T. The arithmetic is that of two pairs, so the outputs are
-# bitwise theirs: with items claimed in the call, on 3 CTAs (many items each, so
-# the handoffs and held-back slots cycle) and on more CTAs than items.
+# bitwise theirs: with items claimed in the call (each store awaited at its item's
+# end), and dealt ahead (awaited in the next item's first step, defer_store) on 3
+# CTAs (many items each, so the handoffs and held-back slots cycle) and on more
+# CTAs than items.
 ONE_PAIR_RUNS = [(None, None), (3, "load"), (1000, "load")]
 
 
